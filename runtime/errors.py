@@ -1,0 +1,39 @@
+"""Errors the runtime raises for bad input; the serving layer maps each to a gRPC status code.
+
+Every message says what was wrong and what to change.
+"""
+
+
+class MemServeError(Exception):
+    """Base class of memserve's own errors."""
+
+
+class InvalidRequestError(MemServeError, ValueError):
+    """A field of a request is out of range (gRPC INVALID_ARGUMENT). `field` names it."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+class ModelNotFoundError(MemServeError, FileNotFoundError):
+    """The model path or name does not exist (the message lists what was looked for)."""
+
+
+class UnsupportedModelError(MemServeError, ValueError):
+    """The checkpoint exists but its architecture / tensor type is not supported."""
+
+
+class SessionNotFoundError(MemServeError, KeyError):
+    """No session with this id (gRPC NOT_FOUND)."""
+
+    def __init__(self, session_id: str):
+        super().__init__(session_id)
+        self.session_id = session_id
+
+    def __str__(self) -> str:
+        return f"unknown session {self.session_id!r}: create it with Ingest or a Generate carrying session_id"
+
+
+class QueueFullError(MemServeError, RuntimeError):
+    """The engine's waiting queue is at its bound (gRPC RESOURCE_EXHAUSTED): retry later."""
