@@ -1,0 +1,129 @@
+"""Product-key memory top-k (Lample et al. 2019, "Large Memory Layers with Product Keys").
+
+    pkm_topk(q (T, H, Dk), keys (H, 2, n_keys, Dk // 2), k) -> (indices (T, H*k) int64, weights (T, H*k) fp32)
+
+Per head the query splits into halves; each half scores its own sub-key set; top-k per half; the
+k x k cartesian sums contain the exact top-k of all n_keys^2 products (a product key's score is a
+sum of its halves' scores); final top-k; softmax over the k scores in fp32; flat slot index
+`i1 * n_keys + i2`. Heads are concatenated head-major: columns [h*k, (h+1)*k) belong to head h.
+
+    pkm_topk_ref    brute force over all n_keys^2 sums in float64 (tests; small n_keys only)
+    pkm_topk_torch  two-stage top-k in torch (CPU path)
+    pkm_topk_triton sub-key scores by one batched matmul (cuBLAS is the right tool for a GEMM),
+                    then one Triton program per (token, head) for top-k / cartesian / top-k /
+                    softmax, using score|index packed into int64 keys for tl.topk.
+"""
+
+import torch
+
+from ._common import check, lazy_jit, tl, triton, use_triton
+
+__all__ = ["pkm_topk", "pkm_topk_ref", "pkm_topk_torch", "pkm_topk_triton"]
+
+
+def _check(q, keys, k):
+    check(q.dim() == 3, f"q must be (T, H, Dk), got {tuple(q.shape)}")
+    check(keys.dim() == 4 and keys.shape[1] == 2, f"keys must be (H, 2, n_keys, Dk//2), got {tuple(keys.shape)}")
+    T, H, Dk = q.shape
+    check(keys.shape[0] == H and keys.shape[3] * 2 == Dk, "keys do not match q's heads / half dim")
+    check(1 <= k <= keys.shape[2], f"k={k} must be in [1, n_keys={keys.shape[2]}]")
+
+
+def _half_scores(q, keys, dtype):
+    T, H, Dk = q.shape
+    half = Dk // 2
+    qh = q.to(dtype).view(T, H, 2, half).permute(1, 2, 0, 3)  # (H, 2, T, half)
+    return torch.matmul(qh, keys.to(dtype).transpose(-1, -2))  # (H, 2, T, n_keys)
+
+
+def pkm_topk_ref(q, keys, k):
+    _check(q, keys, k)
+    T, H, _ = q.shape
+    n = keys.shape[2]
+    s = _half_scores(q, keys, torch.float64)  # (H, 2, T, n)
+    full = s[:, 0, :, :, None] + s[:, 1, :, None, :]  # (H, T, n, n) every product key
+    best, flat = full.reshape(H, T, n * n).topk(k, dim=-1)  # flat = i1 * n + i2
+    w = torch.softmax(best, dim=-1)
+    return flat.permute(1, 0, 2).reshape(T, H * k), w.float().permute(1, 0, 2).reshape(T, H * k)
+
+
+def pkm_topk_torch(q, keys, k):
+    _check(q, keys, k)
+    T, H, _ = q.shape
+    n = keys.shape[2]
+    s = _half_scores(q, keys, torch.float32)  # (H, 2, T, n)
+    v, i = s.topk(k, dim=-1)  # (H, 2, T, k)
+    cart = v[:, 0, :, :, None] + v[:, 1, :, None, :]  # (H, T, k, k)
+    best, pos = cart.reshape(H, T, k * k).topk(k, dim=-1)  # (H, T, k)
+    i1 = torch.gather(i[:, 0], 2, pos // k)
+    i2 = torch.gather(i[:, 1], 2, pos % k)
+    flat = i1 * n + i2  # int64
+    w = torch.softmax(best, dim=-1)
+    return flat.permute(1, 0, 2).reshape(T, H * k), w.permute(1, 0, 2).reshape(T, H * k)
+
+
+def _pkm_select_kernel(s_ptr, idx_ptr, w_ptr, T, H, N, k,
+                       N_P2: tl.constexpr, K_P2: tl.constexpr):
+    # program (t, h); s (H, 2, T, N) fp32 contiguous; outputs (T, H*k)
+    t = tl.program_id(0)
+    h = tl.program_id(1)
+    n = tl.arange(0, N_P2)
+    nm = n < N
+    s1 = tl.load(s_ptr + ((h * 2 + 0) * T + t) * N + n, mask=nm, other=float("-inf"))
+    s2 = tl.load(s_ptr + ((h * 2 + 1) * T + t) * N + n, mask=nm, other=float("-inf"))
+    # order-preserving int32 image of fp32, packed above the index: one topk yields (score, index)
+    b1 = s1.to(tl.int32, bitcast=True)
+    b1 = b1 ^ ((b1 >> 31) & 0x7FFFFFFF)
+    b2 = s2.to(tl.int32, bitcast=True)
+    b2 = b2 ^ ((b2 >> 31) & 0x7FFFFFFF)
+    p1 = tl.topk((b1.to(tl.int64) << 32) | n.to(tl.int64), K_P2)  # (K_P2,) descending
+    p2 = tl.topk((b2.to(tl.int64) << 32) | n.to(tl.int64), K_P2)
+    kk = tl.arange(0, K_P2)
+    c1 = (p1 >> 32).to(tl.int32)
+    c1 = (c1 ^ ((c1 >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
+    c2 = (p2 >> 32).to(tl.int32)
+    c2 = (c2 ^ ((c2 >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
+    c1 = tl.where(kk < k, c1, float("-inf"))  # k need not be a power of two
+    c2 = tl.where(kk < k, c2, float("-inf"))
+    i1 = (p1 & 0xFFFFFFFF).to(tl.int64)
+    i2 = (p2 & 0xFFFFFFFF).to(tl.int64)
+    cart = c1[:, None] + c2[None, :]  # (K_P2, K_P2)
+    flat = i1[:, None] * N + i2[None, :]  # < 2^31 for n_keys <= 46340
+    bc = cart.to(tl.int32, bitcast=True)
+    bc = bc ^ ((bc >> 31) & 0x7FFFFFFF)
+    packed = tl.reshape((bc.to(tl.int64) << 32) | flat, [K_P2 * K_P2])
+    top = tl.topk(packed, K_P2)  # (K_P2,)
+    cs = (top >> 32).to(tl.int32)
+    best = (cs ^ ((cs >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
+    best = tl.where(kk < k, best, float("-inf"))
+    e = tl.exp(best - tl.max(best, axis=0))
+    w = e / tl.sum(e, axis=0)
+    km = kk < k
+    off = t * H * k + h * k + kk
+    tl.store(idx_ptr + off, top & 0xFFFFFFFF, mask=km)
+    tl.store(w_ptr + off, w, mask=km)
+
+
+_select_jit = lazy_jit(_pkm_select_kernel)
+
+
+def pkm_topk_triton(q, keys, k):
+    _check(q, keys, k)
+    T, H, _ = q.shape
+    n = keys.shape[2]
+    check(n * n < 2**31, "n_keys too large for 32-bit packed flat indices")
+    s = _half_scores(q, keys, torch.float32).contiguous()  # (H, 2, T, n)
+    idx = torch.empty(T, H * k, dtype=torch.int64, device=q.device)
+    w = torch.empty(T, H * k, dtype=torch.float32, device=q.device)
+    if T == 0:
+        return idx, w
+    _select_jit()[(T, H)](s, idx, w, T, H, n, k, N_P2=triton.next_power_of_2(n),
+                          K_P2=max(2, triton.next_power_of_2(k)))
+    return idx, w
+
+
+def pkm_topk(q, keys, k):
+    """(indices (T, H*k) int64, weights (T, H*k) fp32). CUDA -> Triton, else torch."""
+    if use_triton(q, keys):
+        return pkm_topk_triton(q, keys, k)
+    return pkm_topk_torch(q, keys, k)
