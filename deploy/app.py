@@ -1,0 +1,387 @@
+"""The Ray Serve application: a gRPC ingress deployment and an engine deployment.
+
+    client --gRPC--> Serve gRPC proxy (:9000) --> MemServeIngress (validate, map status codes)
+                                                   | handle + MemServeRequestRouter
+                                                   v   (session affinity -> p2c by outstanding tokens)
+                                                  MemServeEngine replicas (AsyncLLMEngine each)
+
+Status codes with Serve's gRPC proxy: a deployment method takes `grpc_context:
+RayServegRPCContext`; to fail an RPC it calls `set_code` / `set_details` and raises. The replica
+wraps the exception in `gRPCStatusError` carrying that code, and the proxy puts the code and
+details on the wire (ray/serve/_private/replica.py `_maybe_wrap_grpc_exception`,
+_private/grpc_util.py `get_grpc_response_status`). Without `set_code`, any exception becomes
+INTERNAL.
+
+Cancellation and deadlines: when a client cancels or its deadline passes, grpc.aio cancels the
+proxy's handler; the proxy cancels the ingress request, whose generator cancels the engine
+stream it holds (`DeploymentResponseGenerator.cancel`), and the engine worker closes the engine's
+iterator, which aborts the request and frees its KV blocks. `gRPCOptions.request_timeout_s` adds
+a server-side bound.
+
+Topology "direct" (AppConfig.topology) drops the ingress tier: MemServeDirect replicas are engine
+and gRPC ingress at once, and Serve's proxy routes to them with the same MemServeRequestRouter
+(which then reads session id and size from the request's protobuf). Each streamed token crosses
+one Ray hop instead of two; measured with a tiny model on 2 CPUs at 8 streams: 445 vs 325 tokens/s
+through the serving path (bench/serving.py).
+
+Memory-shard deployments (a later issue) slot in beside MemServeEngine: the engine deployment
+would receive their handles as constructor arguments, the same way the ingress receives the
+engine's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from typing import Any
+
+from memserve.deploy import memserve_pb2 as pb
+from memserve.deploy.config import AppConfig
+from memserve.deploy.ingress import IngressCore, RpcError
+from ray import serve
+from ray.serve.config import RequestRouterConfig
+from ray.serve.handle import DeploymentHandle
+
+log = logging.getLogger("memserve.deploy")
+ENGINE_DEPLOYMENT = "MemServeEngine"
+INGRESS_DEPLOYMENT = "MemServeIngress"
+GAUGE_PERIOD_S = 0.5
+
+
+class MemServeEngine:
+    """One engine replica: the engine plus its request handling and gauges."""
+
+    def __init__(self, config: dict):
+        cfg = AppConfig(**config)
+        from memserve.deploy.metrics import get_metrics
+        from memserve.deploy.worker import EngineWorker, import_attr
+
+        engine_cls = import_attr(cfg.engine_cls)
+        t0 = time.time()
+        self.engine = engine_cls(cfg.model, max_waiting=cfg.max_waiting, **cfg.engine_args)
+        try:
+            replica = serve.get_replica_context().replica_id.unique_id
+        except Exception:  # noqa: BLE001 - outside Serve (tests)
+            replica = f"pid{os.getpid()}"
+        info = self.engine.model_info() or {}
+        self.worker = EngineWorker(self.engine, model_name=str(info.get("name") or cfg.model), replica=replica,
+                                   metrics=get_metrics() if cfg.metrics_dir else None,
+                                   sampling_cls=import_attr(cfg.sampling_cls))
+        log.info("engine replica %s ready in %.1f s", replica, time.time() - t0)
+        self._gauge_task = None
+
+    def _ensure_gauge_task(self):
+        if self._gauge_task is None and self.worker.metrics is not None:
+            self._gauge_task = asyncio.get_running_loop().create_task(self._gauges())
+
+    async def _gauges(self):
+        while True:
+            with contextlib.suppress(Exception):
+                self.worker.update_gauges()
+            await asyncio.sleep(GAUGE_PERIOD_S)
+
+    async def generate(self, req: dict, routing: dict | None = None):
+        self._ensure_gauge_task()
+        async for item in self.worker.generate(req):
+            yield item
+
+    async def ingest(self, session_id: str, data, routing: dict | None = None):
+        async for item in self.worker.ingest(session_id, data):
+            yield item
+
+    async def call_session(self, name: str, session_id: str, routing: dict | None = None) -> dict:
+        return await self.worker.call_session(name, session_id)
+
+    async def model_info(self, routing: dict | None = None) -> dict:
+        self._ensure_gauge_task()
+        return self.worker.model_info()
+
+    def record_routing_stats(self) -> dict[str, Any]:
+        sessions = []
+        fn = getattr(self.engine, "list_sessions", None)
+        if fn is not None:
+            with contextlib.suppress(Exception):
+                sessions = [s if isinstance(s, str) else s["session_id"] if isinstance(s, dict)
+                            else getattr(s, "session_id", str(s)) for s in fn()]
+        return {"sessions": sessions}
+
+    def check_health(self):
+        self.engine.stats()  # raises if the engine loop died
+
+
+class _ServeStream:
+    def __init__(self, gen):
+        self._gen = gen
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        try:
+            return await self._gen.__anext__()
+        except StopAsyncIteration:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise _map_ray_error(e) from e
+
+    def cancel(self):
+        self._gen.cancel()
+
+
+def _map_ray_error(e: BaseException) -> BaseException:
+    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+    if isinstance(e, RpcError):
+        return e
+    if isinstance(e, BackPressureError):
+        return RpcError("RESOURCE_EXHAUSTED", f"every engine replica is at capacity and the routing queue is full: {e}")
+    if isinstance(e, DeploymentUnavailableError):
+        return RpcError("UNAVAILABLE", f"no engine replica can take the request: {e}")
+    try:
+        from ray.exceptions import ActorDiedError, ActorUnavailableError
+
+        if isinstance(e, (ActorDiedError, ActorUnavailableError)):
+            return RpcError("UNAVAILABLE", f"engine replica went away: {e}")
+    except ImportError:  # pragma: no cover
+        pass
+    return e
+
+
+class ServeEngineClient:
+    """IngressCore's EngineClient over a Serve DeploymentHandle."""
+
+    def __init__(self, handle: DeploymentHandle, app_name: str):
+        self.handle = handle
+        self.app_name = app_name
+        self._stream_handle = handle.options(stream=True)
+
+    def stream(self, method: str, *args, routing: dict):
+        return _ServeStream(getattr(self._stream_handle, method).remote(*args, routing=routing))
+
+    async def call(self, method: str, *args, routing: dict | None = None):
+        try:
+            return await getattr(self.handle, method).remote(*args, routing=routing or {})
+        except Exception as e:  # noqa: BLE001
+            raise _map_ray_error(e) from e
+
+    async def num_replicas(self) -> int:
+        with contextlib.suppress(Exception):
+            st = await asyncio.to_thread(serve.status)
+            dep = st.applications[self.app_name].deployments[ENGINE_DEPLOYMENT]
+            return int(dep.replica_states.get("RUNNING", 0))
+        return 0
+
+
+class _LocalStream:
+    def __init__(self, agen):
+        self._agen = agen
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        return await self._agen.__anext__()
+
+    def cancel(self):
+        asyncio.ensure_future(self._agen.aclose())
+
+
+class LocalEngineClient:
+    """IngressCore's EngineClient when ingress and engine share a replica (topology "direct")."""
+
+    def __init__(self, worker, app_name: str):
+        self.worker = worker
+        self.app_name = app_name
+
+    def stream(self, method: str, *args, routing: dict):
+        return _LocalStream(getattr(self.worker, method)(*args))
+
+    async def call(self, method: str, *args, routing: dict | None = None):
+        res = getattr(self.worker, method)(*args)
+        return await res if asyncio.iscoroutine(res) else res
+
+    async def num_replicas(self) -> int:
+        return await ServeEngineClient.num_replicas(self)  # type: ignore[arg-type]
+
+
+class MemServeIngress:
+    """gRPC methods of memserve.v1.MemServe (Serve routes /memserve.v1.MemServe/<Method> here)."""
+
+    def __init__(self, engine: DeploymentHandle, config: dict):
+        cfg = AppConfig(**config)
+        from memserve.deploy.worker import import_attr
+
+        sampling_cls = None
+        with contextlib.suppress(ImportError, AttributeError):
+            sampling_cls = import_attr(cfg.sampling_cls)
+        self.core = IngressCore(ServeEngineClient(engine, cfg.app_name), unavailable_timeout_s=cfg.unavailable_timeout_s,
+                                sampling_cls=sampling_cls)
+        self.metrics = None
+        if cfg.metrics_dir:
+            from memserve.deploy.metrics import get_metrics
+
+            self.metrics = get_metrics()
+
+    def _fail(self, e: BaseException, grpc_context) -> None:
+        import grpc
+
+        if isinstance(e, asyncio.CancelledError):
+            code, details = "CANCELLED", "client cancelled or deadline passed"
+        elif isinstance(e, RpcError):
+            code, details = e.code, e.details
+        else:
+            code, details = "INTERNAL", f"{type(e).__name__}: {e}"
+        if self.metrics is not None:
+            self.metrics.request_errors.labels(code).inc()
+        if grpc_context is not None and not isinstance(e, asyncio.CancelledError):
+            grpc_context.set_code(getattr(grpc.StatusCode, code))
+            grpc_context.set_details(details)
+
+    async def _stream(self, agen, grpc_context):
+        try:
+            async for msg in agen:
+                yield msg
+        except BaseException as e:
+            self._fail(e, grpc_context)
+            raise
+
+    async def _unary(self, coro, grpc_context):
+        try:
+            return await coro
+        except BaseException as e:
+            self._fail(e, grpc_context)
+            raise
+
+    async def Generate(self, request: pb.GenerateRequest, grpc_context=None):
+        async for msg in self._stream(self.core.generate(request), grpc_context):
+            yield msg
+
+    async def Ingest(self, request: pb.IngestRequest, grpc_context=None):
+        async for msg in self._stream(self.core.ingest(request), grpc_context):
+            yield msg
+
+    async def GetSession(self, request: pb.GetSessionRequest, grpc_context=None) -> pb.SessionInfo:
+        return await self._unary(self.core.get_session(request), grpc_context)
+
+    async def DeleteSession(self, request: pb.DeleteSessionRequest, grpc_context=None) -> pb.DeleteSessionResponse:
+        return await self._unary(self.core.delete_session(request), grpc_context)
+
+    async def GetModelInfo(self, request: pb.GetModelInfoRequest, grpc_context=None) -> pb.ModelInfo:
+        return await self._unary(self.core.get_model_info(request), grpc_context)
+
+
+class MemServeDirect(MemServeEngine, MemServeIngress):
+    """Topology "direct": one deployment is both the gRPC ingress and the engine. Serve's proxy
+    routes straight to engine replicas (with the same MemServeRequestRouter, which then reads the
+    session id from the request itself); one Ray hop less per streamed message."""
+
+    def __init__(self, config: dict):
+        MemServeEngine.__init__(self, config)
+        cfg = AppConfig(**config)
+        self.core = IngressCore(LocalEngineClient(self.worker, cfg.app_name), unavailable_timeout_s=cfg.unavailable_timeout_s,
+                                sampling_cls=self.worker.sampling_cls)
+        self.metrics = self.worker.metrics
+        if self.metrics is None and cfg.metrics_dir:
+            from memserve.deploy.metrics import get_metrics
+
+            self.metrics = get_metrics()
+
+    async def Generate(self, request: pb.GenerateRequest, grpc_context=None):
+        self._ensure_gauge_task()
+        async for msg in MemServeIngress.Generate(self, request, grpc_context):
+            yield msg
+
+
+def build_app(config: AppConfig):
+    """The bound Serve application (pass to `serve.run`)."""
+    from memserve.deploy.metrics import MULTIPROC_ENV
+    from memserve.deploy.routing import MemServeRequestRouter
+
+    env = dict(config.env_vars)
+    if config.metrics_dir:
+        env[MULTIPROC_ENV] = config.metrics_dir
+    threads = str(config.engine_threads or os.cpu_count() or 1)
+    engine_env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, **env}
+    actor_opts = {"num_cpus": config.engine_num_cpus, "num_gpus": config.engine_num_gpus,
+                  "runtime_env": {"env_vars": engine_env}}
+    scaling: dict[str, Any] = (
+        {"autoscaling_config": config.autoscaling_config} if config.autoscaling_config is not None
+        else {"num_replicas": config.num_replicas})
+    engine = serve.deployment(
+        MemServeDirect if config.topology == "direct" else MemServeEngine,
+        name=ENGINE_DEPLOYMENT,
+        ray_actor_options=actor_opts,
+        max_ongoing_requests=config.resolved_max_ongoing(),
+        max_queued_requests=config.max_queued_requests,
+        health_check_period_s=10,
+        graceful_shutdown_timeout_s=config.graceful_shutdown_timeout_s,
+        graceful_shutdown_wait_loop_s=min(2.0, max(0.1, config.graceful_shutdown_timeout_s / 4)),
+        request_router_config=RequestRouterConfig(
+            request_router_class=MemServeRequestRouter,
+            request_router_kwargs={"seed": config.router_seed},
+            request_routing_stats_period_s=1.0,
+            request_routing_stats_timeout_s=5.0,
+        ),
+        **scaling,
+    ).bind(config.model_dump())
+    if config.topology == "direct":
+        return engine
+    ingress_opts: dict[str, Any] = {"num_cpus": config.ingress_num_cpus}
+    if env:
+        ingress_opts["runtime_env"] = {"env_vars": env}
+    ingress = serve.deployment(
+        MemServeIngress,
+        name=INGRESS_DEPLOYMENT,
+        num_replicas=config.ingress_replicas,
+        ray_actor_options=ingress_opts,
+        max_ongoing_requests=100_000,  # the engine deployment's bounds apply; the ingress only relays
+        graceful_shutdown_timeout_s=config.graceful_shutdown_timeout_s,
+        graceful_shutdown_wait_loop_s=min(2.0, max(0.1, config.graceful_shutdown_timeout_s / 4)),
+    ).bind(engine, config.model_dump())
+    return ingress
+
+
+def app_builder(args: dict) -> Any:
+    """Import path for Serve config files: `import_path: memserve.deploy.app:app_builder`, `args:` = AppConfig."""
+    return build_app(AppConfig(**(args or {})))
+
+
+# Serve's throughput-optimized mode (ray/serve/_private/constants.py): user code on the replica's
+# main event loop instead of a second thread, gRPC instead of Ray actor calls between handles and
+# replicas, buffered access logs. These are read at import time by every Serve process (controller,
+# proxy, replicas), so they go into the environment before `ray.init` starts the local cluster.
+#
+# RAY_worker_niceness=0: Ray's raylet starts worker processes at nice 15 (ray_config_def.h
+# worker_niceness), and the engine thread plus torch's OpenMP threads inherit it. On a shared
+# machine the engine then loses CPU to everything else: found with `top -H` on a replica (NI 15)
+# while bench/serving.py showed the replica's per-token latency 30% above the in-process engine's
+# at 1 stream.
+SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_worker_niceness": "0"}
+
+
+def init_ray(**kwargs):
+    """`ray.init` for a local cluster with SERVE_ENV (values already set in the environment win)."""
+    import ray
+
+    for k, v in SERVE_ENV.items():
+        os.environ.setdefault(k, v)
+    kwargs.setdefault("include_dashboard", False)
+    return ray.init(**kwargs)
+
+
+def grpc_options(port: int = 9000, request_timeout_s: float | None = None):
+    from ray.serve.config import gRPCOptions
+
+    return gRPCOptions(port=port, grpc_servicer_functions=["memserve.deploy.memserve_pb2_grpc.add_MemServeServicer_to_server"],
+                       request_timeout_s=request_timeout_s)
+
+
+def start(config: AppConfig, *, grpc_port: int = 9000, http_port: int = 8000, blocking_timeout_s: float = 600.0):
+    """Start Serve (with the gRPC proxy) on the connected Ray cluster and deploy the app."""
+    from ray.serve.config import HTTPOptions
+
+    serve.start(http_options=HTTPOptions(host="127.0.0.1", port=http_port), grpc_options=grpc_options(grpc_port))
+    return serve.run(build_app(config), name=config.app_name, route_prefix=f"/{config.app_name}", blocking=False)

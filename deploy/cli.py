@@ -1,0 +1,297 @@
+"""`memserve` command line: serve | generate | ingest | bench.
+
+    memserve serve                              # local Ray + Serve + gRPC :9000 + metrics :8080
+    memserve generate "Tell me a joke" --chat   # stream from the server
+    memserve generate "Once upon" --local       # in-process engine, no server
+    memserve ingest book.txt --session book     # load a document into a session's KV memory
+    memserve bench serving                      # bench/serving.py from the source checkout
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+DEFAULT_ADDRESS = "127.0.0.1:9000"
+
+
+# ---- serve --------------------------------------------------------------------------------------
+
+def _parse_kv(items: list[str]) -> dict:
+    out = {}
+    for it in items or []:
+        if "=" not in it:
+            raise SystemExit(f"--engine-arg expects KEY=VALUE, got {it!r}")
+        k, v = it.split("=", 1)
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = v
+    return out
+
+
+def cmd_serve(a: argparse.Namespace) -> int:
+    import ray
+    from memserve.deploy import metrics as M
+    from memserve.deploy.app import init_ray, start
+    from memserve.deploy.config import AppConfig
+
+    engine_args = _parse_kv(a.engine_arg)
+    for flag, key in (("num_blocks", "num_kv_blocks"), ("kv_cache_bytes", "kv_cache_bytes"), ("block_size", "block_size"),
+                      ("max_num_seqs", "max_num_seqs"), ("max_model_len", "max_model_len")):
+        if getattr(a, flag) is not None:
+            engine_args[key] = getattr(a, flag)
+    autoscaling = None
+    if a.max_replicas is not None:
+        autoscaling = {"min_replicas": a.min_replicas, "max_replicas": a.max_replicas,
+                       "target_ongoing_requests": a.target_ongoing_requests}
+    metrics_dir = M.make_multiproc_dir()
+    try:
+        cfg = AppConfig(model=a.model, engine_args=engine_args, num_replicas=a.replicas, autoscaling_config=autoscaling,
+                        topology=a.topology,
+                        max_waiting=a.max_waiting, metrics_dir=metrics_dir, engine_num_cpus=a.engine_cpus)
+    except Exception as e:  # pydantic's message names the field
+        raise SystemExit(f"memserve serve: invalid settings: {e}") from None
+
+    server, _ = M.start_exporter(metrics_dir, port=a.metrics_port, addr=a.host)
+    stop = threading.Event()
+    print(f"memserve: starting a local Ray cluster and Serve (model {a.model!r}, "
+          f"{'autoscaling ' + json.dumps(autoscaling) if autoscaling else str(a.replicas) + ' replica(s)'}) ...", flush=True)
+    t0 = time.time()
+    try:
+        init_ray(num_cpus=a.num_cpus, log_to_driver=a.verbose, logging_level="WARNING" if not a.verbose else "INFO")
+        start(cfg, grpc_port=a.grpc_port, http_port=a.http_port)
+        # after ray.init (which installs its own handlers): Ctrl-C / SIGTERM end the wait below
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        print(f"memserve: ready in {time.time() - t0:.0f} s\n"
+              f"  gRPC     {a.host}:{a.grpc_port}   (memserve.v1.MemServe; try: memserve generate \"Hello\" --chat)\n"
+              f"  metrics  http://{a.host}:{a.metrics_port}/metrics\n"
+              f"  Ctrl-C to stop", flush=True)
+        while not stop.wait(0.5):
+            pass
+        print("\nmemserve: shutting down ...", flush=True)
+        return 0
+    finally:
+        # The local cluster is ours: ray.shutdown() stops Serve's controller, proxy and replicas with
+        # it. serve.shutdown() first would wait for a graceful drain (measured: 30 s on Ctrl-C).
+        for fn in (ray.shutdown, server.shutdown, server.server_close):
+            try:
+                fn()
+            except Exception:  # noqa: BLE001 - best effort on the way out
+                pass
+        M.cleanup_dir(metrics_dir)
+
+
+# ---- generate -----------------------------------------------------------------------------------
+
+def _sampling_fields(a: argparse.Namespace) -> dict:
+    d = {}
+    for k in ("max_tokens", "temperature", "top_p", "top_k", "seed"):
+        v = getattr(a, k)
+        if v is not None:
+            d[k] = v
+    if a.stop:
+        d["stop"] = list(a.stop)
+    return d
+
+
+def _messages(a: argparse.Namespace, prompt: str) -> list[dict]:
+    msgs = [{"role": "system", "content": a.system}] if a.system else []
+    return msgs + [{"role": "user", "content": prompt}]
+
+
+def _read_prompt(p: str) -> str:
+    return sys.stdin.read() if p == "-" else p
+
+
+def cmd_generate(a: argparse.Namespace) -> int:
+    prompt = _read_prompt(a.prompt)
+    if a.local:
+        return _generate_local(a, prompt)
+    import grpc
+    from memserve.deploy import memserve_pb2 as pb
+    from memserve.deploy import memserve_pb2_grpc as pbg
+
+    req = pb.GenerateRequest(session_id=a.session or "", sampling=pb.SamplingParams(**_sampling_fields(a)))
+    if a.chat:
+        req.messages.extend(pb.ChatMessage(**m) for m in _messages(a, prompt))
+    else:
+        req.prompt = prompt
+    with grpc.insecure_channel(a.address) as ch:
+        stub = pbg.MemServeStub(ch)
+        try:
+            last = None
+            for msg in stub.Generate(req, timeout=a.timeout, metadata=(("application", "memserve"),)):
+                sys.stdout.write(msg.text)
+                sys.stdout.flush()
+                last = msg
+            sys.stdout.write("\n")
+            if last is not None and a.verbose:
+                u = last.usage
+                print(f"[finish={last.finish_reason} prompt={u.prompt_tokens} completion={u.completion_tokens} "
+                      f"cached={u.cached_tokens}]", file=sys.stderr)
+        except grpc.RpcError as e:
+            print(f"\nmemserve generate: {e.code().name}: {e.details()}", file=sys.stderr)
+            if e.code() == grpc.StatusCode.UNAVAILABLE:
+                print(f"(is a server running at {a.address}? start one with `memserve serve`, or use --local)",
+                      file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            return 130
+    return 0
+
+
+def _generate_local(a: argparse.Namespace, prompt: str) -> int:
+    from memserve.runtime import LLM, SamplingParams
+    from memserve.runtime.errors import MemServeError
+
+    if a.session:
+        print("memserve generate: --session needs a server (sessions live in the server's KV memory)", file=sys.stderr)
+        return 2
+    try:
+        llm = LLM(a.model)
+        params = SamplingParams(**_sampling_fields(a))
+        stream = llm.stream(_messages(a, prompt), params, chat=True) if a.chat else llm.stream(prompt, params)
+        for out in stream:
+            sys.stdout.write(out.new_text)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+    except MemServeError as e:
+        print(f"memserve generate: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+# ---- ingest -------------------------------------------------------------------------------------
+
+def cmd_ingest(a: argparse.Namespace) -> int:
+    import grpc
+    from memserve.deploy import memserve_pb2 as pb
+    from memserve.deploy import memserve_pb2_grpc as pbg
+    from tqdm import tqdm
+
+    path = Path(a.file)
+    if not path.is_file():
+        print(f"memserve ingest: no such file: {path}", file=sys.stderr)
+        return 2
+    text = path.read_text(encoding="utf-8", errors="replace")
+    with grpc.insecure_channel(a.address) as ch, tqdm(unit="tok", desc=f"ingest {path.name} -> {a.session}") as bar:
+        stub = pbg.MemServeStub(ch)
+        try:
+            last = None
+            for p in stub.Ingest(pb.IngestRequest(session_id=a.session, text=text), timeout=a.timeout,
+                                 metadata=(("application", "memserve"),)):
+                if p.tokens_total and bar.total != p.tokens_total:
+                    bar.total = p.tokens_total
+                bar.n = p.tokens_done
+                bar.refresh()
+                last = p
+        except grpc.RpcError as e:
+            bar.close()
+            print(f"memserve ingest: {e.code().name}: {e.details()}", file=sys.stderr)
+            return 1
+    if last is not None:
+        print(f"session {a.session!r}: {last.tokens_done} tokens in KV memory")
+    return 0
+
+
+# ---- bench --------------------------------------------------------------------------------------
+
+def bench_dir() -> Path:
+    """bench/ of the source checkout (bench/ is not a package: it sits next to deploy/)."""
+    return Path(__file__).resolve().parent.parent / "bench"
+
+
+def cmd_bench(a: argparse.Namespace) -> int:
+    d = bench_dir()
+    script = d / f"{a.name}.py"
+    if not script.is_file():
+        avail = sorted(p.stem for p in d.glob("*.py") if not p.stem.startswith("_")) if d.is_dir() else []
+        where = f"{d}" if d.is_dir() else f"{d} (missing: memserve is not installed from a source checkout)"
+        print(f"memserve bench: no benchmark {a.name!r} in {where}. "
+              f"{'Available: ' + ', '.join(avail) if avail else 'Clone the repository and `pip install -e .` to run benchmarks.'}",
+              file=sys.stderr)
+        return 2
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(d), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    return subprocess.call([sys.executable, str(script), *a.args], cwd=str(d.parent), env=env)
+
+
+# ---- parser -------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="memserve", description="Serve memory-augmented long-context LLMs.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("serve", help="start a local Ray cluster + Serve + gRPC + metrics")
+    s.add_argument("--model", default="default", help="'default' (embedded SmolLM2-135M-Instruct), an HF dir or a .gguf")
+    s.add_argument("--replicas", type=int, default=1, help="engine replicas (fixed; see --max-replicas to autoscale)")
+    s.add_argument("--min-replicas", type=int, default=1)
+    s.add_argument("--max-replicas", type=int, default=None, help="enable autoscaling up to this many replicas")
+    s.add_argument("--target-ongoing-requests", type=float, default=8)
+    s.add_argument("--topology", choices=["ingress", "direct"], default="ingress",
+                   help="'ingress': ingress deployment in front of engine replicas; 'direct': engine replicas serve "
+                        "gRPC themselves (one Ray hop less per token; see deploy/README.md)")
+    s.add_argument("--host", default="127.0.0.1", help="address printed for clients and bound by the metrics server")
+    s.add_argument("--grpc-port", type=int, default=9000)
+    s.add_argument("--http-port", type=int, default=8000, help="Serve's HTTP proxy (health checks)")
+    s.add_argument("--metrics-port", type=int, default=8080)
+    s.add_argument("--max-waiting", type=int, default=64, help="per-replica waiting-queue bound (RESOURCE_EXHAUSTED beyond)")
+    s.add_argument("--num-blocks", type=int, default=None, help="KV-cache blocks per replica (engine num_kv_blocks)")
+    s.add_argument("--kv-cache-bytes", type=int, default=None, help="KV-cache byte budget per replica (when --num-blocks is unset)")
+    s.add_argument("--max-model-len", type=int, default=None, help="cap on prompt + output tokens")
+    s.add_argument("--block-size", type=int, default=None, help="tokens per KV block")
+    s.add_argument("--max-num-seqs", type=int, default=None, help="max sequences in a running batch")
+    s.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other engine argument (e.g. KV-memory settings); VALUE is parsed as JSON when it can be")
+    s.add_argument("--engine-cpus", type=float, default=0.1, help="Ray CPUs reserved per engine replica")
+    s.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray cluster (default: all)")
+    s.add_argument("-v", "--verbose", action="store_true", help="show Ray/Serve logs")
+    s.set_defaults(fn=cmd_serve)
+
+    g = sub.add_parser("generate", help="stream a generation (from a server, or --local in-process)")
+    g.add_argument("prompt", help="prompt text ('-' reads stdin)")
+    g.add_argument("--address", default=DEFAULT_ADDRESS)
+    g.add_argument("--chat", action="store_true", help="send the prompt as a user chat message (chat template)")
+    g.add_argument("--system", default=None, help="system message (with --chat)")
+    g.add_argument("--session", default=None, help="continue in a session's KV memory")
+    g.add_argument("--local", action="store_true", help="run the engine in this process (no server)")
+    g.add_argument("--model", default="default", help="model for --local")
+    g.add_argument("--max-tokens", type=int, default=None)
+    g.add_argument("--temperature", type=float, default=None)
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", default=[])
+    g.add_argument("--timeout", type=float, default=600, help="gRPC deadline in seconds")
+    g.add_argument("-v", "--verbose", action="store_true", help="print finish reason and token usage to stderr")
+    g.set_defaults(fn=cmd_generate)
+
+    i = sub.add_parser("ingest", help="ingest a text file into a session's KV memory")
+    i.add_argument("file")
+    i.add_argument("--session", required=True)
+    i.add_argument("--address", default=DEFAULT_ADDRESS)
+    i.add_argument("--timeout", type=float, default=3600)
+    i.set_defaults(fn=cmd_ingest)
+
+    b = sub.add_parser("bench", help="run bench/NAME.py from the source checkout")
+    b.add_argument("name", help="e.g. serving")
+    b.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the benchmark")
+    b.set_defaults(fn=cmd_bench)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    return a.fn(a) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

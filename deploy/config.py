@@ -1,0 +1,89 @@
+"""Configuration of the Ray Serve application (validated at the edge with pydantic).
+
+The same object is built from CLI flags (`memserve serve`), from a Serve config YAML
+(`deploy/serve_config.yaml`: `args:` of the `memserve.deploy.app:app_builder` import path), or
+from Python (tests, the benchmark).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+DEFAULT_ENGINE_CLS = "memserve.runtime.async_engine:AsyncLLMEngine"
+APP_NAME = "memserve"
+
+
+class AppConfig(BaseModel):
+    """Everything that shapes the served application. Every field has a default that works on a
+    laptop (2 CPUs): one engine replica on the embedded default model."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    app_name: str = Field(APP_NAME, description="Serve application name (gRPC clients may send it as the "
+                          "`application` metadata; required by Serve when several applications run).")
+    topology: Literal["ingress", "direct"] = Field(
+        "ingress", description="'ingress': gRPC ingress deployment (validation, routing) in front of engine "
+        "replicas, the design's two tiers. 'direct': the engine replicas are the gRPC ingress themselves (Serve's "
+        "proxy routes to them with the same router): one Ray hop less per streamed token, see bench/serving.py.")
+    model: str = Field("default", description="'default' (embedded SmolLM2-135M-Instruct GGUF), an HF directory or a .gguf file.")
+    engine_args: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Extra keyword arguments for the engine (EngineArgs fields, e.g. num_blocks, block_size, "
+        "max_num_seqs, KV-memory settings). Passed through unchanged; the engine validates them.")
+    max_waiting: int = Field(64, ge=1, description="Bound of each replica's waiting queue; beyond it a request "
+                             "fails fast with RESOURCE_EXHAUSTED (backpressure, never an unbounded queue).")
+    num_replicas: int = Field(1, ge=1, description="Engine replicas when autoscaling is off.")
+    autoscaling_config: dict[str, Any] | None = Field(
+        None, description="Serve autoscaling_config of the engine deployment, e.g. {min_replicas: 1, "
+        "max_replicas: 4, target_ongoing_requests: 8}. When set, num_replicas is ignored.")
+    engine_num_cpus: float = Field(0.1, ge=0, description="CPUs reserved per engine replica in Ray's accounting "
+                                   "(fractional so several replicas fit on a small machine; the engine uses "
+                                   "torch's own threads regardless).")
+    engine_threads: int | None = Field(None, ge=1, description="torch/OpenMP threads of each engine replica "
+                                       "(OMP_NUM_THREADS), set explicitly so a CPU engine does not depend on what Ray "
+                                       "sets for workers with fractional CPUs; None = all cores of the machine "
+                                       "building the app.")
+    engine_num_gpus: float = Field(0.0, ge=0, description="GPUs per engine replica (1 per accelerator on GPU nodes).")
+    ingress_num_cpus: float = Field(0.05, ge=0)
+    ingress_replicas: int = Field(1, ge=1)
+    max_ongoing_requests: int | None = Field(
+        None, ge=1, description="Serve's per-replica concurrency cap of the engine deployment; default "
+        "max_num_seqs + max_waiting + 8 so the engine's own queue is the one that fills first.")
+    max_queued_requests: int = Field(256, ge=1, description="Requests that may wait in the ingress's router "
+                                     "when every replica is at max_ongoing_requests (then RESOURCE_EXHAUSTED).")
+    unavailable_timeout_s: float = Field(30.0, gt=0, description="How long a request may wait for an engine "
+                                         "replica to accept it before failing with UNAVAILABLE.")
+    graceful_shutdown_timeout_s: float = Field(20.0, ge=0, description="How long a stopping engine replica "
+                                               "lets in-flight streams finish (scale-down, redeploy).")
+    engine_cls: str = Field(DEFAULT_ENGINE_CLS, description="'module:attr' of the async engine class (a test "
+                            "double can be swapped in).")
+    sampling_cls: str = Field("memserve.runtime.sampling:SamplingParams", description="'module:attr' of the "
+                              "sampling-parameter class the requests are validated with.")
+    env_vars: dict[str, str] = Field(default_factory=dict, description="Extra environment variables of the "
+                                     "replica processes (e.g. OMP_NUM_THREADS, PYTHONPATH).")
+    metrics_dir: str | None = Field(None, description="PROMETHEUS_MULTIPROC_DIR shared by the replicas and the "
+                                    "exporter; None disables multiprocess metric files.")
+    router_seed: int | None = Field(None, description="Seed of the power-of-two-choices sampler (tests).")
+
+    @field_validator("engine_cls", "sampling_cls")
+    @classmethod
+    def _import_path(cls, v: str) -> str:
+        if ":" not in v:
+            raise ValueError(f"engine_cls must look like 'package.module:ClassName', got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _autoscaling(self) -> "AppConfig":
+        a = self.autoscaling_config
+        if a is not None:
+            lo, hi = a.get("min_replicas", 1), a.get("max_replicas", 1)
+            if not (0 <= lo <= hi):
+                raise ValueError(f"autoscaling_config: need 0 <= min_replicas <= max_replicas, got {lo}, {hi}")
+        return self
+
+    def resolved_max_ongoing(self) -> int:
+        if self.max_ongoing_requests is not None:
+            return self.max_ongoing_requests
+        return int(self.engine_args.get("max_num_seqs", 32)) + self.max_waiting + 8
