@@ -1,0 +1,336 @@
+"""Engine integration of the KV memory: a retrieval AttentionBackend, a block allocator that lets
+memory sequences bypass the paged pool, and the session manager the engine delegates to.
+
+`enable_kv_memory(engine)` is the one hook LLMEngine calls (when EngineArgs.kv_memory != "off").
+
+Which sequences use the memory (decided once, when a request is added):
+  * request override `SamplingParams.kv_memory` = "off" | "retrieval" wins;
+  * else engine mode "retrieval": every request; "auto": requests whose prompt + max_tokens does not
+    fit the dense capacity (max_model_len: model window and KV pool) -- everything that fits stays on
+    the exact dense paged path, longer contexts engage the memory by themselves;
+  * a request on a session always uses the memory.
+Memory sequences keep no paged blocks: their KV lives in a `SequenceMemory` (sinks + window +
+compressed blocks), prefilled in sub-chunks of `chunk_size` tokens so working memory stays bounded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import time
+from collections.abc import Iterator
+
+import torch
+from memserve.scheduler.kv_policy import RetrievalPolicy
+
+from .attention import AttentionBackend, AttentionMetadata
+from .errors import InvalidRequestError
+from .kv_cache import BlockAllocator
+from .kv_memory import KVMemoryConfig, SequenceMemory
+from .sessions import Session, SessionStore, load_session, save_session
+
+MODES = ("off", "auto", "retrieval")
+_POLICY_FIELDS = {f.name for f in dataclasses.fields(RetrievalPolicy)}
+
+
+def make_config(overrides: dict | None) -> KVMemoryConfig:
+    """KVMemoryConfig from a flat dict (policy fields such as topk/granularity may sit at top level)."""
+    overrides = dict(overrides or {})
+    pol = {k: overrides.pop(k) for k in list(overrides) if k in _POLICY_FIELDS}
+    if isinstance(overrides.get("policy"), dict):
+        pol.update(overrides.pop("policy"))
+    for k in ("dense_layers",):
+        if k in pol:
+            pol[k] = tuple(pol[k])
+    if "layer_topk" in pol:
+        pol["layer_topk"] = tuple(tuple(x) for x in pol["layer_topk"])
+    bad = set(overrides) - {f.name for f in dataclasses.fields(KVMemoryConfig)}
+    if bad:
+        raise InvalidRequestError("kv_memory_config", f"unknown fields {sorted(bad)}")
+    return KVMemoryConfig(policy=RetrievalPolicy(**pol), **overrides)
+
+
+class MemoryAwareAllocator(BlockAllocator):
+    """Paged-block allocator in which memory sequences take no pool blocks.
+
+    Block 0 is reserved as a scratch block: a memory sequence's "table" points every position at it,
+    so AttentionMetadata can compute (unused) slots without special cases.
+    """
+
+    __slots__ = ("memory_seqs",)
+
+    def __init__(self, num_blocks: int, block_size: int):
+        assert num_blocks >= 2, "the KV pool needs >= 2 blocks (one is the memory sequences' scratch block)"
+        super().__init__(num_blocks, block_size)
+        self._free.remove(0)
+        self.memory_seqs: set[str] = set()
+
+    @property
+    def usage(self) -> float:
+        return 1.0 - len(self._free) / (self.num_blocks - 1)
+
+    def can_allocate(self, seq_id: str, num_tokens: int) -> bool:
+        return seq_id in self.memory_seqs or super().can_allocate(seq_id, num_tokens)
+
+    def allocate(self, seq_id: str, num_tokens: int) -> list[int]:
+        if seq_id not in self.memory_seqs:
+            return super().allocate(seq_id, num_tokens)
+        table = self.tables.setdefault(seq_id, [])
+        table.extend([0] * max(0, -(-num_tokens // self.block_size) - len(table)))
+        return table
+
+    def free(self, seq_id: str) -> int:
+        if seq_id in self.memory_seqs:
+            self.tables.pop(seq_id, None)
+            return 0
+        return super().free(seq_id)
+
+
+class KVMemoryAttention(AttentionBackend):
+    """Dense paged attention for ordinary sequences, retrieval KV memory for memory sequences."""
+
+    def __init__(self, dense: AttentionBackend, inv_freq: torch.Tensor, num_layers: int, num_kv_heads: int,
+                 head_dim: int):
+        self.dense = dense
+        self.inv_freq = inv_freq
+        self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
+        self.scale = head_dim**-0.5
+        self.memories: dict[str, SequenceMemory] = {}  # seq_id -> memory (attached sequences)
+        self.configs: dict[str, KVMemoryConfig] = {}  # seq_id -> config for (re)creating its memory
+
+    def attach(self, seq_id: str, cfg: KVMemoryConfig, memory: SequenceMemory | None = None) -> None:
+        self.configs[seq_id] = cfg
+        if memory is not None:
+            self.memories[seq_id] = memory
+
+    def new_memory(self, cfg: KVMemoryConfig) -> SequenceMemory:
+        return SequenceMemory(cfg, self.num_layers, self.num_kv_heads, self.head_dim)
+
+    def prepare(self, meta: AttentionMetadata) -> None:
+        st = meta.backend_state
+        mem_rows = [i for i, s in enumerate(meta.seq_ids) if s in self.configs]
+        if not mem_rows:
+            st["kvm"] = None
+            self.dense.prepare(meta)
+            return
+        cu = meta.cu_seqlens_q.tolist()
+        mem = []
+        for i in mem_rows:
+            sid = meta.seq_ids[i]
+            if sid not in self.memories:  # new, or recomputing after a preemption
+                assert meta.num_computed_tokens[i] == 0, f"{sid}: no KV memory for computed tokens"
+                self.memories[sid] = self.new_memory(self.configs[sid])
+            mem.append((self.memories[sid], cu[i], cu[i + 1], meta.num_computed_tokens[i]))
+        dense_rows = [i for i in range(meta.num_seqs) if i not in set(mem_rows)]
+        sub = None
+        if dense_rows:
+            sub = AttentionMetadata.build(
+                [meta.seq_ids[i] for i in dense_rows], [meta.query_lens[i] for i in dense_rows],
+                [meta.num_computed_tokens[i] for i in dense_rows], [meta.block_tables[i] for i in dense_rows],
+                meta.block_size, device=meta.positions.device)
+            idx = torch.cat([torch.arange(cu[i], cu[i + 1]) for i in dense_rows]).to(meta.positions.device)
+            self.dense.prepare(sub)
+            sub = (sub, idx)
+        st["kvm"] = (mem, sub)
+
+    def forward(self, layer, q, k, v, meta):
+        kvm = meta.backend_state["kvm"]
+        if kvm is None:
+            return self.dense.forward(layer, q, k, v, meta)
+        mem, sub = kvm
+        out = q.new_empty(q.shape)
+        if sub is not None:
+            sub_meta, idx = sub
+            out[idx] = self.dense.forward(layer, q[idx], k[idx], v[idx], sub_meta)
+        for sm, a, b, p0 in mem:
+            lm = sm.layers[layer]
+            step = sm.cfg.chunk_size if p0 + (b - a) > sm.cfg.dense_limit else b - a
+            for c in range(a, b, step):  # bounded working memory: sub-chunks of chunk_size tokens
+                e = min(b, c + step)
+                out[c:e] = lm.attend(q[c:e], k[c:e], v[c:e], p0 + c - a, self.inv_freq, self.scale)
+        return out
+
+    def free(self, seq_id: str) -> None:
+        self.memories.pop(seq_id, None)
+        self.dense.free(seq_id)
+
+    def release(self, seq_id: str) -> SequenceMemory | None:
+        """Detach a finished sequence, handing its memory over (to its session)."""
+        self.configs.pop(seq_id, None)
+        return self.memories.pop(seq_id, None)
+
+
+class KVMemoryManager:
+    """Per-engine KV-memory state: mode, defaults, which requests use the memory, sessions."""
+
+    def __init__(self, engine, mode: str, cfg: KVMemoryConfig, backend: KVMemoryAttention,
+                 allocator: MemoryAwareAllocator):
+        assert mode in MODES
+        self.engine, self.mode, self.cfg = engine, mode, cfg
+        self.backend, self.allocator = backend, allocator
+        self.sessions = SessionStore()
+        self.request_session: dict[str, str] = {}  # request id -> session id
+        self.ingests: dict[str, dict] = {}  # request id -> progress of an ingest
+        self._ingest_ids: set[str] = set()  # ingest requests: their sampled token is discarded
+        self._ids = itertools.count()
+
+    # --------------------------------------------------------------------------- requests
+    def uses_memory(self, request_id: str) -> bool:
+        return request_id in self.allocator.memory_seqs
+
+    def wants_memory(self, num_prompt_tokens: int, params, session_id: str | None) -> bool:
+        override = getattr(params, "kv_memory", None)
+        if session_id is not None:
+            if override == "off":
+                raise InvalidRequestError("kv_memory", "a request on a session always uses the KV memory")
+            return True
+        if override is not None:
+            return override == "retrieval"
+        if self.mode == "retrieval":
+            return True
+        return num_prompt_tokens + params.max_tokens > self.engine.max_model_len
+
+    def config_for(self, params) -> KVMemoryConfig:
+        topk = getattr(params, "memory_topk", None)
+        if topk is None:
+            return self.cfg
+        return dataclasses.replace(self.cfg, policy=dataclasses.replace(self.cfg.policy, topk=topk))
+
+    def on_add(self, req) -> None:
+        """Called by the engine when a request is enqueued: route it to the memory or the dense path."""
+        seq = req.seq
+        sid = req.session_id
+        if not self.wants_memory(seq.num_prompt_tokens, req.params, sid):
+            return
+        mem = None
+        if sid is not None:
+            if sid not in self.sessions:
+                self.sessions.put(Session(sid, self.backend.new_memory(self.config_for(req.params))))
+            sess = self.sessions.get(sid)
+            if sess.busy:
+                raise InvalidRequestError("session_id", f"session {sid!r} already has a running request")
+            sess.busy = True
+            self.request_session[req.request_id] = sid
+            # continue from the stored memory: the session's tokens become a computed prefix
+            seq.token_ids = list(sess.token_ids) + seq.token_ids
+            seq.num_prompt_tokens = len(seq.token_ids)
+            seq.num_computed_tokens = sess.memory.num_tokens
+            mem = sess.memory
+            if req.request_id in self._ingest_ids:
+                self.ingests[req.request_id] = {"session_id": sid, "total": seq.num_tokens,
+                                                "start": seq.num_computed_tokens}
+        self.allocator.memory_seqs.add(req.request_id)
+        self.backend.attach(req.request_id, mem.cfg if mem is not None else self.config_for(req.params), mem)
+
+    def on_finish(self, req) -> None:
+        """Called by the engine after a request finished/aborted: hand its memory to its session."""
+        rid = req.request_id
+        mem = self.backend.release(rid)
+        self.allocator.memory_seqs.discard(rid)
+        sid = self.request_session.pop(rid, None)
+        self.ingests.pop(rid, None)
+        if sid is None or sid not in self.sessions:
+            return
+        sess = self.sessions.get(sid)
+        sess.busy = False
+        sess.last_used = time.time()
+        seq = req.seq
+        if mem is None or mem.num_tokens != seq.num_computed_tokens:  # preempted and not recomputed
+            mem = self.backend.new_memory(sess.memory.cfg)
+            seq_tokens = []
+        else:
+            seq_tokens = list(seq.token_ids)
+        sess.memory = mem
+        if rid in self._ingest_ids:
+            # an ingest: the sampled token is not part of the document
+            seq_tokens = seq_tokens[: seq.num_computed_tokens]
+            self._ingest_ids.discard(rid)
+        sess.token_ids = seq_tokens
+
+    def max_len(self, req) -> int:
+        return 1 << 62 if self.uses_memory(req.request_id) else self.engine.max_model_len
+
+    # --------------------------------------------------------------------------- sessions
+    @staticmethod
+    def ingest_params():
+        """An ingest is a request that prefills and samples one token, which is then discarded."""
+        from .sampling import SamplingParams
+
+        return SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+
+    def new_ingest_id(self, session_id: str) -> str:
+        rid = f"ingest-{session_id}-{next(self._ids)}"
+        self._ingest_ids.add(rid)  # marks the request as an ingest before it is added
+        return rid
+
+    def add_ingest(self, session_id: str, prompt) -> str:
+        """Enqueue an ingest (prefill without generating) of `prompt` into the session; returns its id."""
+        rid = self.new_ingest_id(session_id)
+        self.engine.add_request(rid, prompt, self.ingest_params(), session_id=session_id)
+        return rid
+
+    def ingest_progress(self, request_id: str) -> dict:
+        """{"tokens_done", "tokens_total", "done"} of an ingest (done once the request left the engine)."""
+        info = self.ingests.get(request_id)
+        req = self.engine.requests.get(request_id)
+        if req is None or info is None:
+            return {"tokens_done": None, "tokens_total": None, "done": req is None}
+        done = req.seq.num_computed_tokens - info["start"]
+        return {"tokens_done": done, "tokens_total": info["total"] - info["start"], "done": False}
+
+    def ingest(self, session_id: str, prompt) -> Iterator[dict]:
+        """Synchronous ingest for offline use: steps the engine until the document is in the session,
+        yielding progress dicts. (Other requests' outputs of those steps are not returned.)"""
+        rid = self.add_ingest(session_id, prompt)
+        total = self.ingest_progress(rid)["tokens_total"]
+        while rid in self.engine.requests:
+            self.engine.step()
+            p = self.ingest_progress(rid)
+            if not p["done"]:
+                yield p
+        yield {"tokens_done": total, "tokens_total": total, "done": True,
+               "session": self.sessions.get(session_id).info()}
+
+    def stats(self) -> tuple[dict[str, int], int, int]:
+        dev = mem = 0
+        retrieved = 0
+        seen = set()
+        for m in itertools.chain(self.backend.memories.values(), (s.memory for s in self.sessions.values())):
+            if id(m) in seen:
+                continue
+            seen.add(id(m))
+            b = m.tier_bytes()
+            dev += b["device"]
+            mem += b["memory"]
+            retrieved += m.blocks_retrieved()
+        return {"memory_device": dev, "memory": mem}, len(self.sessions), retrieved
+
+    def save_session(self, session_id: str, path: str) -> None:
+        save_session(self.sessions.get(session_id), path)
+
+    def load_session(self, path: str, session_id: str | None = None) -> dict:
+        s = load_session(path, session_id)
+        lm = s.memory.layers[0]
+        if (len(s.memory.layers), lm.hkv, lm.d) != (self.backend.num_layers, self.backend.num_kv_heads,
+                                                    self.backend.head_dim):
+            raise InvalidRequestError("path", "snapshot was taken with a model of another shape")
+        self.sessions.put(s)
+        return s.info()
+
+
+def enable_kv_memory(engine) -> None:
+    """Swap in the memory-aware allocator and the retrieval backend; sets engine.memory."""
+    args = engine.args
+    assert args.kv_memory in MODES, f"kv_memory must be one of {MODES}, got {args.kv_memory!r}"
+    cfg = make_config(args.kv_memory_config)
+    old = engine.allocator
+    alloc = MemoryAwareAllocator(old.num_blocks, old.block_size)
+    engine.allocator = alloc
+    engine.scheduler.allocator = alloc
+    c = engine.config
+    backend = KVMemoryAttention(engine.attn, engine.rope.inv_freq, c.num_hidden_layers, c.num_key_value_heads,
+                                c.head_dim)
+    engine.attn = backend
+    # the scratch block is not usable by dense sequences
+    engine.max_model_len = min(engine.max_model_len, (alloc.num_blocks - 1) * alloc.block_size)
+    engine.memory = KVMemoryManager(engine, args.kv_memory, cfg, backend, alloc)

@@ -1,0 +1,132 @@
+"""Sessions: a KV memory that outlives a request.
+
+A session holds the `SequenceMemory` of everything it has seen (ingested documents, earlier prompts and
+answers) plus those token ids. `generate(..., session_id=S)` continues from it without recomputing;
+snapshots are safetensors files (every tensor bit-exact, config and token ids in the metadata).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+
+import torch
+from memserve.scheduler.kv_policy import RetrievalPolicy
+from safetensors.torch import load_file, save_file
+
+from .errors import InvalidRequestError, SessionNotFoundError
+from .kv_memory import KVMemoryConfig, SequenceMemory
+
+SNAPSHOT_FORMAT = "memserve.session.v1"
+
+
+@dataclass(slots=True)
+class Session:
+    session_id: str
+    memory: SequenceMemory
+    # every token the session has seen; the memory holds the first memory.num_tokens of them (the last
+    # sampled token of a generate is known but not yet computed: the next request computes it first)
+    token_ids: list[int] = field(default_factory=list)
+    created: float = field(default_factory=time.time)
+    last_used: float = field(default_factory=time.time)
+    busy: bool = False  # a request is running on it
+
+    def info(self) -> dict:
+        return {"session_id": self.session_id, "num_tokens": len(self.token_ids),
+                "num_computed_tokens": self.memory.num_tokens,
+                "num_blocks": self.memory.layers[0].num_blocks if self.memory.layers else 0,
+                "bytes": self.memory.tier_bytes(), "created": self.created, "last_used": self.last_used,
+                "busy": self.busy}
+
+
+def _cfg_to_json(cfg: KVMemoryConfig) -> str:
+    d = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name != "policy"}
+    d["policy"] = {f.name: getattr(cfg.policy, f.name) for f in dataclasses.fields(cfg.policy)}
+    return json.dumps(d)
+
+
+def _cfg_from_json(s: str) -> KVMemoryConfig:
+    d = json.loads(s)
+    pol = d.pop("policy")
+    pol["dense_layers"] = tuple(pol["dense_layers"])
+    pol["layer_topk"] = tuple(tuple(x) for x in pol["layer_topk"])
+    return KVMemoryConfig(policy=RetrievalPolicy(**pol), **d)
+
+
+def save_session(session: Session, path: str) -> None:
+    """Write a safetensors snapshot: every layer's tensors bit-exact, config + token ids as metadata."""
+    tensors = {}
+    for i, lm in enumerate(session.memory.layers):
+        for name, t in lm.state_tensors().items():
+            tensors[f"layer{i}.{name}"] = t.detach().cpu().contiguous()
+    m = session.memory
+    hkv, d = m.layers[0].hkv, m.layers[0].d
+    meta = {"format": SNAPSHOT_FORMAT, "session_id": session.session_id, "config": _cfg_to_json(m.cfg),
+            "token_ids": json.dumps(session.token_ids), "num_layers": str(len(m.layers)),
+            "num_kv_heads": str(hkv), "head_dim": str(d), "created": repr(session.created)}
+    save_file(tensors, path, metadata=meta)
+
+
+def load_session(path: str, session_id: str | None = None) -> Session:
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("format") != SNAPSHOT_FORMAT:
+        raise InvalidRequestError("path", f"{path} is not a memserve session snapshot ({SNAPSHOT_FORMAT})")
+    tensors = load_file(path)
+    cfg = _cfg_from_json(meta["config"])
+    mem = SequenceMemory(cfg, int(meta["num_layers"]), int(meta["num_kv_heads"]), int(meta["head_dim"]))
+    for i, lm in enumerate(mem.layers):
+        pre = f"layer{i}."
+        lm.load_state({k[len(pre):]: v for k, v in tensors.items() if k.startswith(pre)})
+    sess = Session(session_id or meta["session_id"], mem, json.loads(meta["token_ids"]))
+    sess.created = float(meta.get("created", time.time()))
+    return sess
+
+
+class SessionStore:
+    """Sessions by id. Unknown ids raise SessionNotFoundError (a KeyError)."""
+
+    def __init__(self):
+        self._sessions: dict[str, Session] = {}
+
+    def __contains__(self, session_id: str) -> bool:
+        return session_id in self._sessions
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def get(self, session_id: str) -> Session:
+        try:
+            return self._sessions[session_id]
+        except KeyError:
+            raise SessionNotFoundError(session_id) from None
+
+    def put(self, session: Session) -> None:
+        self._sessions[session.session_id] = session
+
+    def delete(self, session_id: str) -> None:
+        s = self.get(session_id)
+        if s.busy:
+            raise InvalidRequestError("session_id", f"session {session_id!r} has a running request; abort it first")
+        del self._sessions[session_id]
+
+    def list(self) -> list[dict]:
+        return [s.info() for s in self._sessions.values()]
+
+    def values(self):
+        return self._sessions.values()
+
+
+def torch_equal_sessions(a: Session, b: Session) -> bool:
+    """Bit-exact comparison of two sessions' memories (used by tests)."""
+    if a.token_ids != b.token_ids or len(a.memory.layers) != len(b.memory.layers):
+        return False
+    for la, lb in zip(a.memory.layers, b.memory.layers):
+        sa, sb = la.state_tensors(), lb.state_tensors()
+        if sa.keys() != sb.keys() or not all(torch.equal(sa[k], sb[k]) for k in sa):
+            return False
+    return True

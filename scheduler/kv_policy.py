@@ -1,0 +1,107 @@
+"""KV-memory policy: which memory blocks each attention step retrieves, which blocks are evicted
+under a byte budget, and the compression setting. Pure tensor logic, no model state.
+
+Selection (InfLLM, Xiao et al. 2024): a block's score is the query (averaged over the prefill chunk,
+or the single decode query) against its representative(s); the top-k blocks are attended.
+InfLLM shares one selection across all heads of a layer; here the granularity is a choice:
+  "shared"  -- one top-k per layer (the InfLLM baseline; query summed over every head),
+  "kv_head" -- one top-k per KV head (query summed over its GQA group; blocks are gathered per KV head),
+  "q_head"  -- one top-k per query head.
+Eviction (Scissorhands / H2O "persistence of importance"): blocks that keep being selected stay;
+the least often selected go first, the oldest first among equals.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+GRANULARITIES = ("shared", "kv_head", "q_head")
+REPR_MODES = ("mean", "max", "quest")
+
+
+@dataclass(slots=True)
+class RetrievalPolicy:
+    """Defaults = the best variant measured on SmolLM2-135M (README "KV memory" ablation): per-KV-head
+    selection over max-of-4-key representatives, kept stable across decode steps. Plain InfLLM is
+    granularity="shared", repr_mode="mean", sticky=False (topk 16 with 128-token blocks there)."""
+
+    topk: int = 8  # blocks per step (x block_size 64 = 512 retrieved tokens)
+    granularity: str = "kv_head"
+    # "max": a block keeps the keys of its repr_topk most-attended tokens and scores as their max, so
+    # one needle token is not averaged away (InfLLM's "mean" ranks the needle block 13-83 in layers 1-5)
+    repr_mode: str = "max"
+    # decode steps keep (union) the blocks the last prefill chunk selected: the prompt's end (where a
+    # question sits) picks the blocks; single decode queries alone drift
+    sticky: bool = True
+    dense_layers: tuple[int, ...] = ()  # layers that attend to every block
+    layer_topk: tuple[tuple[int, int], ...] = ()  # ((layer, k), ...) overrides of topk
+
+    def __post_init__(self):
+        assert self.topk >= 0, "topk must be >= 0 (0: sinks + window only, StreamingLLM)"
+        assert self.granularity in GRANULARITIES, f"granularity must be one of {GRANULARITIES}"
+        assert self.repr_mode in REPR_MODES, f"repr_mode must be one of {REPR_MODES}"
+
+    def topk_for(self, layer: int, num_blocks: int) -> int:
+        if layer in self.dense_layers:
+            return num_blocks
+        return min(num_blocks, dict(self.layer_topk).get(layer, self.topk))
+
+
+def block_scores(q: torch.Tensor, reprs: torch.Tensor, repr_mode: str) -> torch.Tensor:
+    """Per-query-head block scores (Hq, NB).
+
+    q: (Hq, D) query (already rotated the way memory keys are attended, averaged over a chunk).
+    reprs: (NB, Hkv, R, D) -- "mean": R=1 mean key; "max": R keys, score is the max over them;
+    "quest": R=2 (channel-wise min, max), score = sum_i max(q_i*min_i, q_i*max_i) (Quest upper bound).
+    """
+    hq, d = q.shape
+    nb, hkv, r, _ = reprs.shape
+    g = hq // hkv
+    qg = q.reshape(hkv, g, d)  # (Hkv, G, D)
+    if repr_mode == "quest":
+        lo, hi = reprs[:, :, 0], reprs[:, :, 1]  # (NB, Hkv, D)
+        prod = torch.maximum(qg[None] * lo[:, :, None], qg[None] * hi[:, :, None])  # (NB, Hkv, G, D)
+        s = prod.sum(-1)  # (NB, Hkv, G)
+    else:
+        s = torch.einsum("hgd,bhrd->bhgr", qg, reprs).amax(-1)  # (NB, Hkv, G)
+    return s.reshape(nb, hq).T.contiguous()  # (Hq, NB)
+
+
+def select_blocks(
+    scores: torch.Tensor, k: int, granularity: str, num_kv_heads: int, extra: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-k blocks per query head, honouring the granularity.
+
+    scores: (Hq, NB). extra: optional (Hq, NB) bool of blocks to add (union), e.g. sticky prefill picks.
+    Returns idx (Hq, K) long, valid (Hq, K) bool (padding where a head has fewer than K picks),
+    and the selection mask (Hq, NB) bool. Picks are listed in block order.
+    """
+    hq, nb = scores.shape
+    g = hq // num_kv_heads
+    if granularity == "shared":
+        agg = scores.sum(0, keepdim=True).expand(hq, nb)
+    elif granularity == "kv_head":
+        agg = scores.reshape(num_kv_heads, g, nb).sum(1).repeat_interleave(g, dim=0)  # (Hq, NB)
+    else:
+        agg = scores
+    k = min(k, nb)
+    mask = torch.zeros(hq, nb, dtype=torch.bool, device=scores.device)
+    mask.scatter_(1, agg.topk(k, dim=1).indices, True)
+    if extra is not None:
+        mask |= extra
+    kmax = int(mask.sum(1).max())
+    # stable sort puts the picks first, in block order
+    order = torch.sort(mask.to(torch.int8), dim=1, descending=True, stable=True).indices[:, :kmax]
+    return order, mask.gather(1, order), mask
+
+
+def blocks_to_evict(sel_count: torch.Tensor, bytes_per_block: int, used_bytes: int, budget: int) -> torch.Tensor:
+    """Indices of the blocks to drop so that used_bytes <= budget: least often selected first, oldest
+    first among equals (block index order = age)."""
+    if used_bytes <= budget:
+        return sel_count.new_zeros(0, dtype=torch.long)
+    n = min(sel_count.numel(), -(-(used_bytes - budget) // bytes_per_block))
+    order = torch.sort(sel_count, stable=True).indices  # ties keep index (age) order
+    return order[:n]
