@@ -1,0 +1,1 @@
+"""memserve.scheduler — the policy (batch planning, KV block selection, routing)."""

@@ -1,0 +1,206 @@
+"""AsyncLLMEngine: the engine behind an asyncio API, for the serving layer.
+
+The LLMEngine runs in ONE background thread (torch releases the GIL inside its ops, so the event
+loop stays responsive during a step). Callers never touch the engine directly: `generate` validates
+the request synchronously (bad input raises at once, in the caller), then hands it to the engine
+thread through a command queue; the engine thread pushes each RequestOutput into the request's
+asyncio.Queue with `loop.call_soon_threadsafe`. Closing or cancelling the async iterator enqueues
+an abort, which frees the request's KV blocks before the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import queue
+import threading
+from collections.abc import AsyncIterator
+
+from .engine import EngineArgs, EngineStats, LLMEngine
+from .errors import QueueFullError
+from .loader import Checkpoint
+from .outputs import RequestOutput
+from .sampling import SamplingParams
+
+
+class _Stream:
+    __slots__ = ("loop", "queue")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.queue: asyncio.Queue = asyncio.Queue()
+
+    def put(self, item) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the caller's loop is closed: nobody listens any more
+            pass
+
+
+class AsyncLLMEngine:
+    def __init__(self, model: str | Checkpoint = "default", *, max_waiting: int = 256,
+                 engine: LLMEngine | None = None, **engine_args):
+        """`engine_args` are EngineArgs fields; `max_waiting` bounds requests not yet running."""
+        assert max_waiting >= 1, "max_waiting must be >= 1"
+        self.engine = engine if engine is not None else LLMEngine(model, EngineArgs(**engine_args))
+        self.max_waiting = max_waiting
+        self._cmds: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._streams: dict[str, _Stream] = {}
+        self._lock = threading.Lock()  # guards _streams and _pending
+        self._pending = 0  # adds enqueued but not yet seen by the engine thread
+        self._ids = itertools.count()
+        self._thread: threading.Thread | None = None
+        self._stopped = False
+        self.errors = 0
+
+    # ------------------------------------------------------------------------------------ public API
+    async def generate(self, prompt: str | list[int], params: SamplingParams | None = None,
+                       request_id: str | None = None, session_id: str | None = None
+                       ) -> AsyncIterator[RequestOutput]:
+        """Async iterator of RequestOutput (one per generated token; the last has finish_reason)."""
+        request_id = request_id if request_id is not None else f"async-{next(self._ids)}"
+        with self._lock:
+            if request_id in self._streams:
+                from .errors import InvalidRequestError
+                raise InvalidRequestError("request_id", f"request {request_id!r} is already running")
+            if len(self.engine.scheduler.waiting) + self._pending >= self.max_waiting:
+                raise QueueFullError(f"{self.max_waiting} requests are already waiting; retry later "
+                                     "(or raise max_waiting)")
+            req = self.engine.prepare_request(request_id, prompt, params, session_id)  # raises on bad input
+            stream = _Stream(asyncio.get_running_loop())
+            self._streams[request_id] = stream
+            self._pending += 1
+        self._cmds.put(("add", req))
+        self._ensure_thread()
+        self._wake.set()
+        finished = False
+        try:
+            while True:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            with self._lock:
+                self._streams.pop(request_id, None)
+            if not finished:  # closed or cancelled by the consumer
+                self._cmds.put(("abort", request_id))
+                self._wake.set()
+
+    async def abort(self, request_id: str) -> None:
+        """Abort a request; its stream ends with finish_reason "abort"."""
+        self._cmds.put(("abort", request_id))
+        self._wake.set()
+
+    # ------------------------------------------------------------------------------------ sessions (KV memory)
+    async def ingest(self, session_id: str, prompt: str | list[int], poll_s: float = 0.25
+                     ) -> AsyncIterator[dict]:
+        """Append a document to a session without generating. Yields progress dicts
+        {"tokens_done", "tokens_total", "done"}; the last one has done=True and the session's info."""
+        mgr = self.engine._sessions()
+        rid = mgr.new_ingest_id(session_id)
+        gen = self.generate(prompt, mgr.ingest_params(), rid, session_id)
+        task = asyncio.ensure_future(_drain_async(gen))
+        try:
+            while not task.done():
+                await asyncio.wait([task], timeout=poll_s)
+                p = mgr.ingest_progress(rid)
+                if not task.done() and p["tokens_done"] is not None:
+                    yield p
+            out = task.result()
+            info = self.engine.get_session(session_id)
+            yield {"tokens_done": info["num_computed_tokens"], "tokens_total": info["num_computed_tokens"],
+                   "done": True, "finish_reason": out.finish_reason if out else None, "session": info}
+        finally:
+            if not task.done():
+                task.cancel()
+                await gen.aclose()
+
+    def get_session(self, session_id: str) -> dict:
+        return self.engine.get_session(session_id)
+
+    def delete_session(self, session_id: str) -> None:
+        self.engine.delete_session(session_id)
+
+    def list_sessions(self) -> list[dict]:
+        return self.engine.list_sessions()
+
+    def stats(self) -> EngineStats:
+        """Engine stats; raises RuntimeError if the engine thread died (a health check for the server)."""
+        if self._thread is not None and not self._thread.is_alive() and not self._stopped:
+            raise RuntimeError("the engine loop thread is not running")
+        st = self.engine.stats()
+        st.num_waiting += self._pending
+        return st
+
+    def model_info(self) -> dict:
+        return self.engine.model_info()
+
+    def shutdown(self) -> None:
+        self._stopped = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    # ------------------------------------------------------------------------------------ engine thread
+    def _ensure_thread(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._loop, name="memserve-engine", daemon=True)
+            self._thread.start()
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                cmd, arg = self._cmds.get_nowait()
+            except queue.Empty:
+                return
+            if cmd == "add":
+                with self._lock:
+                    self._pending -= 1
+                    alive = arg.request_id in self._streams
+                if not alive:  # cancelled before it ever reached the engine
+                    continue
+                try:
+                    self.engine.add_prepared(arg)
+                except Exception as e:  # noqa: BLE001 - delivered to the caller
+                    self._deliver(arg.request_id, e)
+            elif cmd == "abort":
+                out = self.engine.abort_request(arg)
+                if out is not None:
+                    self._deliver(arg, out)
+
+    def _deliver(self, request_id: str, item) -> None:
+        with self._lock:
+            stream = self._streams.get(request_id)
+        if stream is not None:
+            stream.put(item)
+
+    def _loop(self) -> None:
+        while not self._stopped:
+            self._drain()
+            if not self.engine.has_unfinished():
+                self._wake.wait(timeout=1.0)
+                self._wake.clear()
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as e:  # noqa: BLE001 - fail every in-flight request, keep serving
+                self.errors += 1
+                for rid in list(self.engine.requests):
+                    self.engine.abort_request(rid)
+                    self._deliver(rid, RuntimeError(f"engine step failed: {e!r}"))
+                continue
+            for out in outputs:
+                self._deliver(out.request_id, out)
+
+
+async def _drain_async(gen):
+    last = None
+    async for out in gen:
+        last = out
+    return last
