@@ -11,9 +11,11 @@ memory tier stores, moves and selects blocks with plain indexing (`qkv.select(id
     value ("v", per token, groups of `group` channels):    scale, zero fp32 (N, BS, H, ceil(D/group))
     x ~= code * scale + zero,  code = floor((x - zero) / scale + 0.5) in [0, 2^bits - 1]
 
-Metadata is fp32 (not fp16 as in KIVI): 0.25 B/element extra, so int4 blocks take 0.75 B/element
+Metadata is fp32 by default (not fp16 as in KIVI): 0.25 B/element extra, so int4 blocks take 0.75 B/element
 (5.3x smaller than fp32) and the error bound |x - x_hat| <= scale/2 holds without fp16 rounding
-fix-ups or overflow for large activations.
+fix-ups or overflow for large activations. `meta_dtype=torch.float16` stores scale/zero in fp16 (the KV
+memory tier uses it: int4 with groups of 64 then takes 0.28x of fp16 KV per token, fp32 metadata 0.31x);
+codes are then computed against the rounded scale/zero that dequantization reads.
 
     quantize_kv / dequantize_kv         dispatch (CUDA -> Triton, else torch)
     quantize_kv_ref / dequantize_kv_ref torch (vectorized; the reference and the CPU path)
@@ -44,8 +46,8 @@ __all__ = [
 @dataclass(slots=True)
 class QuantizedKV:
     data: torch.Tensor  # uint8 (N, BS, H, D) or (N, BS, H, D//2)
-    scale: torch.Tensor  # fp32, see module docstring
-    zero: torch.Tensor  # fp32, same shape as scale
+    scale: torch.Tensor  # fp32 (or meta_dtype), see module docstring
+    zero: torch.Tensor  # same dtype and shape as scale
     kind: str  # "k" (per-channel groups over tokens) | "v" (per-token groups over channels)
     bits: int  # 8 | 4
     group: int  # 32
@@ -89,7 +91,8 @@ class QuantizedKV:
                            self.bits, self.group, self.head_dim)
 
 
-def _check_x(x, kind, bits, group):
+def _check_x(x, kind, bits, group, meta_dtype=torch.float32):
+    check(meta_dtype in (torch.float32, torch.float16, torch.bfloat16), f"meta_dtype {meta_dtype}")
     check(x.dim() == 4, f"expected (N, BS, H, D), got {tuple(x.shape)}")
     check(kind in ("k", "v"), f"kind must be 'k' or 'v', got {kind!r}")
     check(bits in (4, 8), f"bits must be 4 or 8, got {bits}")
@@ -109,8 +112,9 @@ def _pad_to(x, dim, mult):
 
 
 # ----------------------------------------------------------------------------- torch
-def quantize_kv_ref(x: torch.Tensor, kind: str, bits: int = 8, group: int = 32) -> QuantizedKV:
-    _check_x(x, kind, bits, group)
+def quantize_kv_ref(x: torch.Tensor, kind: str, bits: int = 8, group: int = 32,
+                    meta_dtype: torch.dtype = torch.float32) -> QuantizedKV:
+    _check_x(x, kind, bits, group, meta_dtype)
     N, BS, H, D = x.shape
     qmax = (1 << bits) - 1
     xf = x.float()
@@ -119,7 +123,8 @@ def quantize_kv_ref(x: torch.Tensor, kind: str, bits: int = 8, group: int = 32) 
         ng = xp.shape[1] // group
         xg = xp.view(N, ng, group, H, D)  # (N, ng, g, H, D)
         mn, mx = xg.amin(2), xg.amax(2)  # (N, ng, H, D)
-        scale = (mx - mn) / qmax
+        mn = mn.to(meta_dtype).float()  # codes against the stored metadata (no-op for fp32)
+        scale = ((mx - mn) / qmax).to(meta_dtype).float()
         codes = torch.floor((xg - mn[:, :, None]) / torch.where(scale > 0, scale, 1.0)[:, :, None] + 0.5)
         codes = codes.clamp_(0, qmax).view(N, ng * group, H, D)[:, :BS]
     else:  # per token: groups of `group` channels
@@ -127,13 +132,15 @@ def quantize_kv_ref(x: torch.Tensor, kind: str, bits: int = 8, group: int = 32) 
         ng = xp.shape[3] // group
         xg = xp.view(N, BS, H, ng, group)  # (N, BS, H, ng, g)
         mn, mx = xg.amin(4), xg.amax(4)  # (N, BS, H, ng)
-        scale = (mx - mn) / qmax
+        mn = mn.to(meta_dtype).float()
+        scale = ((mx - mn) / qmax).to(meta_dtype).float()
         codes = torch.floor((xg - mn[..., None]) / torch.where(scale > 0, scale, 1.0)[..., None] + 0.5)
         codes = codes.clamp_(0, qmax).view(N, BS, H, ng * group)[..., :D]
     codes = codes.to(torch.uint8)
     if bits == 4:
         codes = codes[..., 0::2] | (codes[..., 1::2] << 4)  # (N, BS, H, D//2)
-    return QuantizedKV(codes.contiguous(), scale.contiguous(), mn.contiguous(), kind, bits, group, D)
+    return QuantizedKV(codes.contiguous(), scale.to(meta_dtype).contiguous(), mn.to(meta_dtype).contiguous(),
+                       kind, bits, group, D)
 
 
 def _unpack(data: torch.Tensor, bits: int, D: int) -> torch.Tensor:
@@ -147,11 +154,11 @@ def dequantize_kv_ref(q: QuantizedKV, dtype=torch.float32) -> torch.Tensor:
     N, BS, H, D = q.shape
     codes = _unpack(q.data, q.bits, D).float()
     if q.kind == "k":
-        sc = q.scale.repeat_interleave(q.group, dim=1)[:, :BS]  # (N, BS, H, D)
-        zp = q.zero.repeat_interleave(q.group, dim=1)[:, :BS]
+        sc = q.scale.float().repeat_interleave(q.group, dim=1)[:, :BS]  # (N, BS, H, D)
+        zp = q.zero.float().repeat_interleave(q.group, dim=1)[:, :BS]
     else:
-        sc = q.scale.repeat_interleave(q.group, dim=3)[..., :D]
-        zp = q.zero.repeat_interleave(q.group, dim=3)[..., :D]
+        sc = q.scale.float().repeat_interleave(q.group, dim=3)[..., :D]
+        zp = q.zero.float().repeat_interleave(q.group, dim=3)[..., :D]
     return (codes * sc + zp).to(dtype)
 
 
@@ -162,11 +169,11 @@ def gather_dequant_ref(q: QuantizedKV, tok: torch.Tensor, head: torch.Tensor) ->
     codes = _unpack(q.data.view(N * BS, H, -1)[tok, head], q.bits, D).float()  # (..., D)
     if q.kind == "k":
         g = (tok // BS) * q.scale.shape[1] + (tok % BS) // q.group
-        sc = q.scale.view(-1, H, D)[g, head]  # (..., D)
-        zp = q.zero.view(-1, H, D)[g, head]
+        sc = q.scale.view(-1, H, D)[g, head].float()  # (..., D)
+        zp = q.zero.view(-1, H, D)[g, head].float()
     else:
-        sc = q.scale.view(N * BS, H, -1)[tok, head].repeat_interleave(q.group, dim=-1)[..., :D]
-        zp = q.zero.view(N * BS, H, -1)[tok, head].repeat_interleave(q.group, dim=-1)[..., :D]
+        sc = q.scale.view(N * BS, H, -1)[tok, head].float().repeat_interleave(q.group, dim=-1)[..., :D]
+        zp = q.zero.view(N * BS, H, -1)[tok, head].float().repeat_interleave(q.group, dim=-1)[..., :D]
     return codes * sc + zp
 
 
@@ -210,8 +217,12 @@ def _quant_kernel(x_ptr, d_ptr, s_ptr, z_ptr,
                          tl.max(tl.where(m1, x1, float("-inf")), axis=1))[:, None]
         mn1 = mn0
         mx1 = mx0
-    sc0 = (mx0 - mn0) / QMAX
-    sc1 = (mx1 - mn1) / QMAX
+    # round to the metadata dtype first so codes match what dequantization reads (no-op for fp32)
+    MT = s_ptr.dtype.element_ty
+    mn0 = mn0.to(MT).to(tl.float32)
+    mn1 = mn1.to(MT).to(tl.float32)
+    sc0 = ((mx0 - mn0) / QMAX).to(MT).to(tl.float32)
+    sc1 = ((mx1 - mn1) / QMAX).to(MT).to(tl.float32)
     c0 = tl.floor((x0 - mn0) / tl.where(sc0 > 0, sc0, 1.0) + 0.5)
     c1 = tl.floor((x1 - mn1) / tl.where(sc1 > 0, sc1, 1.0) + 0.5)
     c0 = tl.minimum(tl.maximum(c0, 0.0), QMAX).to(tl.uint8)
@@ -242,8 +253,9 @@ def _quant_kernel(x_ptr, d_ptr, s_ptr, z_ptr,
 _quant_jit = lazy_jit(_quant_kernel)
 
 
-def quantize_kv_triton(x: torch.Tensor, kind: str, bits: int = 8, group: int = 32) -> QuantizedKV:
-    _check_x(x, kind, bits, group)
+def quantize_kv_triton(x: torch.Tensor, kind: str, bits: int = 8, group: int = 32,
+                       meta_dtype: torch.dtype = torch.float32) -> QuantizedKV:
+    _check_x(x, kind, bits, group, meta_dtype)
     check(x.dtype != torch.float64, "Triton path takes fp32/fp16/bf16")
     N, BS, H, D = x.shape
     ngk = triton.cdiv(BS, group)
@@ -251,8 +263,8 @@ def quantize_kv_triton(x: torch.Tensor, kind: str, bits: int = 8, group: int = 3
     DP = D if bits == 8 else D // 2
     data = torch.empty(N, BS, H, DP, dtype=torch.uint8, device=x.device)
     mshape = (N, ngk, H, D) if kind == "k" else (N, BS, H, ngv)
-    scale = torch.empty(mshape, dtype=torch.float32, device=x.device)
-    zero = torch.empty(mshape, dtype=torch.float32, device=x.device)
+    scale = torch.empty(mshape, dtype=meta_dtype, device=x.device)
+    zero = torch.empty(mshape, dtype=meta_dtype, device=x.device)
     if kind == "k":
         grid, rows, cols, ng = (N, ngk, H), group, triton.next_power_of_2(triton.cdiv(D, 2)), ngk
     else:
@@ -281,8 +293,8 @@ def _dequant_kernel(d_ptr, s_ptr, z_ptr, o_ptr, BS, H, D, NG,
         moff = ((n * NG + t // GROUP) * H + h) * D + d
     else:
         moff = row * NG + d // GROUP
-    sc = tl.load(s_ptr + moff, mask=dm, other=0.0)
-    zp = tl.load(z_ptr + moff, mask=dm, other=0.0)
+    sc = tl.load(s_ptr + moff, mask=dm, other=0.0).to(tl.float32)
+    zp = tl.load(z_ptr + moff, mask=dm, other=0.0).to(tl.float32)
     tl.store(o_ptr + row * D + d, (c * sc + zp).to(o_ptr.dtype.element_ty), mask=dm)
 
 
@@ -301,11 +313,13 @@ def dequantize_kv_triton(q: QuantizedKV, dtype=torch.float32) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- dispatch
-def quantize_kv(x: torch.Tensor, kind: str, bits: int = 8, group: int = 32) -> QuantizedKV:
-    """KIVI quantization of KV blocks `x (N, BS, H, D)`; kind "k" per-channel, "v" per-token."""
+def quantize_kv(x: torch.Tensor, kind: str, bits: int = 8, group: int = 32,
+                meta_dtype: torch.dtype = torch.float32) -> QuantizedKV:
+    """KIVI quantization of KV blocks `x (N, BS, H, D)`; kind "k" per-channel, "v" per-token;
+    scale/zero stored as `meta_dtype`."""
     if use_triton(x):
-        return quantize_kv_triton(x, kind, bits, group)
-    return quantize_kv_ref(x, kind, bits, group)
+        return quantize_kv_triton(x, kind, bits, group, meta_dtype)
+    return quantize_kv_ref(x, kind, bits, group, meta_dtype)
 
 
 def dequantize_kv(q: QuantizedKV, dtype=torch.float32) -> torch.Tensor:
@@ -323,8 +337,8 @@ def dequant_blocks_head(q: QuantizedKV, ids: torch.Tensor, head: int) -> torch.T
     ids = ids.long()
     c = _unpack(q.data[:, :, head].index_select(0, ids), q.bits, D).float()  # (n, BS, D)
     n = ids.numel()
-    sc = q.scale[:, :, head].index_select(0, ids)
-    zp = q.zero[:, :, head].index_select(0, ids)
+    sc = q.scale[:, :, head].index_select(0, ids).float()
+    zp = q.zero[:, :, head].index_select(0, ids).float()
     if q.kind == "k":  # sc (n, ceil(BS/g), D)
         if BS % q.group == 0:
             ng = BS // q.group
@@ -347,7 +361,7 @@ def dequant_blocks(q: QuantizedKV, ids: torch.Tensor) -> torch.Tensor:
     ids = ids.long()
     n = ids.numel()
     c = _unpack(q.data.index_select(0, ids), q.bits, D).float()  # (n, BS, H, D)
-    sc, zp = q.scale.index_select(0, ids), q.zero.index_select(0, ids)
+    sc, zp = q.scale.index_select(0, ids).float(), q.zero.index_select(0, ids).float()
     if q.kind == "k" and BS % q.group == 0:
         ng = BS // q.group
         return torch.addcmul(zp.view(n, ng, 1, H, D), c.view(n, ng, q.group, H, D),

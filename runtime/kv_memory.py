@@ -150,7 +150,7 @@ class LayerMemory:
         self.wk, self.wv = _Rows(), _Rows()  # (W, Hkv, D) keys without RoPE, values
         self.wkr = _Rows()  # (W, Hkv, D) keys rotated at their absolute positions (local attention)
         self.wscore = _Rows()  # (W, Hkv) attention each token received while in the buffer
-        self.store = {f: _Rows() for f in _STORE_FIELDS}  # memory tier, rows = blocks (NB, Hkv, bs, D)
+        self.store = {f: _Rows() for f in _STORE_FIELDS}  # memory tier, rows = blocks (kv_memory_quant)
         self.reprs = _Rows()  # (NB, Hkv, R, D)
         self.block_pos = _Rows()  # (NB,) first position of each block
         self.sel_count = _Rows()  # (NB,) how often each block was selected (eviction by importance)

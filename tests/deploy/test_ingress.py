@@ -5,25 +5,10 @@ import asyncio
 
 import pytest
 from memserve.deploy import memserve_pb2 as pb
+from memserve.deploy.app import _LocalStream  # pulls lazily, like a slow transport
 from memserve.deploy.ingress import IngressCore, RpcError, validate_generate
 from memserve.deploy.worker import EngineWorker
 from serving_fake_engine import FakeAsyncEngine, FakeSampling
-
-
-class _LocalStream:
-    """Pulls lazily like a slow transport would (Ray's eager push is exercised in test_e2e)."""
-
-    def __init__(self, agen):
-        self._agen = agen
-
-    def __aiter__(self):
-        return self
-
-    async def __anext__(self):
-        return await self._agen.__anext__()
-
-    def cancel(self):
-        asyncio.ensure_future(self._agen.aclose())
 
 
 class LocalClient:

@@ -210,6 +210,25 @@ def test_quant_constant_group_is_exact():
         torch.testing.assert_close(dequantize_kv(quantize_kv(x, kind, 4)), x)
 
 
+@pytest.mark.parametrize("kind", ["k", "v"])
+def test_quant_fp16_metadata(kind):
+    """meta_dtype=fp16 (the KV memory tier's setting): half the metadata bytes, and codes are computed
+    against the rounded scale/zero, so the half-scale bound holds with the stored fp16 scale up to the
+    fp16 rounding of zero and scale (<= 2^-11 relative each)."""
+    x = torch.randn(2, 72, 2, 72) * 3 + 1
+    q16 = quantize_kv(x, kind, 4, 64, meta_dtype=torch.float16)
+    q32 = quantize_kv(x, kind, 4, 64)
+    assert q16.scale.dtype == q16.zero.dtype == torch.float16 and q32.scale.dtype == torch.float32
+    assert q16.nbytes() == q32.data.numel() + q32.scale.numel() * 2 * 2
+    xh = dequantize_kv(q16)
+    assert xh.dtype == torch.float32
+    dim, n = (1, 72) if kind == "k" else (3, 72)
+    sc = q16.scale.double().repeat_interleave(64, dim).narrow(dim, 0, n)
+    err = (x.double() - xh.double()).abs()
+    assert (err <= sc / 2 + 3 * 2**-11 * x.abs().max().double()).all()
+    assert err.max() < 2 * (x.double() - dequantize_kv(q32).double()).abs().max()
+
+
 # ----------------------------------------------------------------------------- scoring / selection
 
 

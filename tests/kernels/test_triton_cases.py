@@ -194,6 +194,19 @@ def test_quant_triton_bit_exact(dtype, kind, bits, shape):
     assert ((deq.double() - x.double()).abs() <= sc.double() / 2 + 1e-6).all()
 
 
+@pytest.mark.parametrize("kind", ["k", "v"])
+def test_quant_triton_fp16_metadata_bit_exact(kind):
+    x = torch.randn(2, 72, 2, 72) * 2
+    ref = quantize_kv_ref(x, kind, 4, 64, meta_dtype=torch.float16)
+    with poisoned_outputs():
+        got = quantize_kv_triton(x, kind, 4, 64, meta_dtype=torch.float16)
+        deq = dequantize_kv_triton(got)
+    assert got.scale.dtype == got.zero.dtype == torch.float16
+    assert torch.equal(got.data, ref.data)
+    assert torch.equal(got.scale, ref.scale) and torch.equal(got.zero, ref.zero)
+    torch.testing.assert_close(deq, dequantize_kv_ref(ref), atol=0, rtol=0)
+
+
 # ----------------------------------------------------------------------------- scoring
 @pytest.mark.parametrize("Hq,Hkv,D", [(4, 4, 16), (9, 3, 72), (8, 2, 64)])
 def test_scoring_triton(Hq, Hkv, D):

@@ -3,7 +3,6 @@
 import asyncio
 
 import pytest
-import torch
 from memserve.runtime import SamplingParams
 from memserve.runtime.async_engine import AsyncLLMEngine
 from memserve.runtime.engine import LLMEngine
@@ -11,14 +10,6 @@ from memserve.runtime.errors import InvalidRequestError, QueueFullError
 from memserve.runtime.loader import load_checkpoint
 
 GREEDY = dict(temperature=0, ignore_eos=True)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -11,16 +11,6 @@ from memserve.runtime.loader import load_checkpoint
 GREEDY = dict(temperature=0, ignore_eos=True)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny models: OpenMP fork/join costs more than it saves, and the box is shared (measured:
-    # transformers' generate 18 s -> 2.2 s for 48 tokens under load with 1 thread)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def ckpt(tiny_llama_dir):
     return load_checkpoint(str(tiny_llama_dir), progress=False)

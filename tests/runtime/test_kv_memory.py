@@ -15,16 +15,6 @@ from memserve.scheduler.kv_policy import RetrievalPolicy
 HQ, HKV, D = 6, 2, 16
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: intra-op threads only add contention on the shared 2-core box (measured 180 ms
-    vs 1.9 ms per decode step with 2 vs 1 threads under load)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _qkv(t, seed=0, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(t, HQ, D, generator=g, dtype=dtype)

@@ -14,14 +14,6 @@ SMALL = {"n_init": 4, "n_local": 32, "block_size": 8, "repr_topk": 2, "chunk_siz
 ALL_BLOCKS = {**SMALL, "topk": 10_000, "compression": "none"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: threads only add contention on the shared box
-    yield
-    torch.set_num_threads(n)
-
-
 def _engine(path, mode="retrieval", cfg=None, **kw):
     return LLMEngine(str(path), progress=False, kv_memory=mode, kv_memory_config=cfg, **kw)
 

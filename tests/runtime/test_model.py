@@ -7,17 +7,6 @@ from memserve.runtime.attention import AttentionMetadata, rope_inv_freq
 from memserve.runtime.engine import LLMEngine
 from memserve.runtime.loader import load_checkpoint
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny models: OpenMP fork/join costs more than it saves on this shared 2-core box
-    # (transformers' generate: 18 s -> 2.2 s for 48 tokens with one thread, measured under load)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1 if n <= 2 else n)
-    yield
-    torch.set_num_threads(n)
-
-
 MODELS = ["tiny_llama_dir", "tiny_llama_untied_dir", "tiny_llama3_rope_dir", "tiny_mistral_dir", "tiny_qwen2_dir"]
 
 

@@ -1,17 +1,8 @@
 """Sampler semantics against direct computations, and seeded reproducibility inside batches."""
 
-import pytest
 import torch
 from memserve.runtime import LLM, SamplingParams
 from memserve.runtime.sampling import _filter_top_k_top_p, sample
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_temperature_zero_is_argmax():
