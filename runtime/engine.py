@@ -34,7 +34,8 @@ class EngineArgs:
     # "auto": fp32 on CPU (this CPU has no bf16 hardware: bf16 matmul 0.33 GFLOP/s vs 124 fp32),
     # bf16 on CUDA
     dtype: str = "auto"
-    # None | "int8" (weight-only int8 linears, per-output-channel scales)
+    # None | "int8": int8 linears (per-output-channel weight scales, dynamically quantized
+    # activations — runtime/quant.py says why not weight-only)
     quantization: str | None = None
     max_num_seqs: int = 16
     # token budget of one step; longer prompts are prefilled in chunks of at most this many tokens
@@ -62,7 +63,7 @@ class EngineArgs:
         else:
             assert self.torch_dtype in (torch.bfloat16, torch.float16), "dtype on CUDA must be bf16 or fp16"
         assert self.quantization in (None, "int8"), f"quantization must be None or 'int8', got {self.quantization!r}"
-        assert self.quantization is None or self.device == "cpu", "int8 weight-only linears are a CPU path"
+        assert self.quantization is None or self.device == "cpu", "quantization='int8' (fbgemm int8 linears) is a CPU path; use bf16/fp16 on CUDA"
         assert self.max_num_seqs >= 1, "max_num_seqs must be >= 1"
         assert self.max_num_batched_tokens >= 1, "max_num_batched_tokens must be >= 1"
         assert self.block_size >= 1, "block_size must be >= 1"

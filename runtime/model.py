@@ -30,7 +30,7 @@ class DecoderLayer:
 
 class Model:
     """Built from HF-named fp32 weights. `quantization="int8"` makes every linear (incl. the LM
-    head) int8 weight-only; embeddings and norms stay fp32."""
+    head) int8 (runtime/quant.py); embeddings and norms stay fp32."""
 
     def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], quantization: str | None = None,
                  dtype: torch.dtype = torch.float32, device: str = "cpu", consume: bool = False):
