@@ -27,6 +27,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from memserve.runtime.attention import RotaryEmbedding
 from memserve.runtime.kv_memory_quant import COMPRESSIONS, QuantizedBlocks, dequantize, quantize
 from memserve.scheduler.kv_policy import RetrievalPolicy, block_scores, blocks_to_evict, select_blocks
 
@@ -71,12 +72,11 @@ class KVMemoryConfig:
 
 
 def rotate(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
-    """RoPE (HF Llama rotate-half convention). x (T, H, D), positions (T,) -> (T, H, D)."""
+    """RoPE at arbitrary positions, in inv_freq's precision (fp64 for the reference below), through
+    the engine's `RotaryEmbedding.apply`. x (T, H, D), positions (T,) -> (T, H, D)."""
     ang = positions.to(inv_freq.dtype)[:, None] * inv_freq[None, :]  # (T, D/2)
-    cos, sin = ang.cos().to(x.dtype)[:, None], ang.sin().to(x.dtype)[:, None]  # (T, 1, D/2)
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), -1)
+    cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
+    return RotaryEmbedding.apply(x, torch.cat((cos, cos), -1)[:, None], torch.cat((-sin, sin), -1)[:, None])
 
 
 def _scores(qh: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
