@@ -35,10 +35,14 @@ class RetrievalPolicy:
     # decode steps keep (union) the blocks the last prefill chunk selected: the prompt's end (where a
     # question sits) picks the blocks; single decode queries alone drift
     sticky: bool = True
+    # decode steps between fresh selections (1 = every step, InfLLM); in between a layer reuses the
+    # blocks it gathered, so a decode step costs the same at any context length
+    reselect_every: int = 1
     dense_layers: tuple[int, ...] = ()  # layers that attend to every block
     layer_topk: tuple[tuple[int, int], ...] = ()  # ((layer, k), ...) overrides of topk
 
     def __post_init__(self):
+        assert self.reselect_every >= 1, "reselect_every must be >= 1"
         assert self.topk >= 0, "topk must be >= 0 (0: sinks + window only, StreamingLLM)"
         assert self.granularity in GRANULARITIES, f"granularity must be one of {GRANULARITIES}"
         assert self.repr_mode in REPR_MODES, f"repr_mode must be one of {REPR_MODES}"
