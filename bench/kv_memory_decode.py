@@ -1,18 +1,20 @@
-"""Decode cost of the KV memory against context length, on SmolLM2-135M's shapes (30 layers, 9 query /
-3 KV heads, head_dim 64), with random keys/values (the attention path only: the model's linears cost
-the same at every context length).
+"""Decode ms/token against context length on the real default model (SmolLM2-135M-Instruct).
 
-    .venv/bin/python bench/kv_memory_decode.py --lengths 1k,4k,8k,16k,32k --steps 20
+    .venv/bin/python bench/kv_memory_decode.py --lengths 1k,4k,8k,16k,32k --threads 2
 
-Prints ms per decode token for: the KV memory (all 30 layers: selection, LRU retrieval, attention) and
-dense SDPA over the whole context (what the paged dense path computes), plus memory-tier bytes per
-token relative to fp16 KV. `--model-ms` adds the measured full-model decode time at 1k to express the
-end-to-end ratio 32k / 1k.
+For each context length the passkey prompt is ingested ONCE into a KV-memory session (that prefill is
+the long part), then decode steps are timed on that session for each retrieval variant
+(`reselect_every` 1 = fresh block selection every step, as InfLLM; N = selection refreshed every N
+steps, the gathered blocks reused in between). Lengths that fit the model's 8k window are also decoded
+with the dense paged path (kv_memory off) for the baseline. Ratios are against the shortest length.
+Every run decodes `--steps` tokens greedily with ignore_eos; the first token (it closes the prefill)
+is not counted.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -20,87 +22,84 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from memserve.runtime.kv_memory import KVMemoryConfig, SequenceMemory, default_inv_freq  # noqa: E402
-from memserve.runtime.kv_memory_backend import make_config  # noqa: E402
-from memserve.runtime.kv_memory_quant import bytes_per_token_fp16  # noqa: E402
-
-LAYERS, HQ, HKV, D = 30, 9, 3, 64
+from long_context_tasks import make_sample, prompt_text  # noqa: E402
 
 
-def _parse_len(s):
+def _parse_len(s: str) -> int:
     s = s.strip().lower()
     return int(float(s[:-1]) * 1024) if s.endswith("k") else int(s)
 
 
-def fill(cfg: KVMemoryConfig, n: int, chunk: int, g) -> SequenceMemory:
-    mem = SequenceMemory(cfg, LAYERS, HKV, D)
-    inv = default_inv_freq(D, 1e5)
-    p = 0
-    while p < n:
-        t = min(chunk, n - p)
-        q = torch.randn(t, HQ, D, generator=g)
-        k = torch.randn(t, HKV, D, generator=g)
-        v = torch.randn(t, HKV, D, generator=g)
-        for lm in mem.layers:  # same inputs in every layer: only the cost matters here
-            lm.attend(q, k, v, p, inv, D**-0.5)
-        p += t
-    return mem
-
-
-def decode_ms(mem: SequenceMemory, steps: int, g) -> float:
-    inv = default_inv_freq(D, 1e5)
-    p = mem.num_tokens
-    qs = torch.randn(steps, 1, HQ, D, generator=g)
-    ks = torch.randn(steps, 1, HKV, D, generator=g)
-    t0 = time.perf_counter()
-    for i in range(steps):
-        for lm in mem.layers:
-            lm.attend(qs[i], ks[i], ks[i], p + i, inv, D**-0.5)
-    return (time.perf_counter() - t0) / steps * 1000
-
-
-def dense_ms(n: int, steps: int, g) -> float:
-    k = torch.randn(1, HKV, n, D, generator=g)
-    q = torch.randn(1, HQ, 1, D, generator=g)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        for _ in range(LAYERS):
-            torch.nn.functional.scaled_dot_product_attention(q, k, k, enable_gqa=True)
-    return (time.perf_counter() - t0) / steps * 1000
+def timed_decode(eng, rid: str, prompt, params, session_id=None) -> float:
+    """ms per decode step after the first token."""
+    eng.add_request(rid, prompt, params, session_id=session_id)
+    stamps = []
+    while rid in eng.requests:
+        eng.step()
+        stamps.append(time.perf_counter())
+    return (stamps[-1] - stamps[-params.max_tokens + 1]) / (params.max_tokens - 2) * 1000
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--lengths", default="1k,4k,8k,16k,32k")
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--config", default="{}", help="KVMemoryConfig overrides as JSON")
-    ap.add_argument("--model-ms", type=float, default=0.0, help="measured full-model decode ms/token at 1k")
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--reselect", default="1,16", help="reselect_every variants")
+    ap.add_argument("--steps", type=int, default=33)
+    ap.add_argument("--compression", default="int4")
+    ap.add_argument("--quantization", default="int8", help="model linears: int8 (LLM's CPU default) or none")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "kv_memory_decode.md"))
     a = ap.parse_args(argv)
-    import json
-
     torch.set_num_threads(a.threads)
-    cfg = make_config(json.loads(a.config))
-    g = torch.Generator().manual_seed(0)
-    fp16 = bytes_per_token_fp16(HKV, D)
-    print(f"config: n_init={cfg.n_init} n_local={cfg.n_local} block={cfg.block_size} topk={cfg.policy.topk} "
-          f"compression={cfg.compression} granularity={cfg.policy.granularity}")
-    print("| context | memory ms/tok | dense SDPA ms/tok | memory-tier bytes/token vs fp16 | device tier MB |")
-    print("|---|---|---|---|---|")
-    base = None
-    with torch.inference_mode():
-        for L in [_parse_len(x) for x in a.lengths.split(",")]:
-            mem = fill(cfg, L, 512, g)
-            decode_ms(mem, 2, g)  # warm the LRU
-            ms = decode_ms(mem, a.steps, g)
-            dm = dense_ms(L, a.steps, g)
-            tb = mem.tier_bytes()
-            blocks_tok = sum(lm.num_blocks for lm in mem.layers) * cfg.block_size
-            ratio = tb["memory"] / blocks_tok / fp16 if blocks_tok else float("nan")
-            base = base if base is not None else ms
-            e2e = f" (end-to-end vs first: {(a.model_ms + ms) / (a.model_ms + base):.2f}x)" if a.model_ms else ""
-            print(f"| {L} | {ms:.1f}{e2e} | {dm:.1f} | {ratio:.3f} | {tb['device'] / 2**20:.1f} |", flush=True)
+    from memserve.runtime.engine import LLMEngine
+    from memserve.runtime.loader import load_checkpoint
+    from memserve.runtime.sampling import SamplingParams
+
+    ckpt = load_checkpoint("default", progress=False)
+    tok = ckpt.tokenizer
+    quant = None if a.quantization == "none" else a.quantization
+    lengths = [_parse_len(x) for x in a.lengths.split(",")]
+    variants = [int(x) for x in a.reselect.split(",")]
+    mem_eng = LLMEngine(ckpt, progress=False, kv_memory="retrieval", quantization=quant,
+                        max_num_batched_tokens=2048, kv_cache_bytes=64 << 20,
+                        kv_memory_config={"compression": a.compression})
+    dense_eng = LLMEngine(ckpt, progress=False, kv_memory="off", quantization=quant, max_num_batched_tokens=2048)
+    params = SamplingParams(max_tokens=a.steps, temperature=0.0, ignore_eos=True)
+    rows = []
+    for L in lengths:
+        ids = tok.encode(prompt_text(make_sample("passkey", tok, L, 0.5, 0), tok))
+        row = {"length": L, "tokens": len(ids)}
+        if len(ids) + a.steps <= dense_eng.max_model_len:
+            row["dense"] = timed_decode(dense_eng, f"d{L}", ids, params)
+        sid = f"s{L}"
+        t0 = time.perf_counter()
+        for _ in mem_eng.memory.ingest(sid, ids[:-1]):
+            pass
+        row["prefill_s"] = time.perf_counter() - t0
+        mem = mem_eng.memory.sessions.get(sid).memory
+        for r in variants:
+            mem.cfg.policy.reselect_every = r  # the session's policy, shared by its layers
+            row[f"reselect{r}"] = timed_decode(mem_eng, f"m{L}-{r}", ids[-1:], params, session_id=sid)
+        mem_eng.memory.sessions.delete(sid)
+        rows.append(row)
+        print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+
+    base = rows[0]
+    cols = ["dense"] + [f"reselect{r}" for r in variants]
+    lines = [f"Decode ms/token vs context, SmolLM2-135M (linears {a.quantization}), KV memory {a.compression}, "
+             f"{a.threads} threads", "",
+             "| context tokens | dense paged | " + " | ".join(f"memory, reselect every {r}" for r in variants)
+             + " | memory / dense at the shortest length |", "|---|" + "---|" * (len(cols) + 1)]
+    for row in rows:
+        cells = []
+        for c in cols:
+            v = row.get(c)
+            cells.append("-" if v is None else f"{v:.1f} ({v / base[c]:.2f}x)" if c in base else f"{v:.1f}")
+        rel = " / ".join(f"{row[c] / base['dense']:.2f}x" for c in cols[1:] if "dense" in base)
+        lines.append(f"| {row['tokens']} | " + " | ".join(cells) + f" | {rel} |")
+    lines += ["", "Command: `" + " ".join(["bench/kv_memory_decode.py"] + sys.argv[1:]) + "`", ""]
+    Path(a.out).write_text("\n".join(lines))
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":

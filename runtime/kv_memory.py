@@ -387,10 +387,14 @@ class LayerMemory:
         counts = mask.sum(0)
         self.sel_count.buf[:nb] += counts
         self.selected_total += int(counts.sum())
-        sel = self._gather(idx, valid)
-        self.dec, self.dec_age = (sel, 1) if t == 1 else (None, 0)
-        self.dec_pick = (idx, valid) if t == 1 else None
-        return sel
+        if t > 1:
+            self.dec = self.dec_pick = None
+            return self._gather(idx, valid)
+        prev = self.dec_pick
+        if self.dec is None or prev is None or not (torch.equal(prev[0], idx) and torch.equal(prev[1], valid)):
+            self.dec = self._gather(idx, valid)  # the picks changed: gather them (else reuse, same blocks)
+        self.dec_pick, self.dec_age = (idx, valid), 1
+        return self.dec
 
     def _gather(self, idx: torch.Tensor, valid: torch.Tensor):
         """(k, v, padding mask) of picks idx/valid (Hq, K), through the LRU device cache."""
