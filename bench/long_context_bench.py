@@ -33,6 +33,7 @@ def engine_for(ckpt, method: str, args, max_len: int):
     from memserve.runtime.engine import LLMEngine
 
     mem_cfg = {k: v for k, v in (("n_local", args.n_local), ("topk", args.topk)) if v is not None}
+    mem_cfg.update(json.loads(args.kv_config))
     if method == "dense":
         per_tok = 2 * ckpt.config.num_hidden_layers * ckpt.config.num_key_value_heads * ckpt.config.head_dim * 4
         return LLMEngine(ckpt, progress=False, kv_memory="off", max_model_len=max_len + 64,
@@ -76,6 +77,7 @@ def main(default_task: str, argv=None):
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--n-local", type=int, default=None, help="default: KVMemoryConfig's")
     ap.add_argument("--topk", type=int, default=None, help="default: RetrievalPolicy's")
+    ap.add_argument("--kv-config", default="{}", help='more KV-memory overrides as JSON, e.g. {"reselect_every": 16}')
     ap.add_argument("--chunk", type=int, default=512)
     ap.add_argument("--max-new", type=int, default=12)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")

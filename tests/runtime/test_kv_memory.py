@@ -190,3 +190,42 @@ def test_state_roundtrip_is_bit_exact():
             oa = la.attend(q[i : i + 1], k[i : i + 1], v[i : i + 1], i, inv, D**-0.5)
             ob = lb.attend(q[i : i + 1], k[i : i + 1], v[i : i + 1], i, inv, D**-0.5)
             assert torch.equal(oa, ob)
+
+
+def test_reselect_every_reuses_the_selection_between_refreshes():
+    t = 600
+    q, k, v = _qkv(t, seed=7, dtype=torch.float32)
+    inv = default_inv_freq(D, 10000.0)
+    cfg = KVMemoryConfig(n_init=8, n_local=64, block_size=16, compression="int8", key_group=16, value_group=16,
+                         policy=RetrievalPolicy(topk=2, sticky=False, reselect_every=4))
+    mem = LayerMemory(cfg, 0, HKV, D)
+    _run(mem, q[:-12], k[:-12], v[:-12], [100], inv, D**-0.5)
+    counts = []
+    for i in range(t - 12, t):
+        before = mem.selected_total
+        mem.attend(q[i : i + 1], k[i : i + 1], v[i : i + 1], i, inv, D**-0.5)
+        counts.append(mem.selected_total - before)
+    # a fresh top-2 per KV head (2 * HQ selections) on steps 0, 4, 8; nothing selected in between
+    assert counts == [2 * HQ if j % 4 == 0 else 0 for j in range(12)]
+
+
+def test_snapshot_mid_decode_keeps_the_reused_selection():
+    """A layer restored between selection refreshes decodes exactly like the original."""
+    t = 500
+    q, k, v = _qkv(t, seed=8, dtype=torch.float32)
+    inv = default_inv_freq(D, 10000.0)
+    cfg = KVMemoryConfig(n_init=8, n_local=64, block_size=16, compression="int4", key_group=16, value_group=16,
+                         policy=RetrievalPolicy(topk=2, reselect_every=8))
+    a = LayerMemory(cfg, 0, HKV, D)
+    _run(a, q[:-10], k[:-10], v[:-10], [64], inv, D**-0.5)
+    for i in range(t - 10, t - 7):  # 3 decode steps: the selection of step 0 is being reused
+        a.attend(q[i : i + 1], k[i : i + 1], v[i : i + 1], i, inv, D**-0.5)
+    b = LayerMemory(cfg, 0, HKV, D)
+    b.load_state({n: x.clone() for n, x in a.state_tensors().items()})
+    a_before = a.selected_total
+    for i in range(t - 7, t):
+        oa = a.attend(q[i : i + 1], k[i : i + 1], v[i : i + 1], i, inv, D**-0.5)
+        ob = b.attend(q[i : i + 1], k[i : i + 1], v[i : i + 1], i, inv, D**-0.5)
+        assert torch.equal(oa, ob)
+    # both refreshed once (decode step 8), b made no extra selection right after loading
+    assert a.selected_total - a_before == b.selected_total > 0
