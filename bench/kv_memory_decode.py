@@ -22,12 +22,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from long_context_bench import _parse_len  # noqa: E402
 from long_context_tasks import make_sample, prompt_text  # noqa: E402
-
-
-def _parse_len(s: str) -> int:
-    s = s.strip().lower()
-    return int(float(s[:-1]) * 1024) if s.endswith("k") else int(s)
 
 
 def timed_decode(eng, rid: str, prompt, params, session_id=None) -> float:

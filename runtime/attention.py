@@ -79,8 +79,14 @@ class RotaryEmbedding:
 
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos (T, 1, D) and sign-folded sin (T, 1, D) fp32 for `apply` (broadcast over heads)."""
-        freqs = positions.to(torch.float32)[:, None] * self.inv_freq[None, :]  # (T, D/2)
-        cos, sin = freqs.cos(), freqs.sin()
+        return self.tables(positions, self.inv_freq, torch.float32)
+
+    @staticmethod
+    def tables(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
+        """`cos_sin` for any inv_freq: angles in inv_freq's precision (fp64 for float64 references),
+        tables cast to `dtype`."""
+        ang = positions.to(inv_freq.dtype)[:, None] * inv_freq[None, :]  # (T, D/2)
+        cos, sin = ang.cos().to(dtype), ang.sin().to(dtype)
         return torch.cat((cos, cos), -1).unsqueeze(1), torch.cat((-sin, sin), -1).unsqueeze(1)
 
     @staticmethod

@@ -72,17 +72,10 @@ class KVMemoryConfig:
         return self.n_init + self.n_local
 
 
-def _cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
-    """(cos, sign-folded sin), each (T, 1, D), for `RotaryEmbedding.apply`, angles in inv_freq's precision."""
-    ang = positions.to(inv_freq.dtype)[:, None] * inv_freq[None, :]  # (T, D/2)
-    cos, sin = ang.cos().to(dtype), ang.sin().to(dtype)
-    return torch.cat((cos, cos), -1)[:, None], torch.cat((-sin, sin), -1)[:, None]
-
-
 def rotate(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
     """RoPE at arbitrary positions, in inv_freq's precision (fp64 for the reference below), through
     the engine's `RotaryEmbedding.apply`. x (T, H, D), positions (T,) -> (T, H, D)."""
-    return RotaryEmbedding.apply(x, *_cos_sin(positions, inv_freq, x.dtype))
+    return RotaryEmbedding.apply(x, *RotaryEmbedding.tables(positions, inv_freq, x.dtype))
 
 
 @dataclass(slots=True)
@@ -111,13 +104,13 @@ class _ChunkPlan:
     def build(key, cfg: KVMemoryConfig, p0: int, t: int, n_s: int, buf_start: int, inv_freq, dtype, dev):
         pos = torch.arange(p0, p0 + t, device=dev)
         wpos = torch.cat((torch.arange(n_s, device=dev), torch.arange(buf_start, p0 + t, device=dev)))
-        cos_l, sin_l = _cos_sin(pos, inv_freq, dtype)
+        cos_l, sin_l = RotaryEmbedding.tables(pos, inv_freq, dtype)
         dl, nl = cfg.dense_limit, cfg.n_local
         eng_any, eng_all = p0 + t - 1 >= dl, p0 >= dl
         cos_g = sin_g = None
         f_end, l0 = 0, 0
         if eng_any:
-            cos_g, sin_g = _cos_sin(torch.tensor([nl], device=dev), inv_freq, dtype)
+            cos_g, sin_g = RotaryEmbedding.tables(torch.tensor([nl], device=dev), inv_freq, dtype)
             f_end = int((wpos <= p0 + t - 1 - nl).sum())
         if eng_all:
             l0 = int((wpos < p0 - nl + 1).sum())
@@ -125,10 +118,11 @@ class _ChunkPlan:
         engaged = (pos >= dl)[:, None]
         far_ok = engaged & (dist >= nl)
         loc_ok = (dist >= 0) & (~engaged | (dist < nl))
-        neg = torch.tensor(float("-inf"), dtype=torch.float32 if dtype == torch.float16 else dtype, device=dev)
+        # in the logits' dtype (attend: fp32 at least)
+        neg = torch.tensor(float("-inf"), dtype=torch.promote_types(dtype, torch.float32), device=dev)
 
         def bias(ok):
-            return None if bool(ok.all()) else torch.where(ok, 0.0, neg).to(neg.dtype)
+            return None if bool(ok.all()) else torch.where(ok, 0.0, neg)
 
         return _ChunkPlan(key, cos_l, sin_l, cos_g, sin_g, f_end, l0, bias(far_ok[:, :f_end]), bias(loc_ok[:, l0:]))
 
