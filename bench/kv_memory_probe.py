@@ -10,6 +10,7 @@ so selection variants can be measured while the engine is busy elsewhere. Chunke
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -168,6 +169,7 @@ def main(argv=None):
     ap.add_argument("--topk", type=int, default=16)
     ap.add_argument("--block-size", type=int, default=128)
     ap.add_argument("--n-init", type=int, default=128)
+    ap.add_argument("--kv-config", default="{}", help='more KVMemoryConfig fields as JSON, e.g. {"value_group": 32}')
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     model = ProbeModel(load_checkpoint("default", progress=False))
@@ -176,7 +178,7 @@ def main(argv=None):
             for s in a.seeds.split(","):
                 with torch.inference_mode():
                     r = run(model, v, a.tokens, float(d), int(s), a.n_local, a.chunk, a.max_new,
-                            a.compression, a.task, a.topk, {"block_size": a.block_size, "n_init": a.n_init})
+                            a.compression, a.task, a.topk, {"block_size": a.block_size, "n_init": a.n_init, **json.loads(a.kv_config)})
                 print(f"{r['variant']:24s} tok={r['tokens']} depth={r['depth']:.2f} score={r['score']:.0f} "
                       f"ans={r['answer']} out={r['output']!r} prefill={r['prefill_s']:.0f}s", flush=True)
                 print(f"   ranks={r['ranks']}", flush=True)

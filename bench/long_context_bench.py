@@ -74,6 +74,7 @@ def main(default_task: str, argv=None):
     ap.add_argument("--lengths", default="2k,4k,8k,16k,32k")
     ap.add_argument("--depths", default="0,0.25,0.5,0.75,1")
     ap.add_argument("--samples", type=int, default=1)
+    ap.add_argument("--first-sample", type=int, default=0, help="seed of the first sample (to extend a run)")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--n-local", type=int, default=None, help="default: KVMemoryConfig's")
     ap.add_argument("--topk", type=int, default=None, help="default: RetrievalPolicy's")
@@ -103,7 +104,7 @@ def main(default_task: str, argv=None):
         eng = engine_for(ckpt, method, a, max(lengths) + 256)
         for L in lengths:
             for d in depths:
-                for s in range(a.samples):
+                for s in range(a.first_sample, a.first_sample + a.samples):
                     sample = make_sample(a.task, tok, L, d, s)
                     ids = tok.encode(prompt_text(sample, tok))
                     text, ttft, dms, mb, mt = run_one(eng, method, ids, a.max_new)

@@ -97,7 +97,8 @@ class Request:
     """Engine-side state of one request (the scheduler sees only `seq`)."""
 
     __slots__ = ("request_id", "seq", "params", "prompt", "detok", "text", "generator", "metrics", "session_id",
-                 "finish_reason", "stop_reason", "num_sent_tokens", "num_sent_chars", "stop_ids", "hold_back")
+                 "finish_reason", "stop_reason", "num_sent_tokens", "num_sent_chars", "stop_ids", "hold_back",
+                 "num_cached_tokens")
 
     def __init__(self, request_id: str, prompt: str | None, prompt_ids: list[int], params: SamplingParams,
                  detok: IncrementalDetokenizer | None, eos_ids: list[int], session_id: str | None):
@@ -114,6 +115,7 @@ class Request:
         self.stop_reason = None
         self.num_sent_tokens = 0
         self.num_sent_chars = 0
+        self.num_cached_tokens = 0  # prompt tokens whose KV was reused, not computed (a session's memory)
         self.stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_ids))
         # characters that may be the start of a stop string are held back while streaming
         self.hold_back = max((len(s) for s in params.stop), default=1) - 1
@@ -337,7 +339,7 @@ class LLMEngine:
         return RequestOutput(
             request_id=req.request_id, prompt_token_ids=req.prompt_token_ids, token_ids=list(out_ids),
             text=text, new_token_ids=new_ids, new_text=new_text, finish_reason=req.finish_reason,
-            num_cached_tokens=0, metrics=req.metrics, prompt=req.prompt, stop_reason=req.stop_reason,
+            num_cached_tokens=req.num_cached_tokens, metrics=req.metrics, prompt=req.prompt, stop_reason=req.stop_reason,
             session_id=req.session_id)
 
     # ------------------------------------------------------------------------------------ introspection

@@ -79,6 +79,9 @@ class MemoryAwareAllocator(BlockAllocator):
         table.extend([0] * max(0, -(-num_tokens // self.block_size) - len(table)))
         return table
 
+    def num_blocks_of(self, seq_id: str) -> int:
+        return 0 if seq_id in self.memory_seqs else super().num_blocks_of(seq_id)
+
     def free(self, seq_id: str) -> int:
         if seq_id in self.memory_seqs:
             self.tables.pop(seq_id, None)
@@ -214,7 +217,7 @@ class KVMemoryManager:
             # continue from the stored memory: the session's tokens become a computed prefix
             seq.token_ids = list(sess.token_ids) + seq.token_ids
             seq.num_prompt_tokens = len(seq.token_ids)
-            seq.num_computed_tokens = sess.memory.num_tokens
+            seq.num_computed_tokens = req.num_cached_tokens = sess.memory.num_tokens
             mem = sess.memory
             if req.request_id in self._ingest_ids:
                 self.ingests[req.request_id] = {"session_id": sid, "total": seq.num_tokens,

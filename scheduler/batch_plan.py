@@ -136,6 +136,14 @@ class Scheduler:
         self.waiting.appendleft(victim)
         plan.preempted.append(victim)
 
+    def _victim(self, i: int) -> Sequence:
+        """The newest running sequence (never one already scheduled, index < i) that holds pool
+        blocks. One that holds none (a KV-memory sequence) would free nothing and lose its memory."""
+        for j in range(len(self.running) - 1, i, -1):
+            if self.allocator.num_blocks_of(self.running[j].seq_id):
+                return self.running.pop(j)
+        return self.running.pop(i)  # the sequence that needs the blocks preempts itself
+
     def schedule(self) -> BatchPlan:
         plan = BatchPlan()
         budget = self.config.max_num_batched_tokens
@@ -149,7 +157,7 @@ class Scheduler:
             assert num_new > 0, f"{seq} has nothing to compute"
             target = seq.num_computed_tokens + num_new
             while not alloc.can_allocate(seq.seq_id, target):
-                victim = self.running.pop()       # newest; never one already scheduled (index < i)
+                victim = self._victim(i)
                 self._preempt(victim, plan)
                 if victim is seq:
                     break

@@ -57,20 +57,20 @@ def block_scores(q: torch.Tensor, reprs: torch.Tensor, repr_mode: str) -> torch.
     """Per-query-head block scores (Hq, NB).
 
     q: (Hq, D) query (already rotated the way memory keys are attended, averaged over a chunk).
-    reprs: (NB, Hkv, R, D) -- "mean": R=1 mean key; "max": R keys, score is the max over them;
-    "quest": R=2 (channel-wise min, max), score = sum_i max(q_i*min_i, q_i*max_i) (Quest upper bound).
+    reprs: (Hkv, D, NB, R), column-major -- "mean": R=1 mean key; "max": R keys, score is the max
+    over them; "quest": R=2 (channel-wise min, max), score = sum_i max(q_i*min_i, q_i*max_i) (Quest
+    upper bound).
     """
     hq, d = q.shape
-    nb, hkv, r, _ = reprs.shape
+    hkv, _, nb, r = reprs.shape
     g = hq // hkv
     qg = q.reshape(hkv, g, d)  # (Hkv, G, D)
     if repr_mode == "quest":
-        lo, hi = reprs[:, :, 0], reprs[:, :, 1]  # (NB, Hkv, D)
-        prod = torch.maximum(qg[None] * lo[:, :, None], qg[None] * hi[:, :, None])  # (NB, Hkv, G, D)
-        s = prod.sum(-1)  # (NB, Hkv, G)
+        lo, hi = reprs[..., 0], reprs[..., 1]  # (Hkv, D, NB)
+        s = torch.maximum(qg[..., None] * lo[:, None], qg[..., None] * hi[:, None]).sum(2)  # (Hkv, G, NB)
     else:
-        s = torch.einsum("hgd,bhrd->bhgr", qg, reprs).amax(-1)  # (NB, Hkv, G)
-    return s.reshape(nb, hq).T.contiguous()  # (Hq, NB)
+        s = torch.bmm(qg, reprs.reshape(hkv, d, nb * r)).view(hkv, g, nb, r).amax(-1)  # (Hkv, G, NB)
+    return s.reshape(hq, nb)
 
 
 def select_blocks(

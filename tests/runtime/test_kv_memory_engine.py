@@ -18,7 +18,7 @@ def _engine(path, mode="retrieval", cfg=None, **kw):
     return LLMEngine(str(path), progress=False, kv_memory=mode, kv_memory_config=cfg, **kw)
 
 
-def _run(eng, prompt, max_tokens=6, session_id=None, rid="r", **pkw):
+def _run(eng, prompt, max_tokens=6, session_id=None, rid="r", output=False, **pkw):
     eng.add_request(rid, prompt, SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, **pkw),
                     session_id=session_id)
     out = None
@@ -26,7 +26,7 @@ def _run(eng, prompt, max_tokens=6, session_id=None, rid="r", **pkw):
         for o in eng.step():
             if o.request_id == rid:
                 out = o
-    return out.token_ids
+    return out if output else out.token_ids
 
 
 def _prompt(n, seed=0):
@@ -113,8 +113,9 @@ def test_session_continuation_equals_one_shot(tiny_llama_dir):
     progress = list(eng.ingest("s1", doc))
     assert progress[-1]["done"] and progress[-1]["session"]["num_computed_tokens"] == len(doc)
     assert any(not p["done"] for p in progress)  # ingest reports progress on the way
-    got = _run(eng, question, max_tokens=6, session_id="s1")
-    assert got == ref
+    got = _run(eng, question, max_tokens=6, session_id="s1", output=True)
+    assert got.token_ids == ref
+    assert got.num_cached_tokens == len(doc)  # the document's KV came from the session, not recomputed
     info = eng.get_session("s1")
     assert info["num_tokens"] == len(doc) + len(question) + 6
     assert info["bytes"]["memory"] > 0 and info["bytes"]["device"] > 0

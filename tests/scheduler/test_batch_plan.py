@@ -116,6 +116,23 @@ def test_a_sequence_preempts_itself_when_alone_it_does_not_fit():
     assert [s.seq.seq_id for s in plan.scheduled] == ["a"]
 
 
+def test_preemption_skips_sequences_that_hold_no_pool_blocks():
+    # a KV-memory sequence keeps its KV outside the paged pool: preempting it would free nothing and
+    # throw its memory away, so the newest sequence that does hold blocks goes instead
+    from memserve.runtime.kv_memory_backend import MemoryAwareAllocator
+
+    alloc = MemoryAwareAllocator(3, 4)  # block 0 is the memory sequences' scratch: 2 pool blocks
+    alloc.memory_seqs.add("m")
+    sched = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64), alloc)
+    for seq in (Sequence("a", [1] * 4), Sequence("b", [1] * 3), Sequence("m", [1] * 5)):
+        sched.add(seq)
+    run_step(sched)  # a and b take one pool block each; m none
+    assert alloc.num_free_blocks == 0 and alloc.num_blocks_of("m") == 0
+    plan = run_step(sched)  # a needs a 2nd block
+    assert [s.seq_id for s in plan.preempted] == ["b"]
+    assert [s.seq.seq_id for s in plan.scheduled] == ["a", "m"]
+
+
 def test_finish_of_waiting_and_running_frees_blocks():
     sched, alloc = make(num_blocks=8, block_size=4, budget=64)
     a, b = Sequence("a", [1] * 9), Sequence("b", [1] * 5)

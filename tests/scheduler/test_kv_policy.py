@@ -9,12 +9,12 @@ def test_block_scores_match_explicit_loops():
     hq, hkv, nb, r, d = 6, 2, 5, 3, 8
     q = torch.randn(hq, d, generator=g, dtype=torch.float64)
     reprs = torch.randn(nb, hkv, r, d, generator=g, dtype=torch.float64)
-    s = block_scores(q, reprs, "max")
+    s = block_scores(q, reprs.permute(1, 3, 0, 2), "max")  # stored column-major (Hkv, D, NB, R)
     for h in range(hq):
         for b in range(nb):
             assert torch.isclose(s[h, b], max(q[h] @ reprs[b, h // 3, i] for i in range(r)))
     quest = torch.stack((reprs.amin(2), reprs.amax(2)), 2)  # (NB, Hkv, 2, D)
-    s = block_scores(q, quest, "quest")
+    s = block_scores(q, quest.permute(1, 3, 0, 2), "quest")
     for h in range(hq):
         for b in range(nb):
             lo, hi = quest[b, h // 3, 0], quest[b, h // 3, 1]
