@@ -84,7 +84,12 @@ def main(default_task: str, argv=None):
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     ap.add_argument("--model", default="default")
+    ap.add_argument("--report-from", default=None,
+                    help="comma-separated *_raw.json of earlier runs: write one table + heatmaps of them all "
+                         "(no model run; a later file's cell replaces an earlier one's)")
     a = ap.parse_args(argv)
+    if a.report_from:
+        return report_from([Path(x) for x in a.report_from.split(",")], Path(a.out), a)
     if a.threads:
         torch.set_num_threads(a.threads)
     from memserve.runtime.kv_memory_quant import bytes_per_token_fp16
@@ -120,8 +125,23 @@ def main(default_task: str, argv=None):
     write_report(rows, lengths, depths, methods, out_dir, tag, a)
 
 
+def report_from(paths: list[Path], out_dir: Path, a) -> None:
+    """One report over the raw rows of several runs (a grid run in pieces)."""
+    cells: dict[tuple, dict] = {}
+    for p in paths:
+        for r in json.loads(p.read_text()):
+            cells[(r["method"], r["length"], r["depth"], r["sample"])] = r
+    rows = list(cells.values())
+    order = {m: i for i, m in enumerate(METHODS)}
+    methods = sorted({r["method"] for r in rows}, key=lambda m: order.get(m, len(order)))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{a.task}_raw.json").write_text(json.dumps(rows, indent=1))
+    write_report(rows, sorted({r["length"] for r in rows}), sorted({r["depth"] for r in rows}), methods, out_dir,
+                 a.task, a)
+
+
 def write_report(rows, lengths, depths, methods, out_dir: Path, tag: str, a) -> None:
-    lines = [f"# {tag}: accuracy by context length (mean over depths x samples)", "",
+    lines = [f"# {tag}: accuracy by context length (mean over depths x samples; in brackets: how many)", "",
              "| method | " + " | ".join(f"{L // 1024}k" if L % 1024 == 0 else str(L) for L in lengths)
              + " | decode ms/tok (by length) | memory-tier bytes/token vs fp16 |",
              "|---|" + "---|" * (len(lengths) + 2)]
@@ -129,7 +149,7 @@ def write_report(rows, lengths, depths, methods, out_dir: Path, tag: str, a) -> 
         cells, dec, mb = [], [], []
         for L in lengths:
             r = [x for x in rows if x["method"] == m and x["length"] == L]
-            cells.append(f"{100 * sum(x['score'] for x in r) / max(1, len(r)):.0f}%" if r else "-")
+            cells.append(f"{100 * sum(x['score'] for x in r) / len(r):.0f}% ({len(r)})" if r else "-")
             ds = [x["decode_ms"] for x in r if x["decode_ms"] == x["decode_ms"]]
             dec.append(f"{sum(ds) / len(ds):.0f}" if ds else "-")
             mb += [x["mem_bytes_per_token"] for x in r if x["mem_bytes_per_token"]]

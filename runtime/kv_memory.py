@@ -492,6 +492,7 @@ class LayerMemory:
         self.sel_count.append(torch.zeros(nf, dtype=torch.long, device=dev))
         for r in (self.wk, self.wv, self.wkr, self.wscore):
             r.drop(n_s, n)
+        self.dec_age = self.cfg.policy.reselect_every  # those tokens left the window: select afresh next step
         if cfg.budget_bytes is not None:
             self.enforce_budget(cfg.budget_bytes // self.num_layers)
 
