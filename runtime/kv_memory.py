@@ -385,7 +385,8 @@ class LayerMemory:
         if pol.sticky and t == 1 and self.sticky is not None:
             extra = torch.zeros(hq, nb, dtype=torch.bool, device=q_glob.device)
             extra[:, : self.sticky.shape[1]] = self.sticky
-        idx, valid, mask = select_blocks(scores, pol.topk_for(self.layer, nb), pol.granularity, self.hkv, extra)
+        idx, valid, mask = select_blocks(scores, pol.topk_for(self.layer, nb), pol.granularity, self.hkv, extra,
+                                         pol.next_blocks)
         if t > 1 and pol.sticky:
             self.sticky = mask
         counts = mask.sum(0)

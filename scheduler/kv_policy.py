@@ -40,12 +40,18 @@ class RetrievalPolicy:
     # costs about the same at any context length. 16: decode at 32k 1.12x of 1k instead of 2.37x, and
     # the passkey / NIAH grids at 16k-32k found the same needles (README "KV memory")
     reselect_every: int = 16
+    # the block after each of the `next_blocks` best picks is attended too: a needle cut by a block
+    # boundary keeps its tail. Measured: NIAH 32k depth 90% had its 7-digit number split 4|3 over two
+    # blocks; the first ranked 0 in all 30 layers, the second was not picked, and the model wrote
+    # "8071" for 8071708; with 2 it writes 8071708 (bench/kv_memory_probe.py, README "KV memory")
+    next_blocks: int = 2
     dense_layers: tuple[int, ...] = ()  # layers that attend to every block
     layer_topk: tuple[tuple[int, int], ...] = ()  # ((layer, k), ...) overrides of topk
 
     def __post_init__(self):
         assert self.reselect_every >= 1, "reselect_every must be >= 1"
         assert self.topk >= 0, "topk must be >= 0 (0: sinks + window only, StreamingLLM)"
+        assert self.next_blocks >= 0, "next_blocks must be >= 0"
         assert self.granularity in GRANULARITIES, f"granularity must be one of {GRANULARITIES}"
         assert self.repr_mode in REPR_MODES, f"repr_mode must be one of {REPR_MODES}"
 
@@ -76,11 +82,14 @@ def block_scores(q: torch.Tensor, reprs: torch.Tensor, repr_mode: str) -> torch.
 
 
 def select_blocks(
-    scores: torch.Tensor, k: int, granularity: str, num_kv_heads: int, extra: torch.Tensor | None = None
+    scores: torch.Tensor, k: int, granularity: str, num_kv_heads: int, extra: torch.Tensor | None = None,
+    next_blocks: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-k blocks per query head, honouring the granularity.
 
     scores: (Hq, NB). extra: optional (Hq, NB) bool of blocks to add (union), e.g. sticky prefill picks.
+    next_blocks: the block following each of the best `next_blocks` picks is added too (the last
+    block's successor is the window, attended anyway).
     Returns idx (Hq, K) long, valid (Hq, K) bool (padding where a head has fewer than K picks),
     and the selection mask (Hq, NB) bool. Picks are listed in block order.
     """
@@ -94,7 +103,10 @@ def select_blocks(
         agg = scores
     k = min(k, nb)
     mask = torch.zeros(hq, nb, dtype=torch.bool, device=scores.device)
-    mask.scatter_(1, agg.topk(k, dim=1).indices, True)
+    top = agg.topk(k, dim=1).indices  # best first
+    mask.scatter_(1, top, True)
+    if next_blocks and k:
+        mask.scatter_(1, (top[:, :next_blocks] + 1).clamp_max(nb - 1), True)
     if extra is not None:
         mask |= extra
     kmax = int(mask.sum(1).max())

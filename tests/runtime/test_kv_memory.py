@@ -211,7 +211,7 @@ def test_reselect_every_reuses_the_selection_between_refreshes():
     q, k, v = _qkv(t, seed=7, dtype=torch.float32)
     inv = default_inv_freq(D, 10000.0)
     cfg = KVMemoryConfig(n_init=8, n_local=64, block_size=16, compression="int8", key_group=16, value_group=16,
-                         policy=RetrievalPolicy(topk=2, sticky=False, reselect_every=4))
+                         policy=RetrievalPolicy(topk=2, sticky=False, reselect_every=4, next_blocks=0))
     mem = LayerMemory(cfg, 0, HKV, D)
     _run(mem, q[:-steps], k[:-steps], v[:-steps], [100], inv, D**-0.5)
     counts, expected, packs = [], [], 0

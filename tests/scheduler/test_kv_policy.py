@@ -37,6 +37,11 @@ def test_select_granularities():
     idx, valid, mask = select_blocks(scores, 1, "q_head", num_kv_heads=2, extra=extra)
     assert idx.shape == (4, 2) and valid.sum(1).tolist() == [2, 1, 1, 1]
     assert idx[0].tolist() == [0, 3]  # picks listed in block order
+    # next_blocks: the block after each of the best picks joins (not past the last block)
+    _, _, mask = select_blocks(scores, 2, "q_head", num_kv_heads=2, next_blocks=1)
+    assert mask.int().tolist() == [[1, 0, 0, 1], [0, 1, 1, 0], [1, 0, 1, 1], [0, 0, 1, 1]]
+    _, _, mask = select_blocks(scores, 1, "q_head", num_kv_heads=2, next_blocks=0)
+    assert mask.sum().item() == 4
 
 
 def test_eviction_least_selected_oldest_first():
