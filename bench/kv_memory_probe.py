@@ -38,6 +38,8 @@ VARIANTS = {
     "kvhead_max_sticky": (dict(granularity="kv_head", repr_mode="max", sticky=True), {}),
     "kvhead_max_sticky_next2": (dict(granularity="kv_head", repr_mode="max", sticky=True, next_blocks=2), {}),
     "kvhead_max_sticky_next4": (dict(granularity="kv_head", repr_mode="max", sticky=True, next_blocks=4), {}),
+    "kvhead_max_sticky_next2_early": (dict(granularity="kv_head", repr_mode="max", sticky=True, next_blocks=2,
+                                           layer_topk="early4x"), {}),
     "qhead_max_sticky": (dict(granularity="q_head", repr_mode="max", sticky=True), {}),
     # more blocks in the early layers, where the needle ranks worst (layers 0-5 get 4x topk)
     "kvhead_max_sticky_early": (dict(granularity="kv_head", repr_mode="max", sticky=True, layer_topk="early4x"), {}),

@@ -22,6 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from long_context_tasks import TASKS, make_sample, prompt_text, score  # noqa: E402
 
 METHODS = ("dense", "stream", "fp16", "int8", "int4")
+# answer lengths: one 5- or 7-digit number (+ a little), four 7-digit numbers in a list, four names
+MAX_NEW = {"passkey": 12, "niah_single": 12, "niah_multikey": 12, "niah_multivalue": 48, "variable_tracking": 32}
 
 
 def _parse_len(s: str) -> int:
@@ -80,7 +82,8 @@ def main(default_task: str, argv=None):
     ap.add_argument("--topk", type=int, default=None, help="default: RetrievalPolicy's")
     ap.add_argument("--kv-config", default="{}", help='more KV-memory overrides as JSON, e.g. {"reselect_every": 16}')
     ap.add_argument("--chunk", type=int, default=512)
-    ap.add_argument("--max-new", type=int, default=12)
+    ap.add_argument("--max-new", type=int, default=None,
+                    help="tokens to generate (default: enough for the task's answer, see MAX_NEW)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     ap.add_argument("--model", default="default")
@@ -88,6 +91,7 @@ def main(default_task: str, argv=None):
                     help="comma-separated *_raw.json of earlier runs: write one table + heatmaps of them all "
                          "(no model run; a later file's cell replaces an earlier one's)")
     a = ap.parse_args(argv)
+    a.max_new = a.max_new or MAX_NEW[a.task]
     if a.report_from:
         return report_from([Path(x) for x in a.report_from.split(",")], Path(a.out), a)
     if a.threads:
