@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from .errors import InvalidRequestError, SessionNotFoundError
 from .kv_memory import KVMemoryConfig, SequenceMemory
 
-SNAPSHOT_FORMAT = "memserve.session.v1"
+SNAPSHOT_FORMAT = "memserve.session.v2"  # v2: keys and representatives stored column-major
 
 
 @dataclass(slots=True)
@@ -74,7 +74,11 @@ def load_session(path: str, session_id: str | None = None) -> Session:
 
     with safe_open(path, "pt") as f:
         meta = f.metadata() or {}
-    if meta.get("format") != SNAPSHOT_FORMAT:
+    fmt = meta.get("format", "")
+    if fmt != SNAPSHOT_FORMAT:
+        if fmt.startswith("memserve.session."):
+            raise InvalidRequestError("path", f"{path} is a {fmt} snapshot; this memserve reads {SNAPSHOT_FORMAT}: "
+                                              "ingest the document again and save a new snapshot")
         raise InvalidRequestError("path", f"{path} is not a memserve session snapshot ({SNAPSHOT_FORMAT})")
     tensors = load_file(path)
     cfg = _cfg_from_json(meta["config"])

@@ -141,6 +141,25 @@ def test_snapshot_roundtrip_bit_exact(tiny_llama_dir, tmp_path):
     assert eng.stats().sessions_active == 1
 
 
+def test_snapshot_of_another_format_is_a_clear_error(tiny_llama_dir, tmp_path):
+    from safetensors.torch import load_file, safe_open, save_file
+
+    eng = _engine(tiny_llama_dir, "retrieval", SMALL)
+    list(eng.ingest("s", _prompt(150, seed=8)))
+    path = str(tmp_path / "s.safetensors")
+    eng.save_session("s", path)
+    with safe_open(path, "pt") as f:
+        meta = f.metadata()
+    old = str(tmp_path / "old.safetensors")
+    save_file(load_file(path), old, metadata={**meta, "format": "memserve.session.v1"})
+    with pytest.raises(InvalidRequestError, match="memserve.session.v1 snapshot.*ingest the document again"):
+        eng.load_session(old)
+    other = str(tmp_path / "other.safetensors")
+    save_file({"w": torch.zeros(2)}, other)
+    with pytest.raises(InvalidRequestError, match="not a memserve session snapshot"):
+        eng.load_session(other)
+
+
 def test_unknown_session_is_a_clear_error(tiny_llama_dir):
     eng = _engine(tiny_llama_dir, "auto", SMALL)
     with pytest.raises(SessionNotFoundError, match="unknown session 'nope'"):
