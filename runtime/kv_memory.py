@@ -311,7 +311,8 @@ class LayerMemory:
 
         q_loc = heads(RotaryEmbedding.apply(q, plan.cos_l, plan.sin_l))
         q_glob = RotaryEmbedding.apply(q, plan.cos_g, plan.sin_g) if plan.cos_g is not None else None
-        # parts: (keys (Hkv, 1 or G, n, D), values, query) -- [selected blocks | far | local]
+        # parts: (keys (Hkv, 1 or G, D, n) column-major, values (Hkv, 1 or G, n, D)) -- [selected blocks |
+        # far | local]; the last part is scored with q_loc, the others with the n_local-rotated query
         parts, invalid = [], None
         if self.num_blocks and cfg.policy.topk_for(self.layer, self.num_blocks) > 0:
             assert q_glob is not None  # blocks exist only once every query is engaged
@@ -364,8 +365,9 @@ class LayerMemory:
         return out.view(hq, t, d).permute(1, 0, 2)  # (T, Hq, D)
 
     def _retrieve(self, q_glob: torch.Tensor):
-        """Blocks this chunk attends to, gathered from the device cache: (k, v) (Hkv, 1 or G, M, D) and
-        an (Hkv, 1 or G, 1, M) mask of padding picks (None if every head has M picks).
+        """Blocks this chunk attends to, gathered from the device cache: keys (Hkv, 1 or G, D, M)
+        column-major, values (Hkv, 1 or G, M, D), and an (Hkv, 1 or G, 1, M) mask of padding picks
+        (None if every head has M picks).
 
         A prefill chunk selects with its mean query (and, sticky, remembers the pick); a decode step
         selects top-k for its query (union the sticky pick) every `reselect_every` steps and reuses

@@ -142,7 +142,8 @@ def test_snapshot_roundtrip_bit_exact(tiny_llama_dir, tmp_path):
 
 
 def test_snapshot_of_another_format_is_a_clear_error(tiny_llama_dir, tmp_path):
-    from safetensors.torch import load_file, safe_open, save_file
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
 
     eng = _engine(tiny_llama_dir, "retrieval", SMALL)
     list(eng.ingest("s", _prompt(150, seed=8)))
