@@ -8,13 +8,15 @@ the long part), then decode steps are timed on that session for each retrieval v
 steps, the gathered blocks reused in between). Lengths that fit the model's 8k window are also decoded
 with the dense paged path (kv_memory off) for the baseline. Ratios are against the shortest length.
 Every run decodes `--steps` tokens greedily with ignore_eos; the first token (it closes the prefill)
-is not counted.
+is not counted. Each figure is the median of `--repeats` runs (this shared box drifts by 10-30%
+between runs; the raw runs are printed as JSON).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -44,6 +46,7 @@ def main(argv=None):
     ap.add_argument("--compression", default="int4")
     ap.add_argument("--quantization", default="int8", help="model linears: int8 (LLM's CPU default) or none")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3, help="runs per figure (median)")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "kv_memory_decode.md"))
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -65,25 +68,33 @@ def main(argv=None):
     for L in lengths:
         ids = tok.encode(prompt_text(make_sample("passkey", tok, L, 0.5, 0), tok))
         row = {"length": L, "tokens": len(ids)}
-        if len(ids) + a.steps <= dense_eng.max_model_len:
-            row["dense"] = timed_decode(dense_eng, f"d{L}", ids, params)
         sid = f"s{L}"
         t0 = time.perf_counter()
         for _ in mem_eng.memory.ingest(sid, ids[:-1]):
             pass
         row["prefill_s"] = time.perf_counter() - t0
-        mem = mem_eng.memory.sessions.get(sid).memory
-        for r in variants:
-            mem.cfg.policy.reselect_every = r  # the session's policy, shared by its layers
-            row[f"reselect{r}"] = timed_decode(mem_eng, f"m{L}-{r}", ids[-1:], params, session_id=sid)
-        mem_eng.memory.sessions.delete(sid)
+        snapshot = f"{a.out}.{L}.safetensors"  # every memory run starts from the same ingested state
+        mem_eng.save_session(sid, snapshot)
+        runs: dict[str, list[float]] = {}
+        for i in range(a.repeats):  # interleaved, so drift of the box hits every column alike
+            if len(ids) + a.steps <= dense_eng.max_model_len:
+                runs.setdefault("dense", []).append(timed_decode(dense_eng, f"d{L}-{i}", ids, params))
+            for r in variants:
+                mem_eng.load_session(snapshot, sid)
+                mem_eng.memory.sessions.get(sid).memory.cfg.policy.reselect_every = r  # shared by its layers
+                runs.setdefault(f"reselect{r}", []).append(
+                    timed_decode(mem_eng, f"m{L}-{r}-{i}", ids[-1:], params, session_id=sid))
+                mem_eng.memory.sessions.delete(sid)
+        Path(snapshot).unlink()
+        row.update({c: statistics.median(v) for c, v in runs.items()})
         rows.append(row)
-        print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+        print(json.dumps({**{k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()},
+                          "runs": {c: [round(x, 1) for x in v] for c, v in runs.items()}}), flush=True)
 
     base = rows[0]
     cols = ["dense"] + [f"reselect{r}" for r in variants]
     lines = [f"Decode ms/token vs context, SmolLM2-135M (linears {a.quantization}), KV memory {a.compression}, "
-             f"{a.threads} threads", "",
+             f"{a.threads} threads, median of {a.repeats} interleaved runs", "",
              "| context tokens | dense paged | " + " | ".join(f"memory, reselect every {r}" for r in variants)
              + " | memory / dense at the shortest length |", "|---|" + "---|" * (len(cols) + 1)]
     for row in rows:

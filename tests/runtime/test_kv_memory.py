@@ -199,11 +199,34 @@ def test_state_roundtrip_is_bit_exact():
         lb.load_state({n: x.clone() for n, x in la.state_tensors().items()})
     assert a.tier_bytes()["memory"] == b.tier_bytes()["memory"]
     for la, lb in zip(a.layers, b.layers):
-        oa = _run(la, q[-10:], k[-10:], v[-10:], [1], inv, D**-0.5) if False else None
         for i in range(t - 10, t):
             oa = la.attend(q[i : i + 1], k[i : i + 1], v[i : i + 1], i, inv, D**-0.5)
             ob = lb.attend(q[i : i + 1], k[i : i + 1], v[i : i + 1], i, inv, D**-0.5)
             assert torch.equal(oa, ob)
+
+
+@pytest.mark.parametrize("granularity,compression", [("kv_head", "none"), ("kv_head", "int4"), ("shared", "int4")])
+def test_token_path_equals_chunk_path(granularity, compression):
+    """Decode steps through `_attend_token` give the chunk path's outputs and state: top-k with padding
+    (sticky + next blocks pick different counts per KV head), reused selections, packs, the LRU cache."""
+    t, steps = 700, 150
+    q, k, v = _qkv(t, seed=9, dtype=torch.float32)
+    inv = default_inv_freq(D, 10000.0)
+    cfg = KVMemoryConfig(n_init=8, n_local=64, block_size=16, compression=compression, key_group=16,
+                         value_group=16, policy=RetrievalPolicy(topk=3, granularity=granularity, reselect_every=4))
+    fast, slow = LayerMemory(cfg, 0, HKV, D), LayerMemory(cfg, 0, HKV, D)
+    slow.token_path = False
+    for mem in (fast, slow):
+        _run(mem, q[:-steps], k[:-steps], v[:-steps], [100], inv, D**-0.5)
+    padded = 0
+    for i in range(t - steps, t):
+        of = fast.attend(q[i : i + 1], k[i : i + 1], v[i : i + 1], i, inv, D**-0.5)
+        os_ = slow.attend(q[i : i + 1], k[i : i + 1], v[i : i + 1], i, inv, D**-0.5)
+        torch.testing.assert_close(of, os_, rtol=1e-5, atol=1e-6)
+        padded += fast.dec[2] is not None
+    assert fast.num_blocks > 35 and (padded > 0) == (granularity == "kv_head")
+    for name in ("wk", "wv", "wkr", "wscore", "reprs", "sel_count"):
+        torch.testing.assert_close(getattr(fast, name).get(), getattr(slow, name).get(), rtol=1e-5, atol=1e-5)
 
 
 def test_reselect_every_reuses_the_selection_between_refreshes():
