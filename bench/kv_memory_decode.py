@@ -8,8 +8,8 @@ the long part), then decode steps are timed on that session for each retrieval v
 steps, the gathered blocks reused in between). Lengths that fit the model's 8k window are also decoded
 with the dense paged path (kv_memory off) for the baseline. Ratios are against the shortest length.
 Every run decodes `--steps` tokens greedily with ignore_eos; the first token (it closes the prefill)
-is not counted. Each figure is the median of `--repeats` runs (this shared box drifts by 10-30%
-between runs; the raw runs are printed as JSON).
+is not counted. Each figure is the median of `--repeats` rounds over all lengths and columns (this
+shared box drifts by 10-30% over minutes; the raw runs are printed as JSON).
 """
 
 from __future__ import annotations
@@ -64,37 +64,40 @@ def main(argv=None):
                         kv_memory_config={"compression": a.compression})
     dense_eng = LLMEngine(ckpt, progress=False, kv_memory="off", quantization=quant, max_num_batched_tokens=2048)
     params = SamplingParams(max_tokens=a.steps, temperature=0.0, ignore_eos=True)
-    rows = []
-    for L in lengths:
-        ids = tok.encode(prompt_text(make_sample("passkey", tok, L, 0.5, 0), tok))
-        row = {"length": L, "tokens": len(ids)}
-        sid = f"s{L}"
+    rows, prompts = [], {}
+    for L in lengths:  # ingest each prompt once; every memory run starts from its snapshot
+        ids = prompts[L] = tok.encode(prompt_text(make_sample("passkey", tok, L, 0.5, 0), tok))
         t0 = time.perf_counter()
-        for _ in mem_eng.memory.ingest(sid, ids[:-1]):
+        for _ in mem_eng.memory.ingest(f"s{L}", ids[:-1]):
             pass
-        row["prefill_s"] = time.perf_counter() - t0
-        snapshot = f"{a.out}.{L}.safetensors"  # every memory run starts from the same ingested state
-        mem_eng.save_session(sid, snapshot)
-        runs: dict[str, list[float]] = {}
-        for i in range(a.repeats):  # interleaved, so drift of the box hits every column alike
+        rows.append({"length": L, "tokens": len(ids), "prefill_s": time.perf_counter() - t0})
+        mem_eng.save_session(f"s{L}", f"{a.out}.{L}.safetensors")
+        mem_eng.memory.sessions.delete(f"s{L}")
+    # rounds over every (length, column): a drift of this shared box (10-30% over minutes) then hits
+    # every figure alike instead of whichever length ran during a slow spell
+    runs: dict[tuple[int, str], list[float]] = {}
+    for i in range(a.repeats):
+        for L in lengths:
+            ids = prompts[L]
             if len(ids) + a.steps <= dense_eng.max_model_len:
-                runs.setdefault("dense", []).append(timed_decode(dense_eng, f"d{L}-{i}", ids, params))
+                runs.setdefault((L, "dense"), []).append(timed_decode(dense_eng, f"d{L}-{i}", ids, params))
             for r in variants:
-                mem_eng.load_session(snapshot, sid)
-                mem_eng.memory.sessions.get(sid).memory.cfg.policy.reselect_every = r  # shared by its layers
-                runs.setdefault(f"reselect{r}", []).append(
-                    timed_decode(mem_eng, f"m{L}-{r}-{i}", ids[-1:], params, session_id=sid))
-                mem_eng.memory.sessions.delete(sid)
-        Path(snapshot).unlink()
-        row.update({c: statistics.median(v) for c, v in runs.items()})
-        rows.append(row)
+                mem_eng.load_session(f"{a.out}.{L}.safetensors", f"s{L}")
+                mem_eng.memory.sessions.get(f"s{L}").memory.cfg.policy.reselect_every = r  # shared by its layers
+                runs.setdefault((L, f"reselect{r}"), []).append(
+                    timed_decode(mem_eng, f"m{L}-{r}-{i}", ids[-1:], params, session_id=f"s{L}"))
+                mem_eng.memory.sessions.delete(f"s{L}")
+    for row in rows:
+        Path(f"{a.out}.{row['length']}.safetensors").unlink()
+        mine = {c: v for (L, c), v in runs.items() if L == row["length"]}
+        row.update({c: statistics.median(v) for c, v in mine.items()})
         print(json.dumps({**{k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()},
-                          "runs": {c: [round(x, 1) for x in v] for c, v in runs.items()}}), flush=True)
+                          "runs": {c: [round(x, 1) for x in v] for c, v in mine.items()}}), flush=True)
 
     base = rows[0]
     cols = ["dense"] + [f"reselect{r}" for r in variants]
     lines = [f"Decode ms/token vs context, SmolLM2-135M (linears {a.quantization}), KV memory {a.compression}, "
-             f"{a.threads} threads, median of {a.repeats} interleaved runs", "",
+             f"{a.threads} threads, median of {a.repeats} rounds over every cell", "",
              "| context tokens | dense paged | " + " | ".join(f"memory, reselect every {r}" for r in variants)
              + " | memory / dense at the shortest length |", "|---|" + "---|" * (len(cols) + 1)]
     for row in rows:
