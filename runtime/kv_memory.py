@@ -354,11 +354,11 @@ class LayerMemory:
         off_f = n_all - n_loc - plan.f_end  # where the far window columns start
         lg4 = lg.view(hkv, g, t, n_all)
         if pad is not None:  # heads that picked fewer blocks than others (padding)
-            lg4[..., :off_f] += pad
+            lg4[..., :off_f].add_(pad)
         if plan.bias_f is not None:
-            lg4[..., off_f : off_f + plan.f_end] += plan.bias_f
+            lg4[..., off_f : off_f + plan.f_end].add_(plan.bias_f)
         if plan.bias_l is not None:
-            lg4[..., off_f + plan.f_end :] += plan.bias_l
+            lg4[..., off_f + plan.f_end :].add_(plan.bias_l)
         p = torch.ops.aten._softmax.out(lg, -1, False, out=lg)  # one softmax over every part
         out, off = None, 0
         for _, val in parts:
@@ -370,16 +370,17 @@ class LayerMemory:
         received = p[..., off_f:].sum(1).T.float()  # (f_end + n_loc, Hkv)
         ws = self.wscore.get()
         if plan.f_end:
-            ws[: plan.f_end] += received[: plan.f_end]
-        ws[plan.l0 :] += received[plan.f_end :]
+            ws[: plan.f_end].add_(received[: plan.f_end])
+        ws[plan.l0 :].add_(received[plan.f_end :])  # (.add_: `view += x` also copies the view onto itself)
         self._advance(t)
         return out.view(hq, t, d).permute(1, 0, 2)  # (T, Hq, D)
 
     def _attend_token(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: _ChunkPlan,
                       scale: float) -> torch.Tensor:
         """`attend` for one decode token in as few kernels as possible -- the same attention as the chunk
-        path. A decode step on a CPU is bound by the number of small ops (~5 us each, x 30 layers), not
-        by bytes: this path runs ~16 per layer instead of ~45 (measured at 32k: see README "KV memory").
+        path. A decode step on a CPU pays for every torch call (~2 us for a view, ~5-10 us for a small
+        kernel, x 30 layers): this path makes 57 calls (17 kernels) per layer where the chunk path makes
+        94 (~38 kernels); at 32k the attention went from 43.7 to ~30 ms per token (README "KV memory").
         For T = 1 the far window columns are exactly [0, f_end) and the local ones [f_end, W) (l0 ==
         f_end) and none is masked, so the window's values are one bmm."""
         hkv, d = self.hkv, self.d
@@ -408,7 +409,7 @@ class LayerMemory:
             if m:
                 torch.bmm(q_glob, blocks[0][:, 0], out=lg[..., :m])
                 if blocks[2] is not None:
-                    lg[..., :m] += blocks[2][:, :, 0]
+                    lg[..., :m].add_(blocks[2][:, :, 0])
             if f:
                 torch.bmm(q_glob, wk[..., :f], out=lg[..., m : m + f])
         torch.bmm(q_loc, wkr[..., f:], out=lg[..., m + f :])
