@@ -65,13 +65,17 @@ def main(argv=None):
     dense_eng = LLMEngine(ckpt, progress=False, kv_memory="off", quantization=quant, max_num_batched_tokens=2048)
     params = SamplingParams(max_tokens=a.steps, temperature=0.0, ignore_eos=True)
     rows, prompts = [], {}
+
+    def snapshot(L: int) -> str:
+        return f"{a.out}.{L}.safetensors"
+
     for L in lengths:  # ingest each prompt once; every memory run starts from its snapshot
         ids = prompts[L] = tok.encode(prompt_text(make_sample("passkey", tok, L, 0.5, 0), tok))
         t0 = time.perf_counter()
         for _ in mem_eng.memory.ingest(f"s{L}", ids[:-1]):
             pass
         rows.append({"length": L, "tokens": len(ids), "prefill_s": time.perf_counter() - t0})
-        mem_eng.save_session(f"s{L}", f"{a.out}.{L}.safetensors")
+        mem_eng.save_session(f"s{L}", snapshot(L))
         mem_eng.memory.sessions.delete(f"s{L}")
     # rounds over every (length, column): a drift of this shared box (10-30% over minutes) then hits
     # every figure alike instead of whichever length ran during a slow spell
@@ -82,13 +86,13 @@ def main(argv=None):
             if len(ids) + a.steps <= dense_eng.max_model_len:
                 runs.setdefault((L, "dense"), []).append(timed_decode(dense_eng, f"d{L}-{i}", ids, params))
             for r in variants:
-                mem_eng.load_session(f"{a.out}.{L}.safetensors", f"s{L}")
+                mem_eng.load_session(snapshot(L), f"s{L}")
                 mem_eng.memory.sessions.get(f"s{L}").memory.cfg.policy.reselect_every = r  # shared by its layers
                 runs.setdefault((L, f"reselect{r}"), []).append(
                     timed_decode(mem_eng, f"m{L}-{r}-{i}", ids[-1:], params, session_id=f"s{L}"))
                 mem_eng.memory.sessions.delete(f"s{L}")
     for row in rows:
-        Path(f"{a.out}.{row['length']}.safetensors").unlink()
+        Path(snapshot(row["length"])).unlink()
         mine = {c: v for (L, c), v in runs.items() if L == row["length"]}
         row.update({c: statistics.median(v) for c, v in mine.items()})
         print(json.dumps({**{k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()},

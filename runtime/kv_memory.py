@@ -328,7 +328,7 @@ class LayerMemory:
         # parts: (keys (Hkv, 1 or G, D, n) column-major, values (Hkv, 1 or G, n, D)) -- [selected blocks |
         # far | local]; the last part is scored with q_loc, the others with the n_local-rotated query
         parts, pad = [], None
-        if self.num_blocks and cfg.policy.topk_for(self.layer, self.num_blocks) > 0:
+        if self._uses_blocks():
             assert q_glob is not None  # blocks exist only once every query is engaged
             k_sel, v_sel, pad = self._retrieve(q_glob)
             parts.append((k_sel, v_sel))
@@ -399,7 +399,7 @@ class LayerMemory:
         self.wscore.append(k.new_zeros((1, hkv), dtype=torch.float32))
         wk, wv, wkr = self.wk.get(), self.wv.get(), self.wkr.get()
         blocks = None
-        if self.num_blocks and self.cfg.policy.topk_for(self.layer, self.num_blocks) > 0:
+        if self._uses_blocks():
             blocks = self._retrieve(rot[None, :hq])  # keys (Hkv, 1, D, M), values (Hkv, 1, M, D), padding
         m = blocks[0].shape[-1] if blocks is not None else 0
         lg = _workspace(hkv * g * (m + wk.shape[-1]), q.dtype, q.device).view(hkv, g, -1)
@@ -420,6 +420,10 @@ class LayerMemory:
         self.wscore.get().add_(p[..., m:].sum(1).T)  # attention each window key received
         self._advance(1)
         return out.view(1, hq, d)
+
+    def _uses_blocks(self) -> bool:
+        """Whether this step attends memory blocks (there are some and the layer's top-k is not 0)."""
+        return bool(self.num_blocks) and self.cfg.policy.topk_for(self.layer, self.num_blocks) > 0
 
     def _advance(self, t: int) -> None:
         """t tokens were appended: pack the full blocks that left the local window."""

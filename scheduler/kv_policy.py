@@ -37,9 +37,9 @@ class RetrievalPolicy:
     sticky: bool = True
     # decode steps between fresh selections (1 = every step, InfLLM); in between a layer reuses the
     # blocks it gathered (a new block leaving the window also triggers a selection), so a decode step
-    # costs about the same at any context length. 16: decode at 32k 0.94-1.13x of 1k instead of
-    # 1.85-2.18x (bench/results/kv_memory_decode*.md), and the passkey / NIAH cells at 16k-32k run with
-    # it found their needles except those listed in README "KV memory"
+    # costs about the same at any context length. 16: decode at 32k 1.21x of 1k instead of 1.95x
+    # (bench/results/kv_memory_decode.md, median of 3 rounds), and the passkey / NIAH cells at 16k-32k
+    # run with it found their needles except those listed in README "KV memory"
     reselect_every: int = 16
     # the block after each of the `next_blocks` best picks is attended too: a needle cut by a block
     # boundary keeps its tail. Measured: NIAH 32k depth 90% had its 7-digit number split 4|3 over two
