@@ -199,10 +199,11 @@ class _Rows:
         shape[self.dim] = cap
         return tuple(shape)
 
-    def append(self, rows: torch.Tensor) -> None:
+    def append(self, rows: torch.Tensor, spare: int = 0) -> None:
+        """Append rows; a first allocation leaves room for `spare` more."""
         dim, t = self.dim, rows.shape[self.dim]
         if self.buf is None:
-            self.buf = rows.new_empty(self._shape(rows, max(4, t)))
+            self.buf = rows.new_empty(self._shape(rows, max(4, t + spare)))
         need = self.n + t
         if need > self.buf.shape[dim]:
             grown = self.buf.new_empty(self._shape(self.buf, max(need, 2 * self.buf.shape[dim])))
@@ -623,14 +624,17 @@ class LayerMemory:
         self.dec = None
         self.dec_pick = (st["dec_idx"].clone(), st["dec_valid"].clone()) if "dec_idx" in st else None
         self.dec_age = int(st["dec_age"][0]) if "dec_age" in st else 0
+        # loaded rows get 1/4 spare capacity: a restored session goes on appending, and with an exact fit
+        # its first packed block doubled (copied) every per-block buffer of every layer. Decoding 96
+        # tokens after loading a 32k session: packing 3.5 -> 0.5 ms/token (engine, busy box)
         for name in _STORE_FIELDS:
             self.store[name] = _Rows()
             if name in st:
-                self.store[name].append(st[name])
+                self.store[name].append(st[name], spare=st[name].shape[0] // 4)
         for name, old in self._row_fields():
             r = _Rows(old.dim)
             if name in st:
-                r.append(st[name])
+                r.append(st[name], spare=st[name].shape[r.dim] // 4)
             setattr(self, name, r)
         self.n_tokens = int(st["n_tokens"][0])
         self.cache_k = self.cache_v = self.cache_ids = self.cache_used = None

