@@ -37,15 +37,17 @@ class RetrievalPolicy:
     sticky: bool = True
     # decode steps between fresh selections (1 = every step, InfLLM); in between a layer reuses the
     # blocks it gathered (a new block leaving the window also triggers a selection), so a decode step
-    # costs about the same at any context length. 16: decode at 32k 1.21x of 1k instead of 1.95x
+    # costs about the same at any context length. 16: decode at 32k 1.00-1.13x of 1k instead of 1.69-1.94x
     # (bench/results/kv_memory_decode.md, median of 3 rounds), and the passkey / NIAH cells at 16k-32k
     # run with it found their needles except those listed in README "KV memory"
     reselect_every: int = 16
     # the block after each of the `next_blocks` best picks is attended too: a needle cut by a block
     # boundary keeps its tail. Measured: NIAH 32k depth 90% had its 7-digit number split 4|3 over two
     # blocks; the first ranked 0 in all 30 layers, the second was not picked, and the model wrote
-    # "8071" for 8071708; with 2 it writes 8071708 (bench/kv_memory_probe.py, README "KV memory")
-    next_blocks: int = 2
+    # "8071" for 8071708; with 1 or 2 it writes 8071708 (bench/kv_memory_probe.py, README "KV memory").
+    # 1, not 2: on the int4 passkey grid 2 missed 8k depth 50% (" the pass key."), 1 finds it and every
+    # cell 2 found (bench/results/kv_memory_ablation.md section 6)
+    next_blocks: int = 1
     dense_layers: tuple[int, ...] = ()  # layers that attend to every block
     layer_topk: tuple[tuple[int, int], ...] = ()  # ((layer, k), ...) overrides of topk
 
