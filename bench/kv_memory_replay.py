@@ -8,8 +8,8 @@ finds the needle, the miss was set while the body of the prompt was prefilled.
     .venv/bin/python bench/kv_memory_replay.py --task passkey --length 32k --depth 0.1 --tail 14 \\
         --variants '{}' '{"topk": 32}' '{"dense_layers": "all"}' '{"layer_topk": [[0, 32], [1, 32]]}'
 
-Same engine settings as bench/passkey.py's int4 cells (the snapshot is kept under --snapshots and
-reused; its name encodes task, length, depth, seed, tail and --kv-config).
+Same engine as bench/passkey.py's memory cells (the snapshot is kept under --snapshots and reused;
+its name encodes task, length, depth, seed, tail, --method and --kv-config).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from long_context_bench import MAX_NEW, _parse_len  # noqa: E402
+from long_context_bench import MAX_NEW, _parse_len, engine_for  # noqa: E402
 from long_context_tasks import TASKS, make_sample, prompt_text, score  # noqa: E402
 
 
@@ -35,6 +35,7 @@ def main(argv=None):
     ap.add_argument("--depth", type=float, default=0.1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tail", type=int, default=1, help="prompt tokens replayed under each variant")
+    ap.add_argument("--method", default="int4", choices=("fp16", "int8", "int4"), help="memory compression")
     ap.add_argument("--kv-config", default="{}", help="KV-memory config of the ingest (JSON)")
     ap.add_argument("--variants", nargs="+", default=["{}"],
                     help='RetrievalPolicy overrides (JSON) for the tail; "dense_layers": "all" = every layer')
@@ -42,7 +43,6 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args(argv)
 
-    from memserve.runtime.engine import LLMEngine
     from memserve.runtime.loader import load_checkpoint
     from memserve.runtime.sampling import SamplingParams
 
@@ -52,10 +52,11 @@ def main(argv=None):
     tok = ckpt.tokenizer
     sample = make_sample(a.task, tok, _parse_len(a.length), a.depth, a.seed)
     ids = tok.encode(prompt_text(sample, tok))
-    cfg = {**json.loads(a.kv_config), "compression": json.loads(a.kv_config).get("compression", "int4")}
-    eng = LLMEngine(ckpt, progress=False, kv_memory="retrieval", max_num_batched_tokens=2048,
-                    kv_cache_bytes=64 << 20, kv_memory_config=cfg)
-    key = hashlib.md5(json.dumps([a.task, len(ids), a.depth, a.seed, a.tail, cfg]).encode()).hexdigest()[:10]
+    # the engine of bench/passkey.py's memory cells (its defaults for --n-local, --topk and --chunk)
+    eng = engine_for(ckpt, a.method, argparse.Namespace(n_local=None, topk=None, kv_config=a.kv_config, chunk=512),
+                     len(ids))
+    key = [a.task, len(ids), a.depth, a.seed, a.tail, a.method, json.loads(a.kv_config)]
+    key = hashlib.md5(json.dumps(key).encode()).hexdigest()[:10]
     snap = Path(a.snapshots) / f"{a.task}_{a.length}_{key}.safetensors"
     print(f"# {a.task} {len(ids)} tokens depth {a.depth} seed {a.seed}, answers {sample.answers}, tail {a.tail}")
     if not snap.exists():
@@ -73,8 +74,10 @@ def main(argv=None):
         pol = eng.memory.sessions.get("s").memory.cfg.policy  # the session's own copy, shared by its layers
         for k, v in var.items():
             if k == "dense_layers" and v == "all":
-                v = tuple(range(n_layers))
-            setattr(pol, k, tuple(map(tuple, v)) if k == "layer_topk" else tuple(v) if k == "dense_layers" else v)
+                v = range(n_layers)
+            if not isinstance(v, (int, float, str, bool)):  # JSON lists -> the policy's tuples
+                v = tuple(tuple(x) if isinstance(x, list) else x for x in v)
+            setattr(pol, k, v)
         eng.add_request("r", ids[-a.tail:], SamplingParams(max_tokens=MAX_NEW[a.task], temperature=0.0),
                         session_id="s")
         out = None
