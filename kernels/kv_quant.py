@@ -39,6 +39,7 @@ __all__ = [
     "dequantize_kv_triton",
     "gather_dequant_ref",
     "dequant_blocks_head",
+    "dequant_block_heads",
     "dequant_blocks",
 ]
 
@@ -329,16 +330,15 @@ def dequantize_kv(q: QuantizedKV, dtype=torch.float32) -> torch.Tensor:
     return dequantize_kv_ref(q, dtype)
 
 
-def dequant_blocks_head(q: QuantizedKV, ids: torch.Tensor, head: int) -> torch.Tensor:
-    """fp32 (len(ids), BS, D): blocks `ids` of one KV head, dequantized. Per-head index_select on
-    strided views + broadcast scale/zero (no per-element index tensors): the CPU path of
-    block-sparse attention over a quantized tier."""
+def dequant_block_heads(q: QuantizedKV, ids: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
+    """fp32 (n, BS, D): block ids[i] of KV head heads[i], dequantized, for n (block, head) pairs.
+    One advanced-index gather per tensor + broadcast scale/zero: the CPU path of block-sparse attention
+    over a quantized tier, and the KV memory's decode refills (only the heads that picked a block)."""
     N, BS, H, D = q.shape
-    ids = ids.long()
-    c = _unpack(q.data[:, :, head].index_select(0, ids), q.bits, D).float()  # (n, BS, D)
+    ids, heads = ids.long(), heads.long()
     n = ids.numel()
-    sc = q.scale[:, :, head].index_select(0, ids).float()
-    zp = q.zero[:, :, head].index_select(0, ids).float()
+    c = _unpack(q.data[ids, :, heads], q.bits, D).float()  # (n, BS, D)
+    sc, zp = q.scale[ids, :, heads].float(), q.zero[ids, :, heads].float()
     if q.kind == "k":  # sc (n, ceil(BS/g), D)
         if BS % q.group == 0:
             ng = BS // q.group
@@ -352,6 +352,11 @@ def dequant_blocks_head(q: QuantizedKV, ids: torch.Tensor, head: int) -> torch.T
     sc = sc.repeat_interleave(q.group, dim=2)[..., :D]
     zp = zp.repeat_interleave(q.group, dim=2)[..., :D]
     return c * sc + zp
+
+
+def dequant_blocks_head(q: QuantizedKV, ids: torch.Tensor, head: int) -> torch.Tensor:
+    """fp32 (len(ids), BS, D): blocks `ids` of one KV head, dequantized."""
+    return dequant_block_heads(q, ids, torch.full_like(ids, head, dtype=torch.long))
 
 
 def dequant_blocks(q: QuantizedKV, ids: torch.Tensor) -> torch.Tensor:

@@ -101,6 +101,17 @@ class RotaryEmbedding:
         return torch.addcmul(x * cos, swapped, sin)
 
 
+def qk_view(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """q (T, Hq, D) and k (T, Hkv, D) as one (T, Hq+Hkv, D) tensor: a view when k directly follows q in
+    one buffer (the model's fused qkv output), else a concatenation."""
+    T, Hq, D = q.shape
+    # (a size-1 dim's stride is arbitrary: a decode token's q and k views report different ones)
+    if (q.stride(1) == D and q.stride(2) == 1 and k.stride(1) == D and k.stride(2) == 1
+            and (T == 1 or k.stride(0) == q.stride(0)) and k.data_ptr() == q.data_ptr() + Hq * D * q.element_size()):
+        return q.as_strided((T, Hq + k.shape[1], D), q.stride())
+    return torch.cat((q, k), 1)
+
+
 # ---------------------------------------------------------------------------------------- metadata
 @dataclass(slots=True)
 class AttentionMetadata:
@@ -222,15 +233,9 @@ class DensePagedAttention(AttentionBackend):
             st["gather"] = torch.cat(idx).to(meta.positions.device)
 
     def _rotate(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """RoPE on q and k. When k directly follows q in one buffer (the model's fused qkv output),
-        both are rotated by ONE set of kernels over a (T, Hq+Hkv, D) view."""
-        T, Hq, D = q.shape
-        Hkv = k.shape[1]
-        if (q.stride(1) == D and q.stride(2) == 1 and k.stride() == (q.stride(0), D, 1)
-                and k.data_ptr() == q.data_ptr() + Hq * D * q.element_size()):
-            qk = RotaryEmbedding.apply(q.as_strided((T, Hq + Hkv, D), q.stride()), cos, sin)  # (T, Hq+Hkv, D)
-            return qk[:, :Hq], qk[:, Hq:]
-        return RotaryEmbedding.apply(q, cos, sin), RotaryEmbedding.apply(k, cos, sin)
+        """RoPE on q and k, both by ONE set of kernels over a (T, Hq+Hkv, D) view."""
+        qk = RotaryEmbedding.apply(qk_view(q, k), cos, sin)  # (T, Hq+Hkv, D)
+        return qk[:, :q.shape[1]], qk[:, q.shape[1]:]
 
     def forward(self, layer, q, k, v, meta):
         st = meta.backend_state

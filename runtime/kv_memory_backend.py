@@ -141,6 +141,9 @@ class KVMemoryAttention(AttentionBackend):
         if kvm is None:
             return self.dense.forward(layer, q, k, v, meta)
         mem, sub = kvm
+        if sub is None and len(mem) == 1 and mem[0][2] - mem[0][1] == 1:  # one memory sequence decoding
+            sm, _, _, p0 = mem[0]
+            return sm.layers[layer].attend(q, k, v, p0, self.inv_freq, self.scale)
         out = q.new_empty(q.shape)
         if sub is not None:
             sub_meta, idx = sub

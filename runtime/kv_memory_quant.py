@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 from memserve.kernels import QuantizedKV, dequantize_kv, quantize_kv
-from memserve.kernels.kv_quant import dequant_blocks
+from memserve.kernels.kv_quant import dequant_block_heads, dequant_blocks
 
 COMPRESSIONS = ("none", "fp16", "int8", "int4")
 _BITS = {"int8": 8, "int4": 4}
@@ -65,6 +65,18 @@ def dequantize(qb: QuantizedBlocks, idx: torch.Tensor | None, *, per_channel: bo
     # one thread: 0.2-0.5 ms vs 0.6-0.9 ms of the quantizer this module used to have)
     out = dequantize_kv(q) if idx is None else dequant_blocks(q, idx)  # (n, bs, Hkv, D)
     return out.transpose(1, 2)  # (n, Hkv, bs, D)
+
+
+def dequantize_block_heads(qb: QuantizedBlocks, ids: torch.Tensor, heads: torch.Tensor, *, per_channel: bool,
+                           group: int) -> torch.Tensor:
+    """fp32 (n, bs, D): block ids[i] of KV head heads[i] (n pairs), only those heads dequantized."""
+    if qb.kind in ("none", "fp16"):
+        data = qb.data[ids, heads]  # (NB, Hkv, bs, D) -> (n, bs, D)
+        return data.float() if qb.kind == "fp16" else data
+    bits = _BITS[qb.kind]
+    q = QuantizedKV(qb.data, qb.scale, qb.minimum, "k" if per_channel else "v", bits, group,
+                    qb.data.shape[-1] * 8 // bits)
+    return dequant_block_heads(q, ids, heads)
 
 
 def bytes_per_token_fp16(num_kv_heads: int, head_dim: int) -> int:

@@ -19,11 +19,17 @@ than fp32), so the int8 path is fbgemm's dynamic-quantized linear: int8 per-chan
 per-call uint8 activations (one scale per call, computed from the activations), int32 accumulation
 with VNNI. Measured relative error vs float64 on random data: 1.3e-2 (weight rounding alone: 0.8e-2);
 `reduce_range=False` (full 8-bit activations) is safe with VNNI's non-saturating vpdpbusd and
-halves the error of reduce_range=True (2.0e-2). Where the quantized engine is unavailable the layer
-falls back to `_weight_int8pack_mm`.
+halves the error of reduce_range=True (2.0e-2). Without VNNI (AVX2's vpmaddubsw adds u8*s8 pairs in
+saturating int16) full-range activations overflow: on an AVX2-only Xeon an all-ones 64-wide row gave
+32.4 instead of 64 and a random 576-wide linear 2.8e-2 error (reduce_range=True: exact / 1.9e-2), and
+a tiny Llama's logits were 32% off. So the range is chosen by running that all-ones probe once
+(`full_range_is_exact`). Where the quantized engine is unavailable the layer falls back to
+`_weight_int8pack_mm`.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -62,20 +68,21 @@ class Int8Linear:
     else `aten._weight_int8pack_mm`.
     """
 
-    __slots__ = ("qweight", "scales", "bias", "out_features", "_packed")
+    __slots__ = ("qweight", "scales", "bias", "out_features", "_packed", "_reduce_range")
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         self.qweight, self.scales = quantize_int8_per_channel(weight)
         self.bias = None if bias is None else bias.float().contiguous()
         self.out_features = weight.shape[0]
         self._packed = _prepack(self.qweight, self.scales, self.bias)
+        self._reduce_range = self._packed is not None and not full_range_is_exact()
 
     def dequantized(self) -> torch.Tensor:
         return self.qweight.float() * self.scales[:, None]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self._packed is not None:
-            return _LINEAR_DYNAMIC(x, self._packed, False)
+            return _LINEAR_DYNAMIC(x, self._packed, self._reduce_range)
         y = torch.ops.aten._weight_int8pack_mm(x, self.qweight, self.scales)
         return y if self.bias is None else y + self.bias
 
@@ -102,6 +109,14 @@ def _prepack(qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | N
             return torch.ops.quantized.linear_prepack(wq, bias)
     except (RuntimeError, AttributeError):
         return None
+
+
+@functools.cache
+def full_range_is_exact() -> bool:
+    """Whether fbgemm's dynamic linear with full 8-bit activations (reduce_range=False) is free of
+    int16 saturation on this CPU: all-ones activations and weights must give exactly K."""
+    packed = _prepack(*quantize_int8_per_channel(torch.ones(8, 64)), None)
+    return packed is not None and bool((_LINEAR_DYNAMIC(torch.ones(1, 64), packed, False) == 64).all())
 
 
 def make_linear(weight: torch.Tensor, bias: torch.Tensor | None, quantization: str | None):

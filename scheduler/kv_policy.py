@@ -61,7 +61,7 @@ class RetrievalPolicy:
     def topk_for(self, layer: int, num_blocks: int) -> int:
         if layer in self.dense_layers:
             return num_blocks
-        return min(num_blocks, dict(self.layer_topk).get(layer, self.topk))
+        return min(num_blocks, dict(self.layer_topk).get(layer, self.topk) if self.layer_topk else self.topk)
 
 
 def block_scores(q: torch.Tensor, reprs: torch.Tensor, repr_mode: str) -> torch.Tensor:

@@ -152,7 +152,7 @@ def test_memory_tier_bytes_per_token():
         assert mem.num_blocks == 8
         res[kind] = mem.memory_tier_bytes() / (mem.num_blocks * bs) / bytes_per_token_fp16(hkv, d)
     assert res["fp16"] == 1.0
-    assert res["int8"] < 0.54 and res["int4"] < 0.3, res
+    assert res["int8"] < 0.55 and res["int4"] < 0.3, res  # 0.547 and 0.297 (value groups of 32)
 
 
 def test_eviction_respects_budget_and_keeps_selected_blocks():
@@ -170,18 +170,43 @@ def test_eviction_respects_budget_and_keeps_selected_blocks():
     assert mem.sel_count.get().sum() > 0
 
 
-def test_lru_cache_reuses_blocks_across_decode_steps():
+def test_lru_cache_reuses_blocks_across_prefill_chunks():
     t = 600
     q, k, v = _qkv(t, seed=5, dtype=torch.float32)
     inv = default_inv_freq(D, 10000.0)
     cfg = KVMemoryConfig(n_init=8, n_local=64, block_size=16, compression="int8", key_group=16,
                          value_group=16, cache_blocks=64, policy=RetrievalPolicy(topk=3))
     mem = LayerMemory(cfg, 0, HKV, D)
-    _run(mem, q[:-20], k[:-20], v[:-20], [200], inv, D**-0.5)
+    _run(mem, q[:-40], k[:-40], v[:-40], [200], inv, D**-0.5)
     before = mem.retrieved_total
-    for i in range(t - 20, t):  # repeated queries: decode of a constant query selects the same blocks
-        mem.attend(q[-21:-20], k[i : i + 1], v[i : i + 1], i, inv, D**-0.5)
+    for i in range(t - 40, t, 2):  # 2-token chunks of one repeated query select the same blocks
+        mem.attend(q[-41:-40].expand(2, -1, -1), k[i : i + 2], v[i : i + 2], i, inv, D**-0.5)
     assert mem.retrieved_total - before <= HKV * 3 + 3  # a handful of new blocks, not 20 * topk
+    assert mem.device_tier_bytes() > 0
+
+
+def test_decode_refresh_loads_only_new_picks():
+    """A fresh decode selection keeps the slots of blocks still picked: with a constant query the picks
+    change only when a new block appears, so the memory tier is read for a few blocks, not every pick at
+    every refresh (and the output still equals the chunk path's, see test_token_path_equals_chunk_path)."""
+    t, steps = 600, 40
+    q, k, v = _qkv(t, seed=5, dtype=torch.float32)
+    inv = default_inv_freq(D, 10000.0)
+    cfg = KVMemoryConfig(n_init=8, n_local=64, block_size=16, compression="int8", key_group=16,
+                         value_group=16, policy=RetrievalPolicy(topk=3, reselect_every=2))
+    mem = LayerMemory(cfg, 0, HKV, D)
+    _run(mem, q[:-steps], k[:-steps], v[:-steps], [200], inv, D**-0.5)
+    qc = q[-steps - 1 : -steps]
+    mem.attend(qc, k[t - steps : t - steps + 1], v[t - steps : t - steps + 1], t - steps, inv, D**-0.5)
+    first = mem.retrieved_total  # the first decode step loads its whole selection
+    before_sel, nb0 = mem.selected_total, mem.num_blocks
+    for i in range(t - steps + 1, t):
+        mem.attend(qc, k[i : i + 1], v[i : i + 1], i, inv, D**-0.5)
+    packs = mem.num_blocks - nb0
+    refreshes = (mem.selected_total - before_sel) // (HQ * 3)
+    assert first >= HKV * 3 and packs >= 2 and refreshes >= steps // 2 - 1
+    # a new block can enter each KV head's picks, with its successor (next_blocks=1)
+    assert mem.retrieved_total - first <= packs * HKV * 2
     assert mem.device_tier_bytes() > 0
 
 
@@ -227,8 +252,9 @@ def test_token_path_equals_chunk_path(granularity, compression):
         os_ = slow.attend(q[i : i + 1], k[i : i + 1], v[i : i + 1], i, inv, D**-0.5)
         torch.testing.assert_close(of, os_, rtol=1e-5, atol=1e-6)
         padded += fast.dec[2] is not None
-    assert fast.num_blocks > 35 and (padded > 0) == (granularity == "kv_head")
-    for name in ("wk", "wv", "wkr", "wscore", "reprs", "sel_count"):
+    # idle slots are padding too (a refresh keeps the slot count unless a quarter of it idles)
+    assert fast.num_blocks > 35 and (padded > 0 or granularity != "kv_head")
+    for name in ("wkeys", "wv", "wscore", "reprs", "sel_count"):
         torch.testing.assert_close(getattr(fast, name).get(), getattr(slow, name).get(), rtol=1e-5, atol=1e-5)
 
 
