@@ -192,15 +192,17 @@ def _bmm_vals(p: torch.Tensor, vals: torch.Tensor) -> torch.Tensor:
 
 
 class _Rows:
-    """A tensor that grows along one dim (0, or the last for key columns) with capacity doubling
-    (amortized O(1) appends)."""
+    """A tensor that grows along one dim (0, 1, or the last for key columns) with capacity doubling
+    (amortized O(1) appends). An optional `front` region before the rows holds other entries that one
+    product should span together with the rows (the KV memory's decode blocks before its window)."""
 
-    __slots__ = ("buf", "n", "dim")
+    __slots__ = ("buf", "n", "dim", "front")
 
     def __init__(self, dim: int = 0):
         self.buf: torch.Tensor | None = None
         self.n = 0
         self.dim = dim
+        self.front = 0
 
     def _shape(self, like: torch.Tensor, cap: int) -> tuple[int, ...]:
         shape = list(like.shape)
@@ -209,21 +211,31 @@ class _Rows:
 
     def append(self, rows: torch.Tensor, spare: int = 0) -> None:
         """Append rows; a first allocation leaves room for `spare` more."""
-        dim, t = self.dim, rows.shape[self.dim]
+        dim, t, f = self.dim, rows.shape[self.dim], self.front
         if self.buf is None:
-            self.buf = rows.new_empty(self._shape(rows, max(4, t + spare)))
-        need = self.n + t
+            self.buf = rows.new_zeros(self._shape(rows, f + max(4, t + spare)))
+        need = f + self.n + t
         if need > self.buf.shape[dim]:
             grown = self.buf.new_empty(self._shape(self.buf, max(need, 2 * self.buf.shape[dim])))
-            grown.narrow(dim, 0, self.n).copy_(self.buf.narrow(dim, 0, self.n))
+            grown.narrow(dim, 0, f + self.n).copy_(self.buf.narrow(dim, 0, f + self.n))
             self.buf = grown
-        self.buf.narrow(dim, self.n, t).copy_(rows)
-        self.n = need
+        self.buf.narrow(dim, f + self.n, t).copy_(rows)
+        self.n += t
 
     def get(self) -> torch.Tensor | None:
-        return None if self.buf is None else self.buf.narrow(self.dim, 0, self.n)
+        return None if self.buf is None else self.buf.narrow(self.dim, self.front, self.n)
+
+    def with_front(self) -> torch.Tensor:
+        return self.buf.narrow(self.dim, 0, self.front + self.n)
+
+    def set_front(self, f: int) -> None:
+        """Make the front region f entries long (zeroed), keeping the rows."""
+        grown = self.buf.new_zeros(self._shape(self.buf, f + self.buf.shape[self.dim] - self.front))
+        grown.narrow(self.dim, f, self.n).copy_(self.get())
+        self.buf, self.front = grown, f
 
     def keep(self, idx: torch.Tensor) -> None:
+        assert self.front == 0
         if self.buf is not None:
             kept = self.get().index_select(self.dim, idx)
             self.buf, self.n = None, 0
@@ -232,12 +244,15 @@ class _Rows:
 
     def drop(self, start: int, n: int) -> None:
         """Remove entries [start, start + n), moving the tail down."""
-        tail = self.buf.narrow(self.dim, start + n, self.n - start - n).clone()
+        start += self.front
+        tail = self.buf.narrow(self.dim, start + n, self.front + self.n - start - n).clone()
         self.buf.narrow(self.dim, start, tail.shape[self.dim]).copy_(tail)
         self.n -= n
 
-    def nbytes(self) -> int:
-        return 0 if self.buf is None else self.n * (self.buf.numel() // self.buf.shape[self.dim]) * self.buf.element_size()
+    def nbytes(self, front: bool = False) -> int:
+        """Bytes of the rows (and of the front region if asked)."""
+        n = self.n + (self.front if front else 0)
+        return 0 if self.buf is None else n * (self.buf.numel() // self.buf.shape[self.dim]) * self.buf.element_size()
 
 
 _STORE_FIELDS = ("k_data", "k_scale", "k_min", "v_data", "v_scale", "v_min")
@@ -260,7 +275,7 @@ class LayerMemory:
         # Column-major: logits are then a plain q @ K bmm. A (3x64) @ (64x640) decode product measured
         # 3-5x faster than against a transposed (W, Hkv, D) view on this CPU
         self.wkeys = _Rows(dim=-1)
-        self.wv = _Rows()  # (W, Hkv, D) values
+        self.wv = _Rows(dim=1)  # (Hkv, W, D) values
         self.wscore = _Rows()  # (W, Hkv) attention each token received while in the buffer
         self._zero_score: torch.Tensor | None = None  # a decode step's wscore row
         self.store = {f: _Rows() for f in _STORE_FIELDS}  # memory tier, rows = blocks (kv_memory_quant)
@@ -268,8 +283,11 @@ class LayerMemory:
         self.block_pos = _Rows()  # (NB,) first position of each block
         self.sel_count = _Rows()  # (NB,) how often each block was selected (eviction by importance)
         self.sticky: torch.Tensor | None = None  # (Hq, NB) bool: last prefill chunk's selection
-        # decode working set: the picked blocks' (k, v, padding) in slots, one row of slots per selection
-        # unit (KV head; query head for "q_head"); dec_slots (rows, S) holds each slot's block id, -1 empty
+        # decode working set: the picked blocks in slots of `block_size` columns, one row of slots per
+        # selection unit; dec_slots (rows, S) holds each slot's block id (-1: empty). For KV-head / shared
+        # selection the slots are the front regions of self.wkeys[0] and self.wv (one product spans blocks
+        # and window: 3 bmm per decode step instead of 5, 279 -> 238 us per layer at 32k), and self.dec is
+        # (None, None, padding); for "q_head" it is the (k, v, padding) gathered through the LRU cache
         self.dec = None
         self.dec_slots: torch.Tensor | None = None
         self.dec_age = 0  # decode steps that used self.dec
@@ -300,11 +318,11 @@ class LayerMemory:
         return sum(r.nbytes() for r in self.store.values())
 
     def device_tier_bytes(self) -> int:
-        n = self.reprs.nbytes() + self.wkeys.nbytes() + self.wv.nbytes()
+        n = self.reprs.nbytes() + self.wkeys.nbytes(front=True) + self.wv.nbytes(front=True)
         if self.cache_k is not None:
             used = int((self.cache_ids >= 0).sum())
             n += used * sum(c[:, 0].numel() * c.element_size() for c in (self.cache_k, self.cache_v))
-        if self.dec is not None:
+        if self.dec is not None and self.dec[0] is not None:
             n += sum(x.numel() * x.element_size() for x in self.dec[:2])
         return n
 
@@ -330,7 +348,7 @@ class LayerMemory:
             return self._attend_token(q, k, v, plan, scale)
         # the chunk joins the working set first (it attends to itself causally)
         self.wkeys.append(torch.stack((k, RotaryEmbedding.apply(k, plan.cos_l, plan.sin_l))).permute(0, 2, 3, 1))
-        self.wv.append(v)
+        self.wv.append(v.transpose(0, 1))
         self.wscore.append(k.new_zeros((t, hkv), dtype=torch.float32))
         wk, wkr = self.wkeys.get()  # views, no copies
         wv = self.wv.get()
@@ -348,8 +366,8 @@ class LayerMemory:
             k_sel, v_sel, pad = self._retrieve(q_glob)
             parts.append((k_sel, v_sel))
         if plan.f_end:
-            parts.append((wk[:, None, :, : plan.f_end], wv[: plan.f_end].transpose(0, 1)[:, None]))
-        parts.append((wkr[:, None, :, plan.l0 :], wv[plan.l0 :].transpose(0, 1)[:, None]))
+            parts.append((wk[:, None, :, : plan.f_end], wv[:, None, : plan.f_end]))
+        parts.append((wkr[:, None, :, plan.l0 :], wv[:, None, plan.l0 :]))
         qh_g = heads(q_glob) if q_glob is not None else None
         cdt = torch.promote_types(q.dtype, torch.float32)  # logits and softmax in fp32 at least
         if cdt != q.dtype:
@@ -406,25 +424,24 @@ class LayerMemory:
         if self._zero_score is None:
             self._zero_score = k.new_zeros((1, hkv), dtype=torch.float32)
         self.wkeys.append(rot[:, hq:, :, None])  # (2, Hkv, D, 1): the key unrotated and rotated
-        self.wv.append(v)
+        self.wv.append(v.transpose(0, 1))
         self.wscore.append(self._zero_score)
-        wk, wkr = self.wkeys.get()
-        wv = self.wv.get()
-        blocks = self._retrieve(rot[:1, :hq]) if self._uses_blocks() else None  # keys, values, padding
-        m = blocks[0].shape[-1] if blocks is not None else 0
-        lg = _workspace(hkv * g * (m + wk.shape[-1]), q.dtype, q.device).view(hkv, g, -1)
+        m, pad = 0, None
+        if self._uses_blocks():
+            pad = self._retrieve(rot[:1, :hq])[2]  # the blocks sit in the front regions (may reallocate them)
+            m = self.wkeys.front
+        # columns [blocks (m) | far window (f) | local window]: keys without RoPE for the first two parts
+        keys, start = self.wkeys.with_front(), self.wkeys.front - m
+        n_all = m + self.wkeys.n
+        lg = _workspace(hkv * g * n_all, q.dtype, q.device).view(hkv, g, n_all)
         q_glob, q_loc = rot[0, :hq].view(hkv, g, d), rot[1, :hq].view(hkv, g, d)
-        if m:
-            torch.bmm(q_glob, blocks[0][:, 0], out=lg[..., :m])
-            if blocks[2] is not None:
-                lg[..., :m].add_(blocks[2][:, :, 0])
-        if f:
-            torch.bmm(q_glob, wk[..., :f], out=lg[..., m : m + f])
-        torch.bmm(q_loc, wkr[..., f:], out=lg[..., m + f :])
+        if m + f:
+            torch.bmm(q_glob, keys[0, :, :, start : start + m + f], out=lg[..., : m + f])
+            if pad is not None:
+                lg[..., :m].add_(pad[:, :, 0])
+        torch.bmm(q_loc, keys[1, :, :, start + m + f :], out=lg[..., m + f :])
         p = torch.ops.aten._softmax.out(lg, -1, False, out=lg)
-        out = torch.bmm(p[..., m:], wv.transpose(0, 1))  # (Hkv, G, D)
-        if m:
-            out.baddbmm_(p[..., :m], blocks[1][:, 0])
+        out = torch.bmm(p, self.wv.with_front()[:, start:])  # (Hkv, G, D)
         self.wscore.get().add_(p[..., m:].sum(1).T)  # attention each window key received
         self._advance(1)
         return out.view(1, hq, d)
@@ -453,7 +470,7 @@ class LayerMemory:
             if self.dec is None:  # restored from a snapshot: refill the same slots
                 self._refill(None)
             self.dec_age += 1
-            return self.dec
+            return self._decode_blocks()
         nb = self.num_blocks
         scores = block_scores(q_glob.mean(0), self.reprs.get().to(q_glob.dtype), pol.repr_mode)  # (Hq, NB)
         if self.record_scores:  # probes (bench/kv_memory_probe.py) read the last step's block scores
@@ -474,22 +491,30 @@ class LayerMemory:
             return self._gather(idx, valid)
         self._refill(mask)
         self.dec_age = 1
-        return self.dec
+        return self._decode_blocks()
 
-    def _unit_rows(self, x: torch.Tensor) -> torch.Tensor:
-        """(Hq, ...) per query head -> (rows, ...) per selection unit (the rows of a GQA group are equal
-        unless the granularity is "q_head")."""
-        if self.cfg.policy.granularity == "q_head":
-            return x
-        return x.view(self.hkv, -1, *x.shape[1:])[:, 0]
+    def _decode_blocks(self):
+        """The decode working set as `_retrieve` returns blocks (views of the front regions)."""
+        if self.dec[0] is not None:  # "q_head": gathered
+            return self.dec
+        m = self.wkeys.front
+        return self.wkeys.buf[0, :, :, :m][:, None], self.wv.buf[:, :m][:, None], self.dec[2]
 
     def _refill(self, mask: torch.Tensor | None) -> None:
         """Bring the decode working set to the picks `mask` (Hq, NB) bool: slots whose block is still
         picked are kept, new picks are dequantized -- for the heads that picked them only -- into free
         slots. Attention does not depend on slot order, so a fresh selection that changes a few picks
-        costs a few blocks, not all of them. mask None: rebuild the slots in self.dec_slots (snapshot)."""
+        costs a few blocks, not all of them (at 32k: ~14 of ~35 block-heads per refresh). mask None:
+        rebuild the slots listed in self.dec_slots (after a snapshot load)."""
         hkv, d, bs, nb = self.hkv, self.d, self.cfg.block_size, self.num_blocks
         dev = self.wv.buf.device
+        if self.cfg.policy.granularity == "q_head":  # per query head: through the LRU cache
+            if mask is not None:  # picks in block order, then -1
+                pos = torch.arange(nb, device=dev)
+                order = torch.where(mask, pos, pos + nb).topk(int(mask.sum(1).max()), dim=1, largest=False).indices
+                self.dec_slots = torch.where(mask.gather(1, order), order, -1)
+            self.dec = self._gather(self.dec_slots.clamp(min=0), self.dec_slots >= 0)
+            return
         if mask is None:  # restored: every listed slot is new
             slots = self.dec_slots
             rows, n_slots = slots.shape
@@ -498,8 +523,8 @@ class LayerMemory:
             add_s = torch.arange(n_slots, device=dev).expand_as(slots)
             rebuild = True
         else:
-            want = self._unit_rows(mask)  # (rows, NB)
-            rows = want.shape[0]
+            want = mask.view(hkv, -1, nb)[:, 0]  # (Hkv, NB): the rows of a GQA group are equal
+            rows = hkv
             slots = self.dec_slots
             if slots is None or self.dec is None:
                 slots = torch.full((rows, 0), -1, dtype=torch.long, device=dev)
@@ -520,17 +545,15 @@ class LayerMemory:
             add_s = torch.where(keep, sp + n_slots, sp).topk(a, dim=1, largest=False).indices  # (rows, a)
             add_b = torch.where(add, bp, bp + nb).topk(a, dim=1, largest=False).indices
             ok = torch.arange(a, device=dev)[None] < n_add[:, None]
-        g = rows // hkv
-        if rebuild:
-            dt = self.wv.buf.dtype
-            k4 = torch.zeros((rows, d, n_slots, bs), dtype=dt, device=dev)
-            v4 = torch.zeros((rows, n_slots, bs, d), dtype=dt, device=dev)
-        else:
-            k4, v4 = self.dec[0].view(rows, d, n_slots, bs), self.dec[1].view(rows, n_slots, bs, d)
+        if rebuild:  # the window moves behind a front region of the new size
+            self.wkeys.set_front(n_slots * bs)
+            self.wv.set_front(n_slots * bs)
+        k4 = self.wkeys.buf[0, :, :, : n_slots * bs].view(hkv, d, n_slots, bs)
+        v4 = self.wv.buf[:, : n_slots * bs].view(hkv, n_slots, bs, d)
         r = torch.arange(rows, device=dev)[:, None].expand_as(ok)[ok]
         s_, b = add_s[ok], add_b[ok]
         if b.numel():
-            kb, vb = self._load_block_heads(b, r // g)  # (n, bs, D) each
+            kb, vb = self._load_block_heads(b, r)  # (n, bs, D) each
             k4[r, :, s_] = kb.transpose(1, 2).to(k4.dtype)
             v4[r, s_] = vb.to(v4.dtype)
             self.retrieved_total += b.numel()
@@ -541,8 +564,8 @@ class LayerMemory:
         pad = None
         if bool(free.any()):
             pad = torch.zeros((rows, n_slots, bs), dtype=v4.dtype, device=dev).masked_fill_(free[..., None], float("-inf"))
-            pad = pad.view(hkv, g, 1, n_slots * bs)
-        self.dec = (k4.view(hkv, g, d, n_slots * bs), v4.view(hkv, g, n_slots * bs, d), pad)
+            pad = pad.view(hkv, 1, 1, n_slots * bs)
+        self.dec = (None, None, pad)
 
     def _gather(self, idx: torch.Tensor, valid: torch.Tensor):
         """(k, v, padding) of picks idx/valid (Hq, K), through the LRU device cache."""
@@ -633,7 +656,7 @@ class LayerMemory:
         n, n_s = nf * bs, self.n_sinks
         start = self.buf_start
         kb = self.wkeys.get()[0, :, :, n_s : n_s + n].reshape(hkv, d, nf, bs).permute(2, 0, 3, 1)  # (nf, Hkv, bs, D)
-        vb = self.wv.get()[n_s : n_s + n].reshape(nf, bs, hkv, d).transpose(1, 2)
+        vb = self.wv.get()[:, n_s : n_s + n].reshape(hkv, nf, bs, d).transpose(0, 1)  # (nf, Hkv, bs, D)
         sc = self.wscore.get()[n_s : n_s + n].reshape(nf, bs, hkv).transpose(1, 2)  # (nf, Hkv, bs)
         self.reprs.append(self._representatives(kb, sc).permute(1, 3, 0, 2))
         kq = quantize(kb, cfg.compression, per_channel=True, group=cfg.key_group)
@@ -683,7 +706,7 @@ class LayerMemory:
 
     # ------------------------------------------------------------------ snapshots
     def _row_fields(self):
-        return [(n, getattr(self, n)) for n in ("wv", "wscore", "reprs", "block_pos", "sel_count")]
+        return [(n, getattr(self, n)) for n in ("wscore", "reprs", "block_pos", "sel_count")]
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """Everything needed to restore this layer bit-exactly (the LRU cache is rebuilt on demand)."""
@@ -696,8 +719,9 @@ class LayerMemory:
         for name, r in (*self.store.items(), *self._row_fields()):
             if r.get() is not None and r.n:
                 out[name] = r.get().contiguous()
-        if self.wkeys.n:  # the snapshot keeps v2's two key tensors
+        if self.wkeys.n:  # the snapshot keeps v2's layouts: two key tensors, values (W, Hkv, D)
             out["wk"], out["wkr"] = (x.contiguous() for x in self.wkeys.get())
+            out["wv"] = self.wv.get().transpose(0, 1).contiguous()
         out["n_tokens"] = torch.tensor([self.n_tokens], dtype=torch.long)
         return out
 
@@ -706,7 +730,9 @@ class LayerMemory:
         self.dec = None
         self.dec_slots = None
         if "dec_idx" in st:  # block ids per slot (a v2 snapshot lists sorted picks: slot i = pick i)
-            self.dec_slots = self._unit_rows(torch.where(st["dec_valid"], st["dec_idx"], -1))
+            slots = torch.where(st["dec_valid"], st["dec_idx"], -1)
+            q_head = self.cfg.policy.granularity == "q_head"
+            self.dec_slots = slots if q_head or slots.shape[0] == self.hkv else slots.view(self.hkv, -1, slots.shape[1])[:, 0]
         self.dec_age = int(st["dec_age"][0]) if "dec_age" in st else 0
         # loaded rows get 1/4 spare capacity: a restored session goes on appending, and with an exact fit
         # its first packed block doubled (copied) every per-block buffer of every layer. Decoding 96
@@ -720,9 +746,10 @@ class LayerMemory:
             if name in st:
                 r.append(st[name], spare=st[name].shape[r.dim] // 4)
             setattr(self, name, r)
-        self.wkeys = _Rows(dim=-1)
+        self.wkeys, self.wv = _Rows(dim=-1), _Rows(dim=1)
         if "wk" in st:
             self.wkeys.append(torch.stack((st["wk"], st["wkr"])), spare=st["wk"].shape[-1] // 4)
+            self.wv.append(st["wv"].transpose(0, 1), spare=st["wv"].shape[0] // 4)
         self.n_tokens = int(st["n_tokens"][0])
         self.cache_k = self.cache_v = self.cache_ids = self.cache_used = None
 

@@ -10,7 +10,7 @@ from memserve.runtime.kv_memory import (
     reference_attention,
 )
 from memserve.runtime.kv_memory_quant import bytes_per_token_fp16, dequantize, quantize
-from memserve.scheduler.kv_policy import RetrievalPolicy
+from memserve.scheduler.kv_policy import RetrievalPolicy, select_blocks
 
 HQ, HKV, D = 6, 2, 16
 
@@ -256,6 +256,38 @@ def test_token_path_equals_chunk_path(granularity, compression):
     assert fast.num_blocks > 35 and (padded > 0 or granularity != "kv_head")
     for name in ("wkeys", "wv", "wscore", "reprs", "sel_count"):
         torch.testing.assert_close(getattr(fast, name).get(), getattr(slow, name).get(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("granularity", ["shared", "kv_head", "q_head"])
+def test_decode_slots_hold_exactly_the_selection(granularity):
+    """After every fresh decode selection the working set's slots list exactly the selected blocks
+    (kept slots + refills, any order), per KV head -- or per query head for "q_head"."""
+    t, steps = 700, 60
+    q, k, v = _qkv(t, seed=11, dtype=torch.float32)
+    inv = default_inv_freq(D, 10000.0)
+    pol = RetrievalPolicy(topk=3, granularity=granularity, reselect_every=3)
+    cfg = KVMemoryConfig(n_init=8, n_local=64, block_size=16, compression="int8", key_group=16, value_group=16,
+                         policy=pol)
+    mem = LayerMemory(cfg, 0, HKV, D)
+    mem.record_scores = True
+    _run(mem, q[:-steps], k[:-steps], v[:-steps], [100], inv, D**-0.5)
+    checked = 0
+    for i in range(t - steps, t):
+        before = mem.selected_total
+        mem.attend(q[i : i + 1], k[i : i + 1], v[i : i + 1], i, inv, D**-0.5)
+        if mem.selected_total == before:
+            continue  # reused selection
+        nb = mem.last_scores.shape[1]  # blocks at selection time (a block may be packed after it)
+        extra = torch.zeros(HQ, nb, dtype=torch.bool)
+        extra[:, : mem.sticky.shape[1]] = mem.sticky
+        _, _, mask = select_blocks(mem.last_scores, pol.topk, granularity, HKV, extra, pol.next_blocks)
+        rows = mask if granularity == "q_head" else mask.view(HKV, -1, nb)[:, 0]
+        assert mem.dec_slots.shape[0] == rows.shape[0]
+        for r in range(rows.shape[0]):
+            got = sorted(x for x in mem.dec_slots[r].tolist() if x >= 0)
+            assert got == rows[r].nonzero().squeeze(1).tolist()
+        checked += 1
+    assert checked >= steps // 3
 
 
 def test_reselect_every_reuses_the_selection_between_refreshes():

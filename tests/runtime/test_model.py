@@ -6,6 +6,7 @@ from memserve.runtime import LLM, SamplingParams
 from memserve.runtime.attention import AttentionMetadata, rope_inv_freq
 from memserve.runtime.engine import LLMEngine
 from memserve.runtime.loader import load_checkpoint
+from memserve.runtime.quant import full_range_is_exact
 
 MODELS = ["tiny_llama_dir", "tiny_llama_untied_dir", "tiny_llama3_rope_dir", "tiny_mistral_dir", "tiny_qwen2_dir"]
 
@@ -83,8 +84,13 @@ def test_int8_weights_stay_close_to_fp32(tiny_llama_dir):
     q8 = LLMEngine(ckpt, progress=False, block_size=8, num_kv_blocks=32, quantization="int8")
     ids = list(range(300, 340))
     a, b = run_chunk(fp, "s", ids, 0), run_chunk(q8, "s", ids, 0)
-    assert 0 < rel_err(b, a) < 0.05  # quantized (not bit-equal) but close
-    assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.9
+    # quantized (not bit-equal) but close. Without VNNI fbgemm's activations are 7-bit (reduce_range, see
+    # runtime/quant.py; PyTorch's own x86 default): twice the rounding step. Measured on an AVX2-only Xeon:
+    # 0.128 and 78% equal argmax on this random tiny model's flat logits (with VNNI: < 0.05 and >= 90%;
+    # the saturating full-range kernel gave 0.32)
+    vnni = full_range_is_exact()
+    assert 0 < rel_err(b, a) < (0.05 if vnni else 0.15)
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= (0.9 if vnni else 0.7)
     assert q8.model.layers[0].down.nbytes * 3 < fp.model.layers[0].down.nbytes
     # the int8 kernel quantizes activations per call (fbgemm dynamic): close to the dequantized
     # weights applied in fp32, within 8-bit activation rounding
