@@ -46,12 +46,12 @@ class KVMemoryConfig:
     block_size: int = 64
     repr_topk: int = 4  # tokens per block that form its representative(s)
     compression: str = "int8"
-    # KIVI groups, fp16 scale/min. Values in KIVI's groups of 32 channels, keys in groups of 64 tokens (a
-    # whole block): int4 blocks then take 0.297x of fp16 KV per token (32/32: 0.31x, over the issue's
-    # <= 0.3x). Measured on the one passkey cell int4 64/64 missed (32k, depth 10%, seed 0: fp16 and int8
-    # find 60515): value groups of 32 find it, key groups of 32 do not -- value error is what cost it
+    # KIVI groups, fp16 scale/min. 64/64 instead of KIVI's 32 so that int4 blocks take 0.281x of fp16 KV
+    # per token (32/32: 0.31x, over the issue's <= 0.3x). On the one int4 passkey miss (32k, depth 10%,
+    # seed 0; fp16 and int8 memory find it) values in groups of 32 (0.297x) find it and keys in groups of
+    # 32 do not, but value groups of 32 missed 8k d50, 16k d25 and 32k d25 that 64 finds (ablation section 7)
     key_group: int = 64  # tokens per (scale, min) of a key channel
-    value_group: int = 32  # channels per (scale, min) of a value token
+    value_group: int = 64  # channels per (scale, min) of a value token
     cache_blocks: int = 64  # LRU device cache of dequantized blocks, per layer
     budget_bytes: int | None = None  # memory-tier budget per sequence/session (all layers); None = unbounded
     chunk_size: int = 512  # prefill chunk once the memory is engaged
@@ -412,10 +412,11 @@ class LayerMemory:
                       scale: float) -> torch.Tensor:
         """`attend` for one decode token in as few kernels as possible -- the same attention as the chunk
         path. A decode step on a CPU pays for every torch call (~2 us for a view, ~5-10 us for a small
-        kernel, x 30 layers): this path makes 57 calls (17 kernels) per layer where the chunk path makes
-        94 (~38 kernels); at 32k the attention went from 43.7 to ~30 ms per token (README "KV memory").
-        For T = 1 the far window columns are exactly [0, f_end) and the local ones [f_end, W) (l0 ==
-        f_end) and none is masked, so the window's values are one bmm."""
+        kernel, x 30 layers): this path makes 52 calls (~13 kernels, 3 bmm) per layer where the chunk path
+        makes ~94 (~38 kernels). The decode blocks sit in the front regions of the window buffers, so
+        [blocks | far window] is one product with the n_local-rotated query and every value one more; the
+        softmax scale is folded into the query's RoPE tables. For T = 1 the far window columns are exactly
+        [0, f_end) and the local ones [f_end, W) (l0 == f_end) and none is masked."""
         hkv, d = self.hkv, self.d
         hq = q.shape[1]
         g, f = hq // hkv, plan.f_end
