@@ -44,7 +44,9 @@ def main(argv=None):
     ap.add_argument("--reselect", default="1,16", help="reselect_every variants")
     ap.add_argument("--steps", type=int, default=33)
     ap.add_argument("--compression", default="int4")
-    ap.add_argument("--quantization", default="int8", help="model linears: int8 (LLM's CPU default) or none")
+    ap.add_argument("--quantization", default="int8",
+                    help="model linears: int8 (fbgemm: faster linears, so attention is a larger share of a step -- "
+                         "the harder case for the memory/dense ratio) or none (fp32, LLM's default)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3, help="runs per figure (median)")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "kv_memory_decode.md"))

@@ -29,8 +29,13 @@ from dataclasses import dataclass
 
 import torch
 from memserve.runtime.attention import RotaryEmbedding, qk_view
-from memserve.runtime.kv_memory_quant import (COMPRESSIONS, QuantizedBlocks, dequantize, dequantize_block_heads,
-                                              quantize)
+from memserve.runtime.kv_memory_quant import (
+    COMPRESSIONS,
+    QuantizedBlocks,
+    dequantize,
+    dequantize_block_heads,
+    quantize,
+)
 from memserve.scheduler.kv_policy import RetrievalPolicy, block_scores, blocks_to_evict, select_blocks
 
 
@@ -295,7 +300,7 @@ class LayerMemory:
         self.cache_ids: torch.Tensor | None = None  # (C,) block id per slot, -1 empty
         self.cache_used: torch.Tensor | None = None  # (C,) tick of last use
         self.tick = 0
-        self.retrieved_total = 0  # blocks moved memory tier -> device cache
+        self.retrieved_total = 0  # blocks moved memory tier -> device (prefill: whole blocks; decode: one KV head each)
         self.selected_total = 0  # block selections (summed over heads and steps)
         self.evicted_total = 0
         self.record_scores = False
@@ -490,6 +495,8 @@ class LayerMemory:
         if t > 1:
             self.dec = self.dec_slots = None
             return self._gather(idx, valid)
+        if pol.granularity == "q_head":
+            self.dec_slots = torch.where(valid, idx, -1)
         self._refill(mask)
         self.dec_age = 1
         return self._decode_blocks()
@@ -509,11 +516,7 @@ class LayerMemory:
         rebuild the slots listed in self.dec_slots (after a snapshot load)."""
         hkv, d, bs, nb = self.hkv, self.d, self.cfg.block_size, self.num_blocks
         dev = self.wv.buf.device
-        if self.cfg.policy.granularity == "q_head":  # per query head: through the LRU cache
-            if mask is not None:  # picks in block order, then -1
-                pos = torch.arange(nb, device=dev)
-                order = torch.where(mask, pos, pos + nb).topk(int(mask.sum(1).max()), dim=1, largest=False).indices
-                self.dec_slots = torch.where(mask.gather(1, order), order, -1)
+        if self.cfg.policy.granularity == "q_head":  # per query head (dec_slots set): through the LRU cache
             self.dec = self._gather(self.dec_slots.clamp(min=0), self.dec_slots >= 0)
             return
         if mask is None:  # restored: every listed slot is new

@@ -24,7 +24,7 @@ from memserve.kernels import (
     select_topk_blocks,
 )
 from memserve.kernels.block_scoring import score_blocks_infllm_ref, score_blocks_quest_ref
-from memserve.kernels.kv_quant import gather_dequant_ref
+from memserve.kernels.kv_quant import dequant_block_heads, gather_dequant_ref
 
 # ----------------------------------------------------------------------------- block-sparse attention
 
@@ -202,6 +202,9 @@ def test_quant_error_within_half_scale(kind, bits, shape):
     # block selection keeps metadata with its block
     ids = torch.tensor([N - 1, 0])
     torch.testing.assert_close(dequantize_kv(qx.select(ids)), xh[ids])
+    # (block, head) pairs, repeats and any order: the KV memory's decode refills
+    ids, heads = torch.tensor([N - 1, 0, N - 1]), torch.tensor([0, H - 1, H - 1])
+    torch.testing.assert_close(dequant_block_heads(qx, ids, heads), xh[ids, :, heads])
 
 
 def test_quant_constant_group_is_exact():
