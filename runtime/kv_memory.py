@@ -274,6 +274,7 @@ class LayerMemory:
         self.plans = plans if plans is not None else _PlanCache()  # shared by a sequence's layers
         self.num_layers = num_layers  # the session budget is split evenly over the layers
         self.n_tokens = 0  # tokens appended so far (= position of the next token)
+        self.hq = num_kv_heads  # query heads, known from the first chunk
         # working set rows = [sinks (n_s) | buffer (n_b)], grown in place (no per-step concatenation).
         # Keys (2, Hkv, D, W): [0] without RoPE (far columns; packed into blocks), [1] rotated at their
         # absolute positions (local attention) -- one buffer, so a decode step appends both with one copy.
@@ -347,6 +348,7 @@ class LayerMemory:
         assert p0 == self.n_tokens, f"chunk starts at {p0} but the memory holds {self.n_tokens} tokens"
         t, hq, d = q.shape
         hkv, g = self.hkv, hq // self.hkv
+        self.hq = hq
         plan = self.plans.get(cfg, p0, t, self.n_sinks, self.buf_start, inv_freq, q)
         if (t == 1 and self.token_path and q.dtype in (torch.float32, torch.float64)
                 and cfg.policy.granularity != "q_head"):
@@ -717,8 +719,10 @@ class LayerMemory:
         out: dict[str, torch.Tensor] = {}
         if self.sticky is not None:
             out["sticky"] = self.sticky.contiguous()
-        if self.dec_slots is not None:  # block per decode slot; rows per selection unit (v2 had query heads)
-            out["dec_idx"], out["dec_valid"] = self.dec_slots.clamp(min=0), self.dec_slots >= 0
+        if self.dec_slots is not None:  # block per decode slot, one row per query head as v2 lists them
+            rows = self.dec_slots if self.dec_slots.shape[0] == self.hq else \
+                self.dec_slots.repeat_interleave(self.hq // self.hkv, dim=0)
+            out["dec_idx"], out["dec_valid"] = rows.clamp(min=0), rows >= 0
             out["dec_age"] = torch.tensor([self.dec_age], dtype=torch.long)
         for name, r in (*self.store.items(), *self._row_fields()):
             if r.get() is not None and r.n:
@@ -735,8 +739,9 @@ class LayerMemory:
         self.dec_slots = None
         if "dec_idx" in st:  # block ids per slot (a v2 snapshot lists sorted picks: slot i = pick i)
             slots = torch.where(st["dec_valid"], st["dec_idx"], -1)
+            self.hq = slots.shape[0]
             q_head = self.cfg.policy.granularity == "q_head"
-            self.dec_slots = slots if q_head or slots.shape[0] == self.hkv else slots.view(self.hkv, -1, slots.shape[1])[:, 0]
+            self.dec_slots = slots if q_head else slots.view(self.hkv, -1, slots.shape[1])[:, 0]
         self.dec_age = int(st["dec_age"][0]) if "dec_age" in st else 0
         # loaded rows get 1/4 spare capacity: a restored session goes on appending, and with an exact fit
         # its first packed block doubled (copied) every per-block buffer of every layer. Decoding 96

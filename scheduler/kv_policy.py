@@ -37,7 +37,7 @@ class RetrievalPolicy:
     sticky: bool = True
     # decode steps between fresh selections (1 = every step, InfLLM); in between a layer reuses the
     # blocks it gathered (a new block leaving the window also triggers a selection), so a decode step
-    # costs about the same at any context length. 16: decode at 32k 1.00-1.13x of 1k instead of 1.69-1.94x
+    # costs about the same at any context length. 16: decode at 32k 1.13-1.14x of 1k instead of 1.57-1.59x
     # (bench/results/kv_memory_decode.md, median of 3 rounds), and the passkey / NIAH cells at 16k-32k
     # run with it found their needles except those listed in README "KV memory"
     reselect_every: int = 16
