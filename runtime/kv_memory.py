@@ -6,7 +6,8 @@ Per sequence and layer (`LayerMemory`):
              block), full precision, with the attention each token has received so far;
   blocks  -- `block_size` tokens that left the local window, held in the memory tier compressed
              (KIVI int8 default / int4 / fp16 / none), each with representative(s) on the device tier;
-  cache   -- an LRU of recently retrieved blocks, dequantized (device working set).
+  cache   -- an LRU of recently retrieved blocks, dequantized (device working set of prefill chunks);
+  slots   -- decode's working set: the selected blocks per KV head, dequantized in front of the buffer.
 Keys are stored WITHOUT rotary position (the backend receives q/k before RoPE).
 
 Position scheme (InfLLM): for a query at position p and a key at j, with d = p - j,
