@@ -638,23 +638,22 @@ class LayerMemory:
             self.retrieved_total += miss.numel()
         return slot_of
 
+    def _stored(self) -> tuple[QuantizedBlocks, QuantizedBlocks]:
+        """The memory tier's keys and values (views of the store)."""
+        st, kind = self.store, self.cfg.compression
+        return tuple(QuantizedBlocks(kind, st[f"{x}_data"].get(), st[f"{x}_scale"].get(), st[f"{x}_min"].get())
+                     for x in "kv")
+
     def _load_block_heads(self, blocks: torch.Tensor, heads: torch.Tensor):
         """(n, bs, D) keys and values of block blocks[i] in KV head heads[i], from the memory tier."""
-        cfg, st = self.cfg, self.store
-        kq = QuantizedBlocks(cfg.compression, st["k_data"].get(), st["k_scale"].get(), st["k_min"].get())
-        vq = QuantizedBlocks(cfg.compression, st["v_data"].get(), st["v_scale"].get(), st["v_min"].get())
+        (kq, vq), cfg = self._stored(), self.cfg
         return (dequantize_block_heads(kq, blocks, heads, per_channel=True, group=cfg.key_group),
                 dequantize_block_heads(vq, blocks, heads, per_channel=False, group=cfg.value_group))
 
     def _load_blocks(self, idx: torch.Tensor):
-        cfg = self.cfg
-        kq = QuantizedBlocks(cfg.compression, self.store["k_data"].get(), self.store["k_scale"].get(),
-                             self.store["k_min"].get())
-        vq = QuantizedBlocks(cfg.compression, self.store["v_data"].get(), self.store["v_scale"].get(),
-                             self.store["v_min"].get())
-        kb = dequantize(kq, idx, per_channel=True, group=cfg.key_group)
-        vb = dequantize(vq, idx, per_channel=False, group=cfg.value_group)
-        return kb, vb
+        (kq, vq), cfg = self._stored(), self.cfg
+        return (dequantize(kq, idx, per_channel=True, group=cfg.key_group),
+                dequantize(vq, idx, per_channel=False, group=cfg.value_group))
 
     # ------------------------------------------------------------------ state updates
     def _pack(self, nf: int) -> None:

@@ -58,9 +58,7 @@ def dequantize(qb: QuantizedBlocks, idx: torch.Tensor | None, *, per_channel: bo
     if qb.kind in ("none", "fp16"):
         data = qb.data if idx is None else qb.data[idx]
         return data.float() if qb.kind == "fp16" else data
-    bits = _BITS[qb.kind]
-    head_dim = qb.data.shape[-1] * 8 // bits  # int4 packs two channels per byte
-    q = QuantizedKV(qb.data, qb.scale, qb.minimum, "k" if per_channel else "v", bits, group, head_dim)
+    q = _kernel_view(qb, per_channel, group)
     # selected blocks: the kernels' index_select + broadcast dequant (16 of 200 blocks, 3 heads x 64 x 64,
     # one thread: 0.2-0.5 ms vs 0.6-0.9 ms of the quantizer this module used to have)
     out = dequantize_kv(q) if idx is None else dequant_blocks(q, idx)  # (n, bs, Hkv, D)
@@ -73,10 +71,14 @@ def dequantize_block_heads(qb: QuantizedBlocks, ids: torch.Tensor, heads: torch.
     if qb.kind in ("none", "fp16"):
         data = qb.data[ids, heads]  # (NB, Hkv, bs, D) -> (n, bs, D)
         return data.float() if qb.kind == "fp16" else data
+    return dequant_block_heads(_kernel_view(qb, per_channel, group), ids, heads)
+
+
+def _kernel_view(qb: QuantizedBlocks, per_channel: bool, group: int) -> QuantizedKV:
+    """int8/int4 blocks as the kernels' QuantizedKV (no copy)."""
     bits = _BITS[qb.kind]
-    q = QuantizedKV(qb.data, qb.scale, qb.minimum, "k" if per_channel else "v", bits, group,
-                    qb.data.shape[-1] * 8 // bits)
-    return dequant_block_heads(q, ids, heads)
+    head_dim = qb.data.shape[-1] * 8 // bits  # int4 packs two channels per byte
+    return QuantizedKV(qb.data, qb.scale, qb.minimum, "k" if per_channel else "v", bits, group, head_dim)
 
 
 def bytes_per_token_fp16(num_kv_heads: int, head_dim: int) -> int:
