@@ -58,6 +58,18 @@ class KVMemoryConfig:
     # 32 do not, but value groups of 32 missed 8k d50, 16k d25 and 32k d25 that 64 finds (ablation section 7)
     key_group: int = 64  # tokens per (scale, min) of a key channel
     value_group: int = 64  # channels per (scale, min) of a value token
+    # int4 memory: layers whose keys are stored int8 (values stay int4). On the one int4 passkey miss (32k,
+    # depth 10%) fp16 keys everywhere find the needle and fp16 values do not; bisected over layers, int8
+    # keys in layers 18-21 find it, at 0.298x of fp16 KV instead of 0.281x (ablation section 8). Measured
+    # on SmolLM2-135M (30 layers); indices past a model's layers are ignored
+    int4_int8_key_layers: tuple[int, ...] = (18, 19, 20, 21)
+    # int8/int4: per block and KV head, keys / values of the tokens that received the most attention while in
+    # the window kept in fp16 (kv_memory_quant; 2 rows of 64 add 0.016x). Off: within 0.3x they did not
+    # answer that cell (ablation section 8)
+    exact_keys: int = 0
+    exact_values: int = 0
+    # explicit per-layer compression of the memory tier, ahead of the above: ((layer, key kind, value kind), ...)
+    layer_compression: tuple[tuple[int, str, str], ...] = ()
     cache_blocks: int = 64  # LRU device cache of dequantized blocks, per layer
     budget_bytes: int | None = None  # memory-tier budget per sequence/session (all layers); None = unbounded
     chunk_size: int = 512  # prefill chunk once the memory is engaged
@@ -68,12 +80,26 @@ class KVMemoryConfig:
             self.policy = RetrievalPolicy()
         assert self.n_init >= 0 and self.n_local >= 1 and self.block_size >= 1
         assert 1 <= self.repr_topk <= self.block_size, "repr_topk must be in [1, block_size]"
-        assert self.compression in COMPRESSIONS, f"compression must be one of {COMPRESSIONS}"
+        assert 0 <= self.exact_values <= self.block_size and 0 <= self.exact_keys <= self.block_size, \
+            "exact_values and exact_keys must be in [0, block_size]"
+        self.layer_compression = tuple((int(l), k, v) for l, k, v in self.layer_compression)  # JSON gives lists
+        self.int4_int8_key_layers = tuple(int(l) for l in self.int4_int8_key_layers)
+        kinds = {self.compression, *(x for _, k, v in self.layer_compression for x in (k, v))}
+        assert kinds <= set(COMPRESSIONS), f"compression must be one of {COMPRESSIONS}"
         assert self.chunk_size >= 1 and self.cache_blocks >= 1
-        if self.compression in ("int8", "int4"):
+        if kinds & {"int8", "int4"}:
             assert self.block_size % self.key_group == 0, "block_size must be a multiple of key_group"
         if self.budget_bytes is not None:
             assert self.budget_bytes > 0
+
+    def kinds(self, layer: int) -> tuple[str, str]:
+        """(key, value) compression of a layer's memory tier."""
+        for l, k, v in self.layer_compression:
+            if l == layer:
+                return k, v
+        if self.compression == "int4" and layer in self.int4_int8_key_layers:
+            return "int8", "int4"
+        return self.compression, self.compression
 
     @property
     def dense_limit(self) -> int:
@@ -261,7 +287,7 @@ class _Rows:
         return 0 if self.buf is None else n * (self.buf.numel() // self.buf.shape[self.dim]) * self.buf.element_size()
 
 
-_STORE_FIELDS = ("k_data", "k_scale", "k_min", "v_data", "v_scale", "v_min")
+_STORE_FIELDS = tuple(f"{x}_{f}" for x in "kv" for f in ("data", "scale", "min", "exact", "exact_idx"))
 
 
 class LayerMemory:
@@ -640,9 +666,9 @@ class LayerMemory:
 
     def _stored(self) -> tuple[QuantizedBlocks, QuantizedBlocks]:
         """The memory tier's keys and values (views of the store)."""
-        st, kind = self.store, self.cfg.compression
-        return tuple(QuantizedBlocks(kind, st[f"{x}_data"].get(), st[f"{x}_scale"].get(), st[f"{x}_min"].get())
-                     for x in "kv")
+        st = self.store
+        return tuple(QuantizedBlocks(kind, *(st[f"{x}_{f}"].get() for f in ("data", "scale", "min", "exact", "exact_idx")))
+                     for x, kind in zip("kv", self.cfg.kinds(self.layer)))
 
     def _load_block_heads(self, blocks: torch.Tensor, heads: torch.Tensor):
         """(n, bs, D) keys and values of block blocks[i] in KV head heads[i], from the memory tier."""
@@ -665,13 +691,18 @@ class LayerMemory:
         vb = self.wv.get()[:, n_s : n_s + n].reshape(hkv, nf, bs, d).transpose(0, 1)  # (nf, Hkv, bs, D)
         sc = self.wscore.get()[n_s : n_s + n].reshape(nf, bs, hkv).transpose(1, 2)  # (nf, Hkv, bs)
         self.reprs.append(self._representatives(kb, sc).permute(1, 3, 0, 2))
-        kq = quantize(kb, cfg.compression, per_channel=True, group=cfg.key_group)
-        vq = quantize(vb, cfg.compression, per_channel=False, group=cfg.value_group)
+        ck, cv = cfg.kinds(self.layer)
+        top = sc.topk(max(cfg.exact_keys, cfg.exact_values), dim=-1).indices  # most-attended tokens first
+        kq = quantize(kb, ck, per_channel=True, group=cfg.key_group, exact_idx=top[..., : cfg.exact_keys])
+        vq = quantize(vb, cv, per_channel=False, group=cfg.value_group, exact_idx=top[..., : cfg.exact_values])
         for pre, qb in (("k", kq), ("v", vq)):
             self.store[f"{pre}_data"].append(qb.data)
             if qb.scale is not None:
                 self.store[f"{pre}_scale"].append(qb.scale)
                 self.store[f"{pre}_min"].append(qb.minimum)
+            if qb.exact is not None:
+                self.store[f"{pre}_exact"].append(qb.exact)
+                self.store[f"{pre}_exact_idx"].append(qb.exact_idx)
         dev = kb.device
         self.block_pos.append(start + bs * torch.arange(nf, device=dev))
         self.sel_count.append(torch.zeros(nf, dtype=torch.long, device=dev))

@@ -49,6 +49,7 @@ def _cfg_to_json(cfg: KVMemoryConfig) -> str:
 
 def _cfg_from_json(s: str) -> KVMemoryConfig:
     d = json.loads(s)
+    d.setdefault("int4_int8_key_layers", ())  # snapshots from before per-layer kinds: every layer one kind
     pol = d.pop("policy")
     pol["dense_layers"] = tuple(pol["dense_layers"])
     pol["layer_topk"] = tuple(tuple(x) for x in pol["layer_topk"])

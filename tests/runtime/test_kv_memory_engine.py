@@ -161,6 +161,32 @@ def test_snapshot_of_another_format_is_a_clear_error(tiny_llama_dir, tmp_path):
         eng.load_session(other)
 
 
+def test_snapshot_from_before_per_layer_kinds_loads_and_continues(tiny_llama_dir, tmp_path):
+    """A v2 snapshot written before per-layer compression existed (its config has no such keys; every
+    layer one kind) loads as such -- the int4 preset's int8-key layers are not applied to its int4 blocks
+    -- and answers exactly like the session it was taken from."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    eng = _engine(tiny_llama_dir, "retrieval", {**SMALL, "compression": "int4", "int4_int8_key_layers": []})
+    list(eng.ingest("s", _prompt(150, seed=8)))
+    path, old = str(tmp_path / "s.safetensors"), str(tmp_path / "old.safetensors")
+    eng.save_session("s", path)
+    with safe_open(path, "pt") as f:
+        meta = f.metadata()
+    cfg = json.loads(meta["config"])
+    for key in ("int4_int8_key_layers", "layer_compression", "exact_keys", "exact_values"):
+        del cfg[key]
+    save_file(load_file(path), old, metadata={**meta, "config": json.dumps(cfg)})
+    eng.load_session(old, session_id="s_old")
+    loaded = eng.memory.sessions.get("s_old").memory.cfg
+    assert loaded.int4_int8_key_layers == () and loaded.layer_compression == () and loaded.exact_values == 0
+    q = _prompt(6, seed=9)
+    assert _run(eng, q, session_id="s", rid="x") == _run(eng, q, session_id="s_old", rid="y")
+
+
 def test_unknown_session_is_a_clear_error(tiny_llama_dir):
     eng = _engine(tiny_llama_dir, "auto", SMALL)
     with pytest.raises(SessionNotFoundError, match="unknown session 'nope'"):
