@@ -53,9 +53,8 @@ class KVMemoryConfig:
     repr_topk: int = 4  # tokens per block that form its representative(s)
     compression: str = "int8"
     # KIVI groups, fp16 scale/min. 64/64 instead of KIVI's 32 so that int4 blocks take 0.281x of fp16 KV
-    # per token (32/32: 0.31x, over the issue's <= 0.3x). On the one int4 passkey miss (32k, depth 10%,
-    # seed 0; fp16 and int8 memory find it) values in groups of 32 (0.297x) find it and keys in groups of
-    # 32 do not, but value groups of 32 missed 8k d50, 16k d25 and 32k d25 that 64 finds (ablation section 7)
+    # per token (32/32: 0.31x, over the issue's <= 0.3x). Value groups of 32 (0.297x) answered the one int4
+    # passkey miss (32k, depth 10%) and lost three other cells (ablation section 7); keys decide it (section 8)
     key_group: int = 64  # tokens per (scale, min) of a key channel
     value_group: int = 64  # channels per (scale, min) of a value token
     # int4 memory: layers whose keys are stored int8 (values stay int4). On the one int4 passkey miss (32k,

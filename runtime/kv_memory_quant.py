@@ -9,11 +9,12 @@ of channels). What this adapter adds on top of the op:
   * scale/min stored in fp16 (meta_dtype): with groups of 64 and head_dim 64, int4 blocks take 0.281x of
     fp16 KV per token (fp32 metadata: 0.31x), the issue's <= 0.3x target;
   * "none" / "fp16" modes that just store floats;
-  * exact tokens: the values of each block's few most-attended tokens (per KV head) kept in fp16 beside
-    the codes and written over their dequantized rows. Attention output error is sum_i p_i * err_i, so
-    the tokens that take most of a block's attention mass carry most of its error. 2 tokens of 64 add
-    0.016x fp16 KV per token (int4: 0.281x -> 0.297x). Values only: on the one int4 passkey miss (32k,
-    depth 10%) finer value groups found the needle and finer key groups did not (ablation section 7).
+  * exact rows (optional, off by default): the keys / values of each block's few most-attended tokens
+    (per KV head) kept in fp16 beside the codes and written over their dequantized rows. Attention output
+    error is sum_i p_i * err_i, so the tokens that take most of a block's attention mass carry most of
+    its error; exact key rows are also taken out of their per-channel group's range. 2 rows of 64 add
+    0.016x fp16 KV per token. Measured: lower attention error, but not the one int4 passkey miss that
+    int8 keys in a few layers fix (KVMemoryConfig.int4_int8_key_layers, ablation section 8).
 """
 
 from __future__ import annotations
