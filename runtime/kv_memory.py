@@ -286,7 +286,8 @@ class _Rows:
         return 0 if self.buf is None else n * (self.buf.numel() // self.buf.shape[self.dim]) * self.buf.element_size()
 
 
-_STORE_FIELDS = tuple(f"{x}_{f}" for x in "kv" for f in ("data", "scale", "min", "exact", "exact_idx"))
+_PARTS = ("data", "scale", "min", "exact", "exact_idx")  # QuantizedBlocks' tensors, in its field order
+_STORE_FIELDS = tuple(f"{x}_{part}" for x in "kv" for part in _PARTS)
 
 
 class LayerMemory:
@@ -665,8 +666,7 @@ class LayerMemory:
 
     def _stored(self) -> tuple[QuantizedBlocks, QuantizedBlocks]:
         """The memory tier's keys and values (views of the store)."""
-        st = self.store
-        return tuple(QuantizedBlocks(kind, *(st[f"{x}_{f}"].get() for f in ("data", "scale", "min", "exact", "exact_idx")))
+        return tuple(QuantizedBlocks(kind, *(self.store[f"{x}_{part}"].get() for part in _PARTS))
                      for x, kind in zip("kv", self.cfg.kinds(self.layer)))
 
     def _load_block_heads(self, blocks: torch.Tensor, heads: torch.Tensor):
@@ -694,14 +694,10 @@ class LayerMemory:
         top = sc.topk(max(cfg.exact_keys, cfg.exact_values), dim=-1).indices  # most-attended tokens first
         kq = quantize(kb, ck, per_channel=True, group=cfg.key_group, exact_idx=top[..., : cfg.exact_keys])
         vq = quantize(vb, cv, per_channel=False, group=cfg.value_group, exact_idx=top[..., : cfg.exact_values])
-        for pre, qb in (("k", kq), ("v", vq)):
-            self.store[f"{pre}_data"].append(qb.data)
-            if qb.scale is not None:
-                self.store[f"{pre}_scale"].append(qb.scale)
-                self.store[f"{pre}_min"].append(qb.minimum)
-            if qb.exact is not None:
-                self.store[f"{pre}_exact"].append(qb.exact)
-                self.store[f"{pre}_exact_idx"].append(qb.exact_idx)
+        for x, qb in (("k", kq), ("v", vq)):
+            for part, t in zip(_PARTS, (qb.data, qb.scale, qb.minimum, qb.exact, qb.exact_idx)):
+                if t is not None:
+                    self.store[f"{x}_{part}"].append(t)
         dev = kb.device
         self.block_pos.append(start + bs * torch.arange(nf, device=dev))
         self.sel_count.append(torch.zeros(nf, dtype=torch.long, device=dev))

@@ -9,7 +9,12 @@ from memserve.runtime.kv_memory import (
     default_inv_freq,
     reference_attention,
 )
-from memserve.runtime.kv_memory_quant import bytes_per_token_fp16, dequantize, dequantize_block_heads, quantize
+from memserve.runtime.kv_memory_quant import (
+    bytes_per_token_fp16,
+    dequantize,
+    dequantize_block_heads,
+    quantize,
+)
 from memserve.scheduler.kv_policy import RetrievalPolicy, select_blocks
 
 HQ, HKV, D = 6, 2, 16
