@@ -9,7 +9,7 @@ finds the needle, the miss was set while the body of the prompt was prefilled.
         --variants '{}' '{"topk": 32}' '{"dense_layers": "all"}' '{"layer_topk": [[0, 32], [1, 32]]}'
 
 Same engine as bench/passkey.py's memory cells (the snapshot is kept under --snapshots and reused;
-its name encodes task, length, depth, seed, tail, --method and --kv-config).
+its name encodes task, length, depth, seed, tail and the engine's resolved KV-memory config).
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ def main(argv=None):
 
     from memserve.runtime.loader import load_checkpoint
     from memserve.runtime.sampling import SamplingParams
+    from memserve.runtime.sessions import _cfg_to_json
 
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -55,7 +56,8 @@ def main(argv=None):
     # the engine of bench/passkey.py's memory cells (its defaults for --n-local, --topk and --chunk)
     eng = engine_for(ckpt, a.method, argparse.Namespace(n_local=None, topk=None, kv_config=a.kv_config, chunk=512),
                      len(ids))
-    key = [a.task, len(ids), a.depth, a.seed, a.tail, a.method, json.loads(a.kv_config)]
+    # the engine's whole resolved config, so a snapshot made under other defaults is not reused
+    key = [a.task, len(ids), a.depth, a.seed, a.tail, _cfg_to_json(eng.memory.cfg)]
     key = hashlib.md5(json.dumps(key).encode()).hexdigest()[:10]
     snap = Path(a.snapshots) / f"{a.task}_{a.length}_{key}.safetensors"
     print(f"# {a.task} {len(ids)} tokens depth {a.depth} seed {a.seed}, answers {sample.answers}, tail {a.tail}")
