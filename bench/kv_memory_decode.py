@@ -18,6 +18,7 @@ import argparse
 import json
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -68,8 +69,10 @@ def main(argv=None):
     params = SamplingParams(max_tokens=a.steps, temperature=0.0, ignore_eos=True)
     rows, prompts = [], {}
 
+    snap_dir = tempfile.mkdtemp(prefix="memserve_decode_")  # not beside --out: a 32k snapshot is ~300 MB
+
     def snapshot(L: int) -> str:
-        return f"{a.out}.{L}.safetensors"
+        return f"{snap_dir}/{L}.safetensors"
 
     for L in lengths:  # ingest each prompt once; every memory run starts from its snapshot
         ids = prompts[L] = tok.encode(prompt_text(make_sample("passkey", tok, L, 0.5, 0), tok))
@@ -99,6 +102,7 @@ def main(argv=None):
         row.update({c: statistics.median(v) for c, v in mine.items()})
         print(json.dumps({**{k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()},
                           "runs": {c: [round(x, 1) for x in v] for c, v in mine.items()}}), flush=True)
+    Path(snap_dir).rmdir()
 
     base = rows[0]
     cols = ["dense"] + [f"reselect{r}" for r in variants]
