@@ -50,6 +50,7 @@ def main(argv=None):
                          "the harder case for the memory/dense ratio) or none (fp32, LLM's default)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3, help="runs per figure (median)")
+    ap.add_argument("--kv-config", default="{}", help='more KV-memory overrides as JSON, e.g. {"chunk_size": 512}')
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "kv_memory_decode.md"))
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -64,7 +65,7 @@ def main(argv=None):
     variants = [int(x) for x in a.reselect.split(",")]
     mem_eng = LLMEngine(ckpt, progress=False, kv_memory="retrieval", quantization=quant,
                         max_num_batched_tokens=2048, kv_cache_bytes=64 << 20,
-                        kv_memory_config={"compression": a.compression})
+                        kv_memory_config={"compression": a.compression, **json.loads(a.kv_config)})
     dense_eng = LLMEngine(ckpt, progress=False, kv_memory="off", quantization=quant, max_num_batched_tokens=2048)
     params = SamplingParams(max_tokens=a.steps, temperature=0.0, ignore_eos=True)
     rows, prompts = [], {}
