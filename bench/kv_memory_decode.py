@@ -70,10 +70,11 @@ def main(argv=None):
     params = SamplingParams(max_tokens=a.steps, temperature=0.0, ignore_eos=True)
     rows, prompts = [], {}
 
-    snap_dir = tempfile.mkdtemp(prefix="memserve_decode_")  # not beside --out: a 32k snapshot is ~300 MB
+    # session snapshots (~300 MB at 32k) live in a temporary directory, removed at exit even after an error
+    snap_dir = tempfile.TemporaryDirectory(prefix="memserve_decode_")
 
     def snapshot(L: int) -> str:
-        return f"{snap_dir}/{L}.safetensors"
+        return f"{snap_dir.name}/{L}.safetensors"
 
     for L in lengths:  # ingest each prompt once; every memory run starts from its snapshot
         ids = prompts[L] = tok.encode(prompt_text(make_sample("passkey", tok, L, 0.5, 0), tok))
@@ -97,13 +98,12 @@ def main(argv=None):
                 runs.setdefault((L, f"reselect{r}"), []).append(
                     timed_decode(mem_eng, f"m{L}-{r}-{i}", ids[-1:], params, session_id=f"s{L}"))
                 mem_eng.memory.sessions.delete(f"s{L}")
+    snap_dir.cleanup()
     for row in rows:
-        Path(snapshot(row["length"])).unlink()
         mine = {c: v for (L, c), v in runs.items() if L == row["length"]}
         row.update({c: statistics.median(v) for c, v in mine.items()})
         print(json.dumps({**{k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()},
                           "runs": {c: [round(x, 1) for x in v] for c, v in mine.items()}}), flush=True)
-    Path(snap_dir).rmdir()
 
     base = rows[0]
     cols = ["dense"] + [f"reselect{r}" for r in variants]
