@@ -208,7 +208,9 @@ class LocalEngineClient:
 
 
 class MemServeIngress:
-    """gRPC methods of memserve.v1.MemServe (Serve routes /memserve.v1.MemServe/<Method> here)."""
+    """gRPC methods of memserve.v1.MemServe (Serve routes /memserve.v1.MemServe/<Method> here) and
+    the OpenAI-compatible HTTP API (`__call__`: Serve's HTTP proxy routes the app's HTTP requests
+    here; deploy/openai_api.py). Both share one IngressCore: routing, limits, metrics."""
 
     def __init__(self, engine: DeploymentHandle, config: dict):
         cfg = AppConfig(**config)
@@ -224,6 +226,20 @@ class MemServeIngress:
             from memserve.deploy.metrics import get_metrics
 
             self.metrics = get_metrics()
+        self._init_http(cfg)
+
+    def _init_http(self, cfg: AppConfig) -> None:
+        from memserve.deploy.openai_api import OpenAIServer
+
+        def count(code: str) -> None:
+            if self.metrics is not None:
+                self.metrics.request_errors.labels(code, "http").inc()
+
+        self.http = OpenAIServer(self.core, aliases=[cfg.model, cfg.app_name], on_error=count)
+
+    async def __call__(self, request):
+        """HTTP: the OpenAI-compatible API (POST /v1/chat/completions, /v1/completions; GET /v1/models)."""
+        return await self.http(request)
 
     def _fail(self, e: BaseException, grpc_context) -> None:
         import grpc
@@ -235,7 +251,7 @@ class MemServeIngress:
         else:
             code, details = "INTERNAL", f"{type(e).__name__}: {e}"
         if self.metrics is not None:
-            self.metrics.request_errors.labels(code).inc()
+            self.metrics.request_errors.labels(code, "grpc").inc()
         if grpc_context is not None and not isinstance(e, asyncio.CancelledError):
             grpc_context.set_code(getattr(grpc.StatusCode, code))
             grpc_context.set_details(details)
@@ -288,6 +304,11 @@ class MemServeDirect(MemServeEngine, MemServeIngress):
             from memserve.deploy.metrics import get_metrics
 
             self.metrics = get_metrics()
+        self._init_http(cfg)
+
+    async def __call__(self, request):
+        self._ensure_gauge_task()
+        return await MemServeIngress.__call__(self, request)
 
     async def Generate(self, request: pb.GenerateRequest, grpc_context=None):
         self._ensure_gauge_task()
@@ -379,9 +400,13 @@ def grpc_options(port: int = 9000, request_timeout_s: float | None = None):
                        request_timeout_s=request_timeout_s)
 
 
-def start(config: AppConfig, *, grpc_port: int = 9000, http_port: int = 8000, blocking_timeout_s: float = 600.0):
-    """Start Serve (with the gRPC proxy) on the connected Ray cluster and deploy the app."""
+def start(config: AppConfig, *, grpc_port: int = 9000, http_port: int = 8000, http_host: str = "127.0.0.1",
+          route_prefix: str = "/", blocking_timeout_s: float = 600.0):
+    """Start Serve (with the gRPC proxy) on the connected Ray cluster and deploy the app.
+
+    HTTP: the app's OpenAI-compatible API is at http://http_host:http_port{route_prefix}v1/...
+    (route_prefix "/" so that an OpenAI client's base_url is simply http://host:port/v1)."""
     from ray.serve.config import HTTPOptions
 
-    serve.start(http_options=HTTPOptions(host="127.0.0.1", port=http_port), grpc_options=grpc_options(grpc_port))
-    return serve.run(build_app(config), name=config.app_name, route_prefix=f"/{config.app_name}", blocking=False)
+    serve.start(http_options=HTTPOptions(host=http_host, port=http_port), grpc_options=grpc_options(grpc_port))
+    return serve.run(build_app(config), name=config.app_name, route_prefix=route_prefix, blocking=False)

@@ -1,6 +1,6 @@
 """`memserve` command line: serve | generate | ingest | bench.
 
-    memserve serve                              # local Ray + Serve + gRPC :9000 + metrics :8080
+    memserve serve                              # local Ray + Serve + gRPC :9000 + HTTP :8000 + metrics :8080
     memserve generate "Tell me a joke" --chat   # stream from the server
     memserve generate "Once upon" --local       # in-process engine, no server
     memserve ingest book.txt --session book     # load a document into a session's KV memory
@@ -67,12 +67,14 @@ def cmd_serve(a: argparse.Namespace) -> int:
     t0 = time.time()
     try:
         init_ray(num_cpus=a.num_cpus, log_to_driver=a.verbose, logging_level="WARNING" if not a.verbose else "INFO")
-        start(cfg, grpc_port=a.grpc_port, http_port=a.http_port)
+        start(cfg, grpc_port=a.grpc_port, http_port=a.http_port, http_host=a.host)
         # after ray.init (which installs its own handlers): Ctrl-C / SIGTERM end the wait below
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
         print(f"memserve: ready in {time.time() - t0:.0f} s\n"
               f"  gRPC     {a.host}:{a.grpc_port}   (memserve.v1.MemServe; try: memserve generate \"Hello\" --chat)\n"
+              f"  HTTP     http://{a.host}:{a.http_port}/v1   (OpenAI-compatible: /v1/chat/completions, /v1/completions, "
+              f"/v1/models)\n"
               f"  metrics  http://{a.host}:{a.metrics_port}/metrics\n"
               f"  Ctrl-C to stop", flush=True)
         while not stop.wait(0.5):
@@ -239,9 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--topology", choices=["ingress", "direct"], default="ingress",
                    help="'ingress': ingress deployment in front of engine replicas; 'direct': engine replicas serve "
                         "gRPC themselves (one Ray hop less per token; see deploy/README.md)")
-    s.add_argument("--host", default="127.0.0.1", help="address printed for clients and bound by the metrics server")
+    s.add_argument("--host", default="127.0.0.1", help="address bound by the HTTP API and the metrics server, printed for clients")
     s.add_argument("--grpc-port", type=int, default=9000)
-    s.add_argument("--http-port", type=int, default=8000, help="Serve's HTTP proxy (health checks)")
+    s.add_argument("--http-port", type=int, default=8000, help="Serve's HTTP proxy: the OpenAI-compatible API (base_url http://HOST:PORT/v1)")
     s.add_argument("--metrics-port", type=int, default=8080)
     s.add_argument("--max-waiting", type=int, default=64, help="per-replica waiting-queue bound (RESOURCE_EXHAUSTED beyond)")
     s.add_argument("--num-blocks", type=int, default=None, help="KV-cache blocks per replica (engine num_kv_blocks)")

@@ -144,13 +144,19 @@ class IngressCore:
         _raise_if_error(first)
         return stream, first
 
-    async def generate(self, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateResponse]:
+    async def generate(self, request: pb.GenerateRequest, api: str = "grpc",
+                       yield_accepted: bool = False) -> AsyncIterator[pb.GenerateResponse | None]:
+        """`api`: "grpc" or "http" (the OpenAI API, deploy/openai_api.py): the metrics label.
+        `yield_accepted`: first yield None once a replica has accepted the request (routing done)."""
         req = validate_generate(request, vocab_size=await self._vocab() if request.prompt_token_ids else None,
                                 sampling_cls=self.sampling_cls)
+        req["api"] = api
         routing = {"session_id": req["session_id"], "tokens": req.pop("_est_tokens")}
         stream, _ = await self._open("generate", req, routing=routing)
         done = False
         try:
+            if yield_accepted:
+                yield None
             async for item in stream:
                 _raise_if_error(item)
                 resp = pb.GenerateResponse(request_id=req["request_id"], text=item["text"], token_ids=item["token_ids"])

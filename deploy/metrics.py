@@ -77,19 +77,20 @@ class ServingMetrics:
         g = {"registry": registry, "multiprocess_mode": "livesum"}
         return cls(
             ttft=Histogram(f"{PREFIX}time_to_first_token_seconds", "Time to first token (arrival to first token).",
-                           ["model_name"], buckets=TTFT_BUCKETS, **kw),
+                           ["model_name", "api"], buckets=TTFT_BUCKETS, **kw),
             itl=Histogram(f"{PREFIX}inter_token_latency_seconds", "Time between consecutive output tokens.",
-                          ["model_name"], buckets=ITL_BUCKETS, **kw),
+                          ["model_name", "api"], buckets=ITL_BUCKETS, **kw),
             e2e=Histogram(f"{PREFIX}e2e_request_latency_seconds", "Arrival to finish of a request.",
-                          ["model_name"], buckets=E2E_BUCKETS, **kw),
+                          ["model_name", "api"], buckets=E2E_BUCKETS, **kw),
             queue_time=Histogram(f"{PREFIX}request_queue_time_seconds", "Time a request waited before first scheduled.",
-                                 ["model_name"], buckets=TTFT_BUCKETS, **kw),
-            prompt_tokens=Counter(f"{PREFIX}prompt_tokens", "Prompt tokens processed.", ["model_name"], **kw),
-            generation_tokens=Counter(f"{PREFIX}generation_tokens", "Tokens generated.", ["model_name"], **kw),
+                                 ["model_name", "api"], buckets=TTFT_BUCKETS, **kw),
+            prompt_tokens=Counter(f"{PREFIX}prompt_tokens", "Prompt tokens processed.", ["model_name", "api"], **kw),
+            generation_tokens=Counter(f"{PREFIX}generation_tokens", "Tokens generated.", ["model_name", "api"], **kw),
             request_success=Counter(f"{PREFIX}request_success", "Finished requests by finish reason.",
-                                    ["model_name", "finish_reason"], **kw),
-            request_errors=Counter(f"{PREFIX}request_errors", "Requests that ended with a gRPC error status.",
-                                   ["code"], **kw),
+                                    ["model_name", "finish_reason", "api"], **kw),
+            request_errors=Counter(f"{PREFIX}request_errors", "Requests that ended with an error, by gRPC status "
+                                   "name (HTTP errors are counted under the gRPC name of their status).",
+                                   ["code", "api"], **kw),
             num_running=Gauge(f"{PREFIX}num_requests_running", "Requests in the running batch.",
                               ["model_name", "replica"], **g),
             num_waiting=Gauge(f"{PREFIX}num_requests_waiting", "Requests waiting to be scheduled.",
@@ -133,6 +134,7 @@ class RequestRecorder:
     arrival: float
     last_token_time: float | None = None
     num_generated: int = 0
+    api: str = "grpc"  # "grpc" | "http": which API the request came through (label of every series)
 
     def on_tokens(self, n_new: int, now: float | None = None) -> None:
         if n_new <= 0:
@@ -140,12 +142,12 @@ class RequestRecorder:
         now = time.time() if now is None else now
         m = self.metrics
         if self.last_token_time is None:
-            m.ttft.labels(self.model_name).observe(max(0.0, now - self.arrival))
+            m.ttft.labels(self.model_name, self.api).observe(max(0.0, now - self.arrival))
         else:
             # n tokens arriving together (a coalesced chunk) share the gap evenly
             gap = max(0.0, now - self.last_token_time) / n_new
             for _ in range(n_new):
-                m.itl.labels(self.model_name).observe(gap)
+                m.itl.labels(self.model_name, self.api).observe(gap)
         self.last_token_time = now
         self.num_generated += n_new
 
@@ -153,12 +155,12 @@ class RequestRecorder:
                now: float | None = None) -> None:
         now = time.time() if now is None else now
         m = self.metrics
-        m.e2e.labels(self.model_name).observe(max(0.0, now - self.arrival))
+        m.e2e.labels(self.model_name, self.api).observe(max(0.0, now - self.arrival))
         if queue_time is not None:
-            m.queue_time.labels(self.model_name).observe(max(0.0, queue_time))
-        m.prompt_tokens.labels(self.model_name).inc(max(0, prompt_tokens))
-        m.generation_tokens.labels(self.model_name).inc(self.num_generated)
-        m.request_success.labels(self.model_name, finish_reason or "abort").inc()
+            m.queue_time.labels(self.model_name, self.api).observe(max(0.0, queue_time))
+        m.prompt_tokens.labels(self.model_name, self.api).inc(max(0, prompt_tokens))
+        m.generation_tokens.labels(self.model_name, self.api).inc(self.num_generated)
+        m.request_success.labels(self.model_name, finish_reason or "abort", self.api).inc()
 
 
 def set_engine_gauges(m: ServingMetrics, model_name: str, replica: str, stats) -> None:

@@ -106,7 +106,7 @@ class EngineWorker:
         if self.metrics is not None:
             from memserve.deploy.metrics import RequestRecorder
 
-            recorder = RequestRecorder(self.metrics, self.model_name, arrival)
+            recorder = RequestRecorder(self.metrics, self.model_name, arrival, api=req.get("api", "grpc"))
         last = None
         try:
             while True:

@@ -74,14 +74,14 @@ def app(model_dir):
                      env_vars={"PYTHONPATH": HERE}, engine_args={"max_running": 2, "step_s": 0.01, "num_blocks": 256})
     cfg = AppConfig(model=model_dir, max_waiting=MAX_WAITING, metrics_dir=metrics_dir,
                     unavailable_timeout_s=60, router_seed=0, **extra)
-    grpc_port, metrics_port = _free_port(), _free_port()
+    grpc_port, metrics_port, http_port = _free_port(), _free_port(), _free_port()
     server, _ = M.start_exporter(metrics_dir, port=metrics_port)
     init_ray(num_cpus=2, log_to_driver=False, logging_level="ERROR")
     try:
-        start(cfg, grpc_port=grpc_port, http_port=_free_port())
+        start(cfg, grpc_port=grpc_port, http_port=http_port)
         channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
         yield {"stub": pbg.MemServeStub(channel), "grpc_port": grpc_port, "metrics_port": metrics_port,
-               "cfg": cfg, "model": model_dir}
+               "http_port": http_port, "cfg": cfg, "model": model_dir}
         channel.close()
     finally:
         ray.shutdown()  # the local cluster is ours; serve.shutdown() first waits ~30 s for a graceful drain
@@ -331,6 +331,13 @@ def test_prometheus_scrapes_series_after_traffic(app):
             proc.wait(timeout=10)
 
 
+def _http_json(port: int, path: str, body: dict) -> dict:
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        return json.loads(r.read())
+
+
 @pytest.mark.parametrize("topology", ["ingress", "direct"])
 def test_session_affinity_across_two_replicas(app, topology):
     """A second app (engine test double, 2 replicas, sessions supported): a session's requests all
@@ -363,6 +370,9 @@ def test_session_affinity_across_two_replicas(app, topology):
                 msgs = list(stub.Generate(pb.GenerateRequest(prompt="q", session_id=sid, sampling=pb.SamplingParams(
                     max_tokens=2)), timeout=60, metadata=md))
                 assert msgs[-1].finish_reason == "length"
+            if topology == "ingress":  # the HTTP API goes through the same ingress handle and router
+                assert _http_json(app["http_port"], f"/{name}/v1/completions", {
+                    "model": "fake", "prompt": "q", "max_tokens": 2, "session_id": sid})["usage"]["completion_tokens"] == 2
             assert stub.DeleteSession(pb.DeleteSessionRequest(session_id=sid), timeout=60, metadata=md).deleted
         # 10 new sessions on 2 idle replicas: power of two choices spreads them (ties broken by the random
         # sample; all on one replica would have probability 2^-9)

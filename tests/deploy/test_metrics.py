@@ -14,13 +14,14 @@ WRITER = textwrap.dedent("""
     from types import SimpleNamespace
     from memserve.deploy.metrics import get_metrics, RequestRecorder, set_engine_gauges
     replica, n = sys.argv[1], int(sys.argv[2])
+    api = "http" if replica == "rB" else "grpc"
     m = get_metrics()
     for i in range(n):
-        r = RequestRecorder(m, "tiny", arrival=100.0)
+        r = RequestRecorder(m, "tiny", arrival=100.0, api=api)
         r.on_tokens(1, now=100.25)        # ttft 0.25
         r.on_tokens(2, now=100.27)        # two tokens, 10 ms each
         r.finish("length", prompt_tokens=5, queue_time=0.05, now=101.0)
-    m.request_errors.labels("INVALID_ARGUMENT").inc()
+    m.request_errors.labels("INVALID_ARGUMENT", api).inc()
     set_engine_gauges(m, "tiny", replica, SimpleNamespace(num_running=n, num_waiting=1, kv_cache_usage_perc=0.5,
                       num_free_blocks=10, kv_memory_bytes={"device": 1000, "host": 7}, sessions_active=2))
     if len(sys.argv) > 3:
@@ -44,15 +45,20 @@ def test_multiprocess_merge_and_dead_gauges(tmp_path):
     try:
         assert live.stdout.readline().strip() == "ready"
         s = _samples(M.render(d))
-        assert s[("memserve:request_success_total", (("finish_reason", "length"), ("model_name", "tiny")))] == 5
-        assert s[("memserve:generation_tokens_total", (("model_name", "tiny"),))] == 15
-        assert s[("memserve:prompt_tokens_total", (("model_name", "tiny"),))] == 25
-        assert s[("memserve:request_errors_total", (("code", "INVALID_ARGUMENT"),))] == 2
-        assert s[("memserve:time_to_first_token_seconds_count", (("model_name", "tiny"),))] == 5
-        assert s[("memserve:time_to_first_token_seconds_bucket", (("le", "0.1"), ("model_name", "tiny")))] == 0
-        assert s[("memserve:time_to_first_token_seconds_bucket", (("le", "0.25"), ("model_name", "tiny")))] == 5
-        assert s[("memserve:inter_token_latency_seconds_count", (("model_name", "tiny"),))] == 10
-        assert s[("memserve:inter_token_latency_seconds_bucket", (("le", "0.01"), ("model_name", "tiny")))] == 10
+        G, H = ("api", "grpc"), ("api", "http")  # rA wrote 3 gRPC requests, rB 2 HTTP ones
+        assert s[("memserve:request_success_total", (G, ("finish_reason", "length"), ("model_name", "tiny")))] == 3
+        assert s[("memserve:request_success_total", (H, ("finish_reason", "length"), ("model_name", "tiny")))] == 2
+        assert s[("memserve:generation_tokens_total", (G, ("model_name", "tiny")))] == 9
+        assert s[("memserve:generation_tokens_total", (H, ("model_name", "tiny")))] == 6
+        assert s[("memserve:prompt_tokens_total", (G, ("model_name", "tiny")))] == 15
+        assert s[("memserve:prompt_tokens_total", (H, ("model_name", "tiny")))] == 10
+        assert s[("memserve:request_errors_total", (G, ("code", "INVALID_ARGUMENT")))] == 1
+        assert s[("memserve:request_errors_total", (H, ("code", "INVALID_ARGUMENT")))] == 1
+        assert s[("memserve:time_to_first_token_seconds_count", (G, ("model_name", "tiny")))] == 3
+        assert s[("memserve:time_to_first_token_seconds_bucket", (H, ("le", "0.1"), ("model_name", "tiny")))] == 0
+        assert s[("memserve:time_to_first_token_seconds_bucket", (H, ("le", "0.25"), ("model_name", "tiny")))] == 2
+        assert s[("memserve:inter_token_latency_seconds_count", (G, ("model_name", "tiny")))] == 6
+        assert s[("memserve:inter_token_latency_seconds_bucket", (H, ("le", "0.01"), ("model_name", "tiny")))] == 4
         # the exited writer's gauges are gone, the live one's remain
         running = {k[1]: v for k, v in s.items() if k[0] == "memserve:num_requests_running"}
         assert running == {(("model_name", "tiny"), ("replica", "rB")): 2}
