@@ -129,11 +129,13 @@ class OpenAIServer:
             results = await _gather_cancelling([_collect(s, f) for s, f in zip(streams, firsts)])
         except RpcError as e:
             raise P.from_rpc(e.code, e.details, renames=renames) from None
-        usage = _usage([u for _, _, u in results])
-        return JSONResponse(P.completion_body(kind, P.new_id(kind), model, [(t, f) for t, f, _ in results], usage))
+        usage = _usage([u for _, _, u, _ in results])
+        ids = [i for _, _, _, i in results] if req.return_token_ids else None
+        return JSONResponse(P.completion_body(kind, P.new_id(kind), model, [(t, f) for t, f, _, _ in results], usage, ids))
 
     async def _events(self, kind, req, model, streams, firsts, renames) -> AsyncIterator[bytes]:
         rid, created, inc = P.new_id(kind), int(time.time()), req.include_usage()
+        ids = req.return_token_ids
         usages: list = [None] * len(streams)
         try:
             if kind == "chat":
@@ -143,11 +145,14 @@ class OpenAIServer:
                 fin = msg.finish_reason or None
                 if kind == "chat":
                     if msg.text:
-                        yield _sse(P.chunk_body(kind, rid, created, model, i, msg.text, None, include_usage=inc))
+                        yield _sse(P.chunk_body(kind, rid, created, model, i, msg.text, None, include_usage=inc,
+                                                token_ids=list(msg.token_ids) if ids else None))
                     if fin:
-                        yield _sse(P.chunk_body(kind, rid, created, model, i, None, fin, include_usage=inc))
-                elif msg.text or fin:
-                    yield _sse(P.chunk_body(kind, rid, created, model, i, msg.text, fin, include_usage=inc))
+                        yield _sse(P.chunk_body(kind, rid, created, model, i, None, fin, include_usage=inc,
+                                                token_ids=[] if ids else None))
+                elif msg.text or fin or msg.token_ids:
+                    yield _sse(P.chunk_body(kind, rid, created, model, i, msg.text, fin, include_usage=inc,
+                                            token_ids=list(msg.token_ids) if ids else None))
                 if fin:
                     usages[i] = msg.usage
             if inc:
@@ -218,14 +223,16 @@ async def _first_of_all(streams: list) -> list:
         raise
 
 
-async def _collect(stream, first) -> tuple[str, str | None, object]:
+async def _collect(stream, first) -> tuple[str, str | None, object, list[int]]:
     text, fin, usage = [first.text], first.finish_reason or None, first.usage if first.finish_reason else None
+    ids = list(first.token_ids)
     if fin is None:
         async for msg in stream:
             text.append(msg.text)
+            ids.extend(msg.token_ids)
             if msg.finish_reason:
                 fin, usage = msg.finish_reason, msg.usage
-    return "".join(text), fin, usage
+    return "".join(text), fin, usage, ids
 
 
 async def _merged(streams: list, firsts: list) -> AsyncIterator[tuple[int, object]]:

@@ -8,7 +8,8 @@ rather than the gRPC `sampling.max_tokens`.
 
 Extensions beyond OpenAI's fields (vLLM has the same ones, except session_id): `session_id`
 (continue in a memserve session's KV memory; OpenAI clients send it through `extra_body`, which is
-merged into the same JSON body), `top_k`, `ignore_eos`.
+merged into the same JSON body), `top_k`, `ignore_eos`, `return_token_ids` (each choice, and each
+streamed chunk's choice, also carries the generated token ids: `token_ids`).
 """
 
 from __future__ import annotations
@@ -109,6 +110,7 @@ class _Common(BaseModel):
     session_id: str | None = None
     top_k: int | None = None
     ignore_eos: bool | None = None
+    return_token_ids: bool = False
 
     def unsupported(self) -> list[tuple[str, str]]:
         out = []
@@ -282,22 +284,27 @@ def usage_dict(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -
             "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
-def completion_body(kind: str, rid: str, model: str, choices: list[tuple[str, str | None]], usage: dict) -> dict:
-    """choices: (text, finish_reason) per index."""
+def completion_body(kind: str, rid: str, model: str, choices: list[tuple[str, str | None]], usage: dict,
+                    token_ids: list[list[int]] | None = None) -> dict:
+    """choices: (text, finish_reason) per index; token_ids: per index, with return_token_ids."""
     created = int(time.time())
     if kind == "chat":
-        return {"id": rid, "object": "chat.completion", "created": created, "model": model,
-                "choices": [{"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None,
-                             "finish_reason": f} for i, (t, f) in enumerate(choices)],
-                "usage": usage, "system_fingerprint": None}
-    return {"id": rid, "object": "text_completion", "created": created, "model": model,
-            "choices": [{"index": i, "text": t, "logprobs": None, "finish_reason": f}
-                        for i, (t, f) in enumerate(choices)],
-            "usage": usage, "system_fingerprint": None}
+        out = [{"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None, "finish_reason": f}
+               for i, (t, f) in enumerate(choices)]
+        obj = "chat.completion"
+    else:
+        out = [{"index": i, "text": t, "logprobs": None, "finish_reason": f} for i, (t, f) in enumerate(choices)]
+        obj = "text_completion"
+    if token_ids is not None:
+        for c, ids in zip(out, token_ids):
+            c["token_ids"] = ids
+    return {"id": rid, "object": obj, "created": created, "model": model, "choices": out, "usage": usage,
+            "system_fingerprint": None}
 
 
 def chunk_body(kind: str, rid: str, created: int, model: str, index: int, text: str | None,
-               finish_reason: str | None, *, role: bool = False, include_usage: bool = False) -> dict:
+               finish_reason: str | None, *, role: bool = False, include_usage: bool = False,
+               token_ids: list[int] | None = None) -> dict:
     if kind == "chat":
         delta: dict[str, Any] = {"role": "assistant"} if role else {}
         if text is not None:
@@ -307,6 +314,8 @@ def chunk_body(kind: str, rid: str, created: int, model: str, index: int, text: 
     else:
         choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
         out = {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": [choice]}
+    if token_ids is not None:
+        choice["token_ids"] = token_ids
     if include_usage:
         out["usage"] = None  # OpenAI: null on every chunk but the last when include_usage is set
     return out

@@ -163,6 +163,15 @@ def test_completion_equals_grpc(app, stream):
         assert r.choices[0].finish_reason == ref_fin
         assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (ref_usage.prompt_tokens, ref_usage.completion_tokens)
     assert text == ref_text
+    # the return_token_ids extension (the benchmark counts tokens per chunk with it): gRPC's ids
+    ref_ids = [t for m in app["stub"].Generate(pb.GenerateRequest(prompt=prompt, sampling=pb.SamplingParams(**sampling)),
+                                               timeout=120, metadata=MD) for t in m.token_ids]
+    kw = dict(model=app["name"], prompt=prompt, extra_body={"return_token_ids": True}, **sampling)
+    if stream:
+        ids = [t for ch in c.completions.create(stream=True, **kw) for t in ch.choices[0].to_dict()["token_ids"]]
+    else:
+        ids = c.completions.create(**kw).choices[0].to_dict()["token_ids"]
+    assert ids == ref_ids
     # token ids as the prompt, max_completion_tokens on chat: the same request shapes gRPC has
     r = c.completions.create(model=app["name"], prompt=[1, 2, 3, 4], max_tokens=3, temperature=0)
     assert r.usage.prompt_tokens == 4 and r.choices[0].text == _grpc(
