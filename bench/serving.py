@@ -1,7 +1,9 @@
-"""Serving overhead: the in-process async engine vs the same engine behind gRPC + Ray Serve.
+"""Serving overhead: the in-process async engine vs the same engine behind gRPC + Ray Serve (and,
+with `--api http`, behind the OpenAI-compatible HTTP API on Serve's HTTP proxy too).
 
     memserve bench serving                         # default model, 1/4/8/16 streams
     memserve bench serving --model /path/to/hf --streams 1,8 --max-tokens 32
+    memserve bench serving --api http --streams 1,8   # in-process vs gRPC vs HTTP (SSE), same run
 
 For each concurrency N, N streams start together (distinct prompts, greedy, ignore_eos so every
 stream generates exactly --max-tokens tokens). Measured on the client side:
@@ -9,6 +11,10 @@ TTFT (send -> first token), ITL (gap between token arrivals; a message carrying 
 k gaps of gap/k), throughput (generated tokens / wall time of the waves). Both paths are up at once
 (the in-process AsyncLLMEngine in this process; one Serve engine replica with the same engine
 arguments) and their waves alternate, so load drift on a shared machine hits both alike.
+
+HTTP (`--api http`): streamed POST /v1/completions (httpx, one connection per stream), tokens
+counted per server-sent event with the `return_token_ids` extension; its waves alternate with the
+other two, and the table adds its ratio to gRPC.
 
 Targets (issue 4): gRPC+Ray throughput >= 0.9x in-process at 8 streams; added p50 ITL <= 5 ms.
 """
@@ -108,6 +114,36 @@ async def grpc_wave(stub, pb, n: int, a) -> Wave:
     return wave
 
 
+# ---- HTTP (OpenAI-compatible) + Ray ------------------------------------------------------------
+
+def _httpx():
+    try:  # the openai package's own HTTP client (httpx2 for openai>=3)
+        import httpx2 as httpx
+    except ImportError:
+        import httpx
+    return httpx
+
+
+async def http_wave(client, n: int, a) -> Wave:
+    wave = Wave("HTTP+Ray", n)
+
+    async def one(i):
+        st = Stream(wave)
+        body = {"model": a.model, "prompt": make_prompt(i, a.prompt_words), "max_tokens": a.max_tokens,
+                "temperature": 0.0, "ignore_eos": True, "stream": True, "return_token_ids": True}
+        async with client.stream("POST", "/v1/completions", json=body) as r:
+            if r.status_code != 200:
+                raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread())[:300]!r}")
+            async for line in r.aiter_lines():
+                if line.startswith("data: {"):
+                    st.on(len(json.loads(line[6:])["choices"][0].get("token_ids") or ()))
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(one(i) for i in range(n)))
+    wave.wall_s = time.perf_counter() - t0
+    return wave
+
+
 def _merge(waves: list[Wave]) -> Wave:
     """Repetitions of one (mode, streams): latencies pooled, throughput = total tokens / total time."""
     out = Wave(waves[0].mode, waves[0].streams)
@@ -125,9 +161,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_both(a, engine_args) -> tuple[list[Wave], list[Wave]]:
-    """Both paths live at once and their waves alternate (in-process, gRPC, gRPC, in-process, ...),
-    so load drift on a shared machine hits both sides alike."""
+def run_both(a, engine_args) -> tuple[list[Wave], list[Wave], list[Wave]]:
+    """All paths live at once and their waves alternate (in-process, gRPC[, HTTP], then the reverse
+    order, ...), so load drift on a shared machine hits every side alike."""
     import grpc
     import ray
     from memserve.deploy import memserve_pb2 as pb
@@ -138,56 +174,70 @@ def run_both(a, engine_args) -> tuple[list[Wave], list[Wave]]:
     from memserve.runtime.sampling import SamplingParams
     from ray import serve
 
-    port = free_port()
+    port, http_port = free_port(), free_port()
     if a.plain_serve:
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     else:
         init_ray(num_cpus=os.cpu_count(), log_to_driver=False, logging_level="ERROR")
     try:
         cfg = AppConfig(model=a.model, engine_args=engine_args, max_waiting=256, num_replicas=1, topology=a.topology)
-        start(cfg, grpc_port=port, http_port=free_port())
+        start(cfg, grpc_port=port, http_port=http_port)
 
         async def main():
             engine = AsyncLLMEngine(a.model, max_waiting=256, **engine_args)
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+            httpx = _httpx()
+            limits = httpx.Limits(max_connections=max(a.streams) + 4, max_keepalive_connections=max(a.streams) + 4)
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch, httpx.AsyncClient(
+                    base_url=f"http://127.0.0.1:{http_port}", timeout=600, limits=limits) as hc:
                 stub = pbg.MemServeStub(ch)
-                await inproc_wave(engine, 2, a, SamplingParams)  # warm-up both
-                await grpc_wave(stub, pb, 2, a)
-                inproc, viaray = [], []
+                paths = [lambda n: inproc_wave(engine, n, a, SamplingParams), lambda n: grpc_wave(stub, pb, n, a)]
+                if a.api == "http":
+                    paths.append(lambda n: http_wave(hc, n, a))
+                for run in paths:  # warm-up every path
+                    await run(2)
+                merged: list[list[Wave]] = [[] for _ in paths]
                 for n in a.streams:
-                    reps_i, reps_r = [], []
+                    reps: list[list[Wave]] = [[] for _ in paths]
                     for rep in range(a.repeats):
-                        if rep % 2 == 0:
-                            reps_i.append(await inproc_wave(engine, n, a, SamplingParams))
-                            reps_r.append(await grpc_wave(stub, pb, n, a))
-                        else:
-                            reps_r.append(await grpc_wave(stub, pb, n, a))
-                            reps_i.append(await inproc_wave(engine, n, a, SamplingParams))
-                    inproc.append(_merge(reps_i))
-                    viaray.append(_merge(reps_r))
-                    print(f"  {n:>2} streams: in-process {inproc[-1].summary()['tok_s']:.1f} tok/s, "
-                          f"gRPC+Ray {viaray[-1].summary()['tok_s']:.1f} tok/s", flush=True)
+                        order = range(len(paths)) if rep % 2 == 0 else reversed(range(len(paths)))
+                        for k in order:
+                            reps[k].append(await paths[k](n))
+                    for k in range(len(paths)):
+                        merged[k].append(_merge(reps[k]))
+                    print(f"  {n:>2} streams: " + ", ".join(f"{m[-1].mode} {m[-1].summary()['tok_s']:.1f} tok/s"
+                                                         for m in merged), flush=True)
             engine.shutdown()
-            return inproc, viaray
+            return merged[0], merged[1], (merged[2] if a.api == "http" else [])
 
         return asyncio.run(main())
     finally:
         serve.shutdown()
         ray.shutdown()
 
-def table(inproc: list[Wave], viaray: list[Wave]) -> str:
-    rows = ["| streams | path | TTFT p50 / p99 (ms) | ITL p50 / p99 (ms) | tok/s | throughput ratio | added ITL p50 (ms) |",
-            "|---:|---|---:|---:|---:|---:|---:|"]
+def table(inproc: list[Wave], viaray: list[Wave], viahttp: list[Wave] = ()) -> str:
+    """Ratios and added p50 ITL against in-process; HTTP rows also against gRPC (same run)."""
+    rows = ["| streams | path | TTFT p50 / p99 (ms) | ITL p50 / p99 (ms) | tok/s | throughput ratio | added ITL p50 (ms) "
+            "| vs gRPC: tok/s ratio, added ITL p50 (ms) |",
+            "|---:|---|---:|---:|---:|---:|---:|---:|"]
     by_n = {w.streams: w.summary() for w in inproc}
-    for w in viaray:
-        r, b = w.summary(), by_n.get(w.streams)
+    grpc_n = {w.streams: w.summary() for w in viaray}
+    http_n = {w.streams: w.summary() for w in viahttp}
+
+    def row(r, label, base, ref=None):
+        ratio = r["tok_s"] / base["tok_s"] if base else float("nan")
+        added = r["itl_p50_ms"] - base["itl_p50_ms"] if base else float("nan")
+        vs = f"{r['tok_s'] / ref['tok_s']:.2f}, {r['itl_p50_ms'] - ref['itl_p50_ms']:+.1f}" if ref else "—"
+        return (f"| {r['streams']} | {label} | {r['ttft_p50_ms']:.1f} / {r['ttft_p99_ms']:.1f} | "
+                f"{r['itl_p50_ms']:.1f} / {r['itl_p99_ms']:.1f} | {r['tok_s']:.1f} | {ratio:.2f} | {added:+.1f} | {vs} |")
+
+    for n, g in grpc_n.items():
+        b = by_n.get(n)
         if b is not None:
-            rows.append(f"| {b['streams']} | in-process | {b['ttft_p50_ms']:.1f} / {b['ttft_p99_ms']:.1f} | "
-                        f"{b['itl_p50_ms']:.1f} / {b['itl_p99_ms']:.1f} | {b['tok_s']:.1f} | 1.00 | — |")
-        ratio = r["tok_s"] / b["tok_s"] if b else float("nan")
-        added = r["itl_p50_ms"] - b["itl_p50_ms"] if b else float("nan")
-        rows.append(f"| {r['streams']} | gRPC + Ray | {r['ttft_p50_ms']:.1f} / {r['ttft_p99_ms']:.1f} | "
-                    f"{r['itl_p50_ms']:.1f} / {r['itl_p99_ms']:.1f} | {r['tok_s']:.1f} | {ratio:.2f} | {added:+.1f} |")
+            rows.append(f"| {n} | in-process | {b['ttft_p50_ms']:.1f} / {b['ttft_p99_ms']:.1f} | "
+                        f"{b['itl_p50_ms']:.1f} / {b['itl_p99_ms']:.1f} | {b['tok_s']:.1f} | 1.00 | — | — |")
+        rows.append(row(g, "gRPC + Ray", b))
+        if n in http_n:
+            rows.append(row(http_n[n], "HTTP (OpenAI SSE) + Ray", b, g))
     return "\n".join(rows)
 
 
@@ -201,6 +251,8 @@ def main(argv=None) -> int:
     ap.add_argument("--plain-serve", action="store_true", help="Serve's defaults instead of its throughput-optimized mode")
     ap.add_argument("--topology", choices=["ingress", "direct"], default="ingress",
                     help="ingress deployment + engine deployment (default), or engine replicas as the gRPC ingress")
+    ap.add_argument("--api", choices=["grpc", "http"], default="grpc",
+                    help="http: also measure the OpenAI-compatible HTTP API (SSE) beside gRPC, in the same run")
     ap.add_argument("--repeats", type=int, default=2, help="alternating repetitions per concurrency level")
     ap.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--json", default=None, help="also write the raw summaries here")
@@ -215,11 +267,11 @@ def main(argv=None) -> int:
             engine_args[k] = v
     engine_args.setdefault("max_num_seqs", max(a.streams))
 
-    print(f"memserve serving benchmark: topology={a.topology} model={a.model!r} streams={a.streams} max_tokens={a.max_tokens} "
+    print(f"memserve serving benchmark: api={a.api} topology={a.topology} model={a.model!r} streams={a.streams} max_tokens={a.max_tokens} "
           f"engine_args={engine_args} cpus={os.cpu_count()}", flush=True)
-    inproc, viaray = run_both(a, engine_args)
+    inproc, viaray, viahttp = run_both(a, engine_args)
     print()
-    print(table(inproc, viaray))
+    print(table(inproc, viaray, viahttp))
     b8 = {w.streams: w.summary() for w in inproc}.get(8)
     r8 = {w.streams: w.summary() for w in viaray}.get(8)
     if b8 and r8:
@@ -229,6 +281,7 @@ def main(argv=None) -> int:
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"inproc": [w.summary() for w in inproc], "ray": [w.summary() for w in viaray],
+                       "http": [w.summary() for w in viahttp],
                        "args": {k: v for k, v in vars(a).items()}}, f, indent=2)
     return 0
 
