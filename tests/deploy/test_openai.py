@@ -404,3 +404,27 @@ def test_metrics_carry_the_api_label(app):
     assert s[("memserve:generation_tokens_total", "grpc", None)] > 0  # the gRPC references above
     assert s[("memserve:time_to_first_token_seconds_count", "http", None)] > 0
     assert s[("memserve:request_errors_total", "http", "INVALID_ARGUMENT")] > 0
+
+
+def test_direct_topology_serves_http(app):
+    """Topology "direct": the engine replicas are the ingress, so Serve's proxy calls their `__call__`."""
+    from memserve.deploy.app import build_app
+    from memserve.deploy.config import AppConfig
+    from ray import serve
+
+    cfg = AppConfig(app_name="direct", model="fake", topology="direct", engine_cls="serving_fake_engine:FakeAsyncEngine",
+                    sampling_cls="serving_fake_engine:FakeSampling", env_vars={"PYTHONPATH": HERE},
+                    engine_args={"step_s": 0.001}, graceful_shutdown_timeout_s=0.5)
+    serve.run(build_app(cfg), name="direct", route_prefix="/direct")
+    try:
+        c = openai.OpenAI(base_url=app["base"] + "/direct/v1", api_key="unused", max_retries=0, timeout=60)
+        assert _wait(lambda: _try(c.models.list), 60, "the direct app").data[0].id == "fake"
+        r = c.completions.create(model="fake", prompt=[1, 2, 3], max_tokens=5)
+        # the test double's tokens: (sum(prompt) + 7 i) % 100, text "<id>"
+        assert r.choices[0].text == "".join(f"<{(6 + 7 * i) % 100}>" for i in range(5))
+        chunks = list(c.chat.completions.create(model="fake", messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+                                                stream=True))
+        assert chunks[-1].choices[0].finish_reason == "length"
+        assert "".join(ch.choices[0].delta.content or "" for ch in chunks).count("<") == 4
+    finally:
+        serve.delete("direct", _blocking=False)
