@@ -223,8 +223,9 @@ class EngineWorker:
         stats = self.engine.stats()
         set_engine_gauges(self.metrics, self.model_name, self.replica, stats)
         total = int(getattr(stats, "blocks_retrieved_total", 0) or 0)
+        counter = self.metrics.blocks_retrieved.labels(self.model_name)  # exported at 0 before any retrieval
         if total > self._blocks_retrieved_seen:
-            self.metrics.blocks_retrieved.labels(self.model_name).inc(total - self._blocks_retrieved_seen)
+            counter.inc(total - self._blocks_retrieved_seen)
         self._blocks_retrieved_seen = max(self._blocks_retrieved_seen, total)
 
 

@@ -9,7 +9,9 @@ block pool (one block per 4 tokens) so cancellation leaks are visible, a bounded
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 from memserve.runtime.errors import InvalidRequestError, QueueFullError, SessionNotFoundError
 
@@ -80,6 +82,7 @@ class FakeAsyncEngine:
         self.running: set[str] = set()
         self.waiting: list[str] = []
         self.aborted: list[str] = []
+        self.blocks_retrieved_total = 0
         self._sessions: dict[str, int] | None = {} if sessions else None
         if not sessions:
             for name in ("ingest", "get_session", "delete_session", "list_sessions"):
@@ -94,6 +97,7 @@ class FakeAsyncEngine:
         if len(self.waiting) >= self.max_waiting:
             raise QueueFullError(f"waiting queue full ({self.max_waiting})")
         ids = self._ids(prompt)
+        metrics = SimpleNamespace(arrival_time=time.monotonic(), first_scheduled_time=None)  # as RequestOutput.metrics
         self.waiting.append(request_id)
         blocks = 0
         try:
@@ -101,6 +105,7 @@ class FakeAsyncEngine:
                 await asyncio.sleep(self.step_s)
             self.waiting.remove(request_id)
             self.running.add(request_id)
+            metrics.first_scheduled_time = time.monotonic()
             out_ids, text = [], ""
             for i in range(params.max_tokens):
                 await asyncio.sleep(self.step_s)
@@ -112,7 +117,9 @@ class FakeAsyncEngine:
                 piece = f"<{tok}>"
                 text += piece
                 fin = "length" if i == params.max_tokens - 1 else None
-                yield FakeOutput(request_id, ids, list(out_ids), text, [tok], piece, fin)
+                if session_id is not None:
+                    self.blocks_retrieved_total += 1  # a session's decode step reads its KV memory
+                yield FakeOutput(request_id, ids, list(out_ids), text, [tok], piece, fin, metrics=metrics)
         finally:
             if request_id in self.waiting:
                 self.waiting.remove(request_id)
@@ -126,7 +133,7 @@ class FakeAsyncEngine:
     def stats(self):
         used = self.num_total_blocks - self.free_blocks
         return FakeStats(len(self.running), len(self.waiting), used / self.num_total_blocks, self.free_blocks,
-                         self.num_total_blocks, {"device": used * 1024}, len(self._sessions or {}), 0)
+                         self.num_total_blocks, {"device": used * 1024}, len(self._sessions or {}), self.blocks_retrieved_total)
 
     def model_info(self):
         return {"name": "fake", "architecture": "FakeForCausalLM", "vocab_size": self.vocab_size,

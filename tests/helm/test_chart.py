@@ -249,3 +249,19 @@ def test_alert_thresholds_come_from_values():
 def test_generated_files_are_current(script):
     p = subprocess.run([sys.executable, str(ROOT / "helm" / script), "--check"], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr + p.stdout
+
+
+def test_dockerfile_matches_the_chart():
+    """The image the chart names: CPU and CUDA variants, uid 1000 (the chart's runAsUser), and a CMD
+    whose flags `memserve serve` accepts."""
+    text = (ROOT / "deploy" / "Dockerfile").read_text()
+    assert "ARG VARIANT=cpu" in text and "AS base-cpu" in text and "AS base-cuda" in text
+    assert "USER 1000:1000" in text
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert values["image"]["tag"].endswith("-cpu")
+    assert yaml.safe_load((VALUES / "gpu.yaml").read_text())["image"]["tag"].endswith("-cuda")
+    (cmd,) = [line for line in text.splitlines() if line.startswith("CMD")]
+    args = json.loads(cmd[len("CMD"):])
+    from memserve.deploy.cli import build_parser
+
+    build_parser().parse_args(args)  # SystemExit on an unknown flag

@@ -2,6 +2,8 @@
 The alert rules, with thresholds from .Values.monitoring.prometheusRule.thresholds. The one source
 of memserve's alerts: deploy/alerts.yaml is this, rendered with the default values
 (helm/sync_monitoring.py writes it; tests/helm checks it is current). Every rule carries a runbook.
+`or vector(0)`: a ratio or rate of errors that never happened is 0, not "no data" (tests/helm checks
+that every alert's measured side returns data on a healthy server).
 */}}
 {{- define "memserve.alertGroups" -}}
 {{- $t := .Values.monitoring.prometheusRule.thresholds -}}
@@ -26,7 +28,7 @@ of memserve's alerts: deploy/alerts.yaml is this, rendered with the default valu
         runbook: "Batches are too large for the hardware, or KV-memory retrieval is slow (long sessions). Lower max_num_seqs, add replicas, or give the engine more CPU/GPU (engine.resources, engine.gpus)."
     - alert: MemServeErrorRateHigh
       expr: |
-        sum(rate(memserve:request_errors_total{code!~"INVALID_ARGUMENT|NOT_FOUND|CANCELLED|DEADLINE_EXCEEDED"}[5m]))
+        (sum(rate(memserve:request_errors_total{code!~"INVALID_ARGUMENT|NOT_FOUND|CANCELLED|DEADLINE_EXCEEDED"}[5m])) or vector(0))
           / clamp_min(sum(rate(memserve:request_success_total[5m])) + sum(rate(memserve:request_errors_total[5m])), 1e-9) > {{ $t.errorRatio }}
       for: 5m
       labels: {severity: critical}
@@ -35,7 +37,7 @@ of memserve's alerts: deploy/alerts.yaml is this, rendered with the default valu
         description: "{{ "{{" }} $value | humanizePercentage {{ "}}" }} of requests end in INTERNAL / UNAVAILABLE / RESOURCE_EXHAUSTED."
         runbook: "Look at the errors-by-code panel. UNAVAILABLE: replicas are down or restarting (kubectl get pods); RESOURCE_EXHAUSTED: see MemServeBackpressure; INTERNAL: read the engine replica logs (kubectl logs -c ray-worker)."
     - alert: MemServeBackpressure
-      expr: sum(rate(memserve:request_errors_total{code="RESOURCE_EXHAUSTED"}[5m])) > 0.1
+      expr: (sum(rate(memserve:request_errors_total{code="RESOURCE_EXHAUSTED"}[5m])) or vector(0)) > 0.1
       for: 10m
       labels: {severity: warning}
       annotations:
