@@ -245,9 +245,9 @@ def test_alert_thresholds_come_from_values():
     assert exprs["MemServeRequestsWaiting"].strip().endswith("> 7")
 
 
-@pytest.mark.parametrize("script", ["gen_schema.py", "sync_monitoring.py"])
+@pytest.mark.parametrize("script", ["helm/gen_schema.py", "helm/sync_monitoring.py", "deploy/dashboards_gen.py"])
 def test_generated_files_are_current(script):
-    p = subprocess.run([sys.executable, str(ROOT / "helm" / script), "--check"], capture_output=True, text=True)
+    p = subprocess.run([sys.executable, str(ROOT / script), "--check"], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr + p.stdout
 
 
