@@ -1,9 +1,10 @@
-"""`memserve` command line: serve | generate | ingest | bench.
+"""`memserve` command line: serve | generate | ingest | selfcheck | bench.
 
     memserve serve                              # local Ray + Serve + gRPC :9000 + HTTP :8000 + metrics :8080
     memserve generate "Tell me a joke" --chat   # stream from the server
     memserve generate "Once upon" --local       # in-process engine, no server
     memserve ingest book.txt --session book     # load a document into a session's KV memory
+    memserve selfcheck --device cuda            # kernels vs references, bandwidth, decode tok/s
     memserve bench serving                      # bench/serving.py from the source checkout
 """
 
@@ -212,6 +213,13 @@ def bench_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "bench"
 
 
+def cmd_selfcheck(a: argparse.Namespace) -> int:
+    from memserve.runtime.selfcheck import run
+    streams = [1, 4] if a.quick else [int(x) for x in a.streams.split(",")]
+    return run(device=a.device, model=a.model, streams=streams, max_tokens=8 if a.quick else a.max_tokens,
+               threads=a.threads, bench=not a.no_bench, engine=not a.no_engine)
+
+
 def cmd_bench(a: argparse.Namespace) -> int:
     d = bench_dir()
     script = d / f"{a.name}.py"
@@ -282,6 +290,17 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--address", default=DEFAULT_ADDRESS)
     i.add_argument("--timeout", type=float, default=3600)
     i.set_defaults(fn=cmd_ingest)
+
+    c = sub.add_parser("selfcheck", help="check every kernel against its reference on a device, then bandwidth and decode tok/s")
+    c.add_argument("--device", default="cpu", help="cpu or cuda (Triton kernels)")
+    c.add_argument("--model", default="default", help="model for the engine decode figures (a tiny one for CI)")
+    c.add_argument("--streams", default="1,16,64", help="comma-separated stream counts for engine decode")
+    c.add_argument("--max-tokens", type=int, default=32, help="decode tokens per stream")
+    c.add_argument("--threads", type=int, default=None, help="torch CPU threads for the engine")
+    c.add_argument("--quick", action="store_true", help="1 and 4 streams, 8 tokens each")
+    c.add_argument("--no-bench", action="store_true", help="skip the bandwidth benchmark")
+    c.add_argument("--no-engine", action="store_true", help="skip the engine decode figures")
+    c.set_defaults(fn=cmd_selfcheck)
 
     b = sub.add_parser("bench", help="run bench/NAME.py from the source checkout")
     b.add_argument("name", help="e.g. serving")
