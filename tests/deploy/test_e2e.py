@@ -12,10 +12,8 @@ import asyncio
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.parse
 import urllib.request
@@ -24,6 +22,9 @@ import grpc
 import pytest
 from memserve.deploy import memserve_pb2 as pb
 from memserve.deploy import memserve_pb2_grpc as pbg
+from serving_testlib import free_port as _free_port
+from serving_testlib import prometheus
+from serving_testlib import wait_for as _wait
 
 ray = pytest.importorskip("ray")
 
@@ -31,23 +32,6 @@ USE_FAKE = os.environ.get("MEMSERVE_E2E_FAKE") == "1"  # harness check against t
 HERE = os.path.dirname(os.path.abspath(__file__))
 ENGINE_ARGS = {"max_num_seqs": 2, "num_kv_blocks": 128, "block_size": 16, "progress": False}
 MAX_WAITING = 1
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait(cond, timeout_s: float, what: str, period: float = 0.2):
-    deadline = time.time() + timeout_s
-    last = None
-    while time.time() < deadline:
-        last = cond()
-        if last:
-            return last
-        time.sleep(period)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what} (last: {last!r})")
 
 
 @pytest.fixture(scope="module")
@@ -283,52 +267,24 @@ def test_prometheus_scrapes_series_after_traffic(app):
         _stream(stub, pb.GenerateRequest(prompt=f"metrics {i}", sampling=pb.SamplingParams(max_tokens=5, ignore_eos=True)))
     with pytest.raises(grpc.RpcError):
         _stream(stub, pb.GenerateRequest())
-    prom_port = _free_port()
-    with tempfile.TemporaryDirectory(prefix="memserve-prom-") as d:
-        cfg = os.path.join(d, "prometheus.yml")
-        with open(cfg, "w") as f:
-            f.write("global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n"
-                    f"  - job_name: memserve\n    static_configs:\n      - targets: ['127.0.0.1:{app['metrics_port']}']\n")
-        proc = subprocess.Popen(["prometheus", f"--config.file={cfg}", f"--storage.tsdb.path={d}/data",
-                                 f"--web.listen-address=127.0.0.1:{prom_port}"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        try:
-            base = f"http://127.0.0.1:{prom_port}"
+    cfg = ("global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n"
+           f"  - job_name: memserve\n    static_configs:\n      - targets: ['127.0.0.1:{app['metrics_port']}']\n")
+    with prometheus(cfg) as query:
+        def value(q):
+            res = query(q)
+            return float(res[0]["value"][1]) if res else None
 
-            def ready():
-                if proc.poll() is not None:
-                    raise AssertionError(f"prometheus exited: {proc.stderr.read().decode()[-2000:]}")
-                try:
-                    return urllib.request.urlopen(base + "/-/ready", timeout=2).status == 200
-                except OSError:
-                    return False
-
-            _wait(ready, 30, "prometheus to be ready")
-
-            def query(q):
-                url = base + "/api/v1/query?" + urllib.parse.urlencode({"query": q})
-                body = json.loads(urllib.request.urlopen(url, timeout=5).read())
-                assert body["status"] == "success", body
-                return body["data"]["result"]
-
-            def value(q):
-                res = query(q)
-                return float(res[0]["value"][1]) if res else None
-
-            _wait(lambda: (value("sum(memserve:generation_tokens_total)") or 0) >= 15, 30, "generation tokens scraped")
-            assert value('sum(memserve:request_success_total{finish_reason="length"})') >= 3
-            assert value('sum(memserve:request_errors_total{code="INVALID_ARGUMENT"})') >= 1
-            assert value("sum(memserve:time_to_first_token_seconds_count)") >= 3
-            assert value("sum(memserve:inter_token_latency_seconds_count)") >= 12
-            assert value("sum(memserve:prompt_tokens_total)") > 0
-            for gauge in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc", "sessions_active"):
-                assert query(f"memserve:{gauge}"), gauge
-            assert query("memserve:kv_memory_bytes")
-            _wait(lambda: query("histogram_quantile(0.5, sum by (le) (rate(memserve:inter_token_latency_seconds_bucket[1m])))"),
-                  15, "an ITL quantile")
-        finally:
-            proc.kill()
-            proc.wait(timeout=10)
+        _wait(lambda: (value("sum(memserve:generation_tokens_total)") or 0) >= 15, 30, "generation tokens scraped")
+        assert value('sum(memserve:request_success_total{finish_reason="length"})') >= 3
+        assert value('sum(memserve:request_errors_total{code="INVALID_ARGUMENT"})') >= 1
+        assert value("sum(memserve:time_to_first_token_seconds_count)") >= 3
+        assert value("sum(memserve:inter_token_latency_seconds_count)") >= 12
+        assert value("sum(memserve:prompt_tokens_total)") > 0
+        for gauge in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc", "sessions_active"):
+            assert query(f"memserve:{gauge}"), gauge
+        assert query("memserve:kv_memory_bytes")
+        _wait(lambda: query("histogram_quantile(0.5, sum by (le) (rate(memserve:inter_token_latency_seconds_bucket[1m])))"),
+              15, "an ITL quantile")
 
 
 def _http_json(port: int, path: str, body: dict) -> dict:

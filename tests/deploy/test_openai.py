@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import time
 
 import grpc
 import pytest
 from memserve.deploy import memserve_pb2 as pb
 from memserve.deploy import memserve_pb2_grpc as pbg
+from serving_testlib import free_port as _free_port
+from serving_testlib import wait_for as _wait
 
 ray = pytest.importorskip("ray")
 openai = pytest.importorskip("openai")
@@ -30,23 +31,6 @@ except ImportError:
 HERE = os.path.dirname(os.path.abspath(__file__))
 ENGINE_ARGS = {"max_num_seqs": 3, "num_kv_blocks": 128, "block_size": 16, "progress": False}
 MAX_WAITING = 3  # = the largest n below: a request's choices all fit in the waiting queue
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait(cond, timeout_s: float, what: str, period: float = 0.2):
-    deadline = time.time() + timeout_s
-    last = None
-    while time.time() < deadline:
-        last = cond()
-        if last:
-            return last
-        time.sleep(period)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what} (last: {last!r})")
 
 
 @pytest.fixture(scope="module")

@@ -5,21 +5,15 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
+from serving_testlib import free_port as _free_port
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("ray")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_memserve_serve_answers_the_openai_client(tmp_path):

@@ -8,43 +8,26 @@ picture is made this way)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
-import socket
-import subprocess
 import sys
-import tempfile
 import time
 import urllib.parse
 import urllib.request
-from pathlib import Path
 
 import pytest
 import yaml
 from chart_testlib import ROOT, by_kind, render
+from serving_testlib import free_port, prometheus
 
 pytestmark = pytest.mark.skipif(shutil.which("prometheus") is None,
                                 reason="prometheus binary missing (Debian package `prometheus`; .ci/run installs it)")
 FAKE_DIR = str(ROOT / "tests" / "deploy")
 # kube-state-metrics' restart counter exists only in a cluster; that one alert is covered by promtool tests
 NEEDS_CLUSTER = {"MemServeReplicaRestarts"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait(cond, timeout_s: float, what: str):
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        if cond():
-            return
-        time.sleep(0.3)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
 def scrape_config(service_monitor: dict, target: str, interval: str = "1s") -> dict:
@@ -74,35 +57,19 @@ def live():
                     engine_cls="serving_fake_engine:FakeAsyncEngine", sampling_cls="serving_fake_engine:FakeSampling",
                     env_vars={"PYTHONPATH": FAKE_DIR},
                     engine_args={"max_running": 2, "step_s": 0.01, "num_blocks": 256})
-    grpc_port, metrics_port, http_port, prom_port = (_free_port() for _ in range(4))
+    grpc_port, metrics_port, http_port = (free_port() for _ in range(3))
     server, _ = M.start_exporter(metrics_dir, port=metrics_port)
     sys.path.insert(0, FAKE_DIR)
     objs, _ = render()
     (sm,) = by_kind(objs, "ServiceMonitor")
     (rule,) = by_kind(objs, "PrometheusRule")
-    tmp = tempfile.TemporaryDirectory(prefix="memserve-prom-")
-    prom = None
     init_ray(num_cpus=2, log_to_driver=False, logging_level="ERROR")
+    stack = contextlib.ExitStack()
     try:
         start(cfg, grpc_port=grpc_port, http_port=http_port)
         stub = pbg.MemServeStub(grpc.insecure_channel(f"127.0.0.1:{grpc_port}"))
-        conf = Path(tmp.name) / "prometheus.yml"
-        conf.write_text(yaml.safe_dump(scrape_config(sm, f"127.0.0.1:{metrics_port}")))
-        prom = subprocess.Popen(["prometheus", f"--config.file={conf}", f"--storage.tsdb.path={tmp.name}/data",
-                                 f"--web.listen-address=127.0.0.1:{prom_port}"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        base = f"http://127.0.0.1:{prom_port}"
-
-        def ready():
-            if prom.poll() is not None:
-                raise AssertionError(f"prometheus exited: {prom.stderr.read().decode()[-2000:]}")
-            try:
-                return urllib.request.urlopen(base + "/-/ready", timeout=2).status == 200
-            except OSError:
-                return False
-
-        _wait(ready, 30, "prometheus to be ready")
-        # traffic: completions, a session, client errors (INVALID_ARGUMENT) and a flood (RESOURCE_EXHAUSTED)
+        query = stack.enter_context(prometheus(yaml.safe_dump(scrape_config(sm, f"127.0.0.1:{metrics_port}"))))
+        # traffic: completions, an ingest and a generation in a session, a client error (INVALID_ARGUMENT)
         t_end = time.monotonic() + 8
         i = 0
         while time.monotonic() < t_end:
@@ -119,28 +86,18 @@ def live():
             list(stub.Generate(pb.GenerateRequest(), timeout=10))
         except grpc.RpcError:
             pass
-        yield {"query": lambda q: _query(base, q), "rule": rule, "base": base}
+        yield {"query": query, "rule": rule, "base": query.base}
     finally:
-        if prom is not None:
-            prom.kill()
-            prom.wait(timeout=10)
+        stack.close()
         ray.shutdown()
         server.shutdown()
         M.cleanup_dir(metrics_dir)
-        tmp.cleanup()
         sys.path.remove(FAKE_DIR)
         for k, v in saved_env.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-
-
-def _query(base: str, q: str) -> list:
-    url = base + "/api/v1/query?" + urllib.parse.urlencode({"query": q})
-    body = json.loads(urllib.request.urlopen(url, timeout=10).read())
-    assert body["status"] == "success", body
-    return body["data"]["result"]
 
 
 def _grafana_to_promql(expr: str) -> str:
