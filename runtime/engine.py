@@ -52,6 +52,8 @@ class EngineArgs:
     # RetrievalPolicy fields, e.g. {"n_local": 2048, "topk": 16, "compression": "int4"}
     kv_memory: str = "auto"
     kv_memory_config: dict | None = None
+    # torch intra-op CPU threads for this process (None: torch's default); benchmarks report it
+    threads: int | None = None
 
     def __post_init__(self):
         assert self.device in ("cpu", "cuda") or self.device.startswith("cuda:"), \
@@ -64,6 +66,7 @@ class EngineArgs:
             assert self.torch_dtype in (torch.bfloat16, torch.float16), "dtype on CUDA must be bf16 or fp16"
         assert self.quantization in (None, "int8"), f"quantization must be None or 'int8', got {self.quantization!r}"
         assert self.quantization is None or self.device == "cpu", "quantization='int8' (fbgemm int8 linears) is a CPU path; use bf16/fp16 on CUDA"
+        assert self.threads is None or self.threads >= 1, f"threads must be None or >= 1, got {self.threads!r}"
         assert self.max_num_seqs >= 1, "max_num_seqs must be >= 1"
         assert self.max_num_batched_tokens >= 1, "max_num_batched_tokens must be >= 1"
         assert self.block_size >= 1, "block_size must be >= 1"
@@ -137,6 +140,8 @@ class LLMEngine:
         elif engine_args:
             raise TypeError("pass either args=EngineArgs(...) or keyword engine args, not both")
         self.args = args
+        if args.threads is not None:
+            torch.set_num_threads(args.threads)
         ckpt = model if isinstance(model, Checkpoint) else load_checkpoint(model, progress=args.progress)
         self.checkpoint_source = ckpt.source
         self.config = c = ckpt.config

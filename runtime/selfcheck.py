@@ -8,7 +8,7 @@
 3. the engine's decode tok/s at 1/16/64 streams (`--model`, `--streams`, `--quick`).
 
 Prints one table; returns 1 if any op disagrees with its reference (a user with a new GPU runs
-this first). The engine runs on the CPU today (no device placement in EngineArgs yet).
+this first). The engine runs on the same device (EngineArgs.device).
 """
 
 from __future__ import annotations
@@ -214,13 +214,12 @@ def check_case(case: Case) -> tuple[bool, float, str]:
     return ok, worst, "" if ok else f"max rel. error {worst:.2e} > {case.tol:.0e}"
 
 
-def engine_decode(model: str, streams: list[int], max_tokens: int, threads: int | None) -> list[tuple[int, float]]:
+def engine_decode(model: str, streams: list[int], max_tokens: int, threads: int | None,
+                  device: str = "cpu") -> list[tuple[int, float]]:
     from memserve.runtime.llm import LLM
     from memserve.runtime.sampling import SamplingParams
 
-    if threads:
-        torch.set_num_threads(threads)
-    llm = LLM(model, max_num_seqs=max(streams))
+    llm = LLM(model, max_num_seqs=max(streams), threads=threads, device=device, progress=False)
     sp = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     out = []
     for n in streams:
@@ -265,8 +264,8 @@ def run(device: str = "cpu", model: str = "default", streams=(1, 16, 64), max_to
         print_fn("| " + " | ".join(r) + " |")
     if engine:
         try:
-            for n, tps in engine_decode(model, list(streams), max_tokens, threads):
-                print_fn(f"| engine decode {n} stream(s), {max_tokens} tokens each ({model}, cpu) | ok | | "
+            for n, tps in engine_decode(model, list(streams), max_tokens, threads, device):
+                print_fn(f"| engine decode {n} stream(s), {max_tokens} tokens each ({model}, {device}) | ok | | "
                          f"{tps:.1f} tok/s | | |")
         except Exception as e:
             failed += 1

@@ -34,3 +34,13 @@ def test_gpu_peak_table():
     assert selfcheck.gpu_peak_gbps("NVIDIA H100 80GB HBM3") == 3350
     assert selfcheck.gpu_peak_gbps("Some Unknown GPU") is None
     assert torch.isfinite(torch.tensor(selfcheck.measure_copy_gbps(torch.device("cpu"), 8 << 20)))
+
+
+def test_engine_threads_argument(tmp_path):
+    from memserve.runtime import LLM
+    before = torch.get_num_threads()
+    try:
+        LLM(str(make_tiny_model(tmp_path / "t")), threads=1, progress=False)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
