@@ -58,7 +58,7 @@ def app_schema() -> dict:
 
 def schema() -> dict:
     thresholds = obj({k: {"type": "number", "minimum": 0} for k in (
-        "ttftP99Seconds", "itlP99Seconds", "errorRatio", "queueDepth", "kvUsage", "memoryTierUsage",
+        "ttftP99Seconds", "itlP99Seconds", "errorRatio", "queueDepth", "kvUsage", "memoryTierBytes",
         "replicaRestartsPerHour")})
     return {
         "$schema": "http://json-schema.org/draft-07/schema#",

@@ -133,7 +133,7 @@ class FakeAsyncEngine:
     def stats(self):
         used = self.num_total_blocks - self.free_blocks
         return FakeStats(len(self.running), len(self.waiting), used / self.num_total_blocks, self.free_blocks,
-                         self.num_total_blocks, {"device": used * 1024}, len(self._sessions or {}), self.blocks_retrieved_total)
+                         self.num_total_blocks, {"device": used * 1024, "memory": 4096 * len(self._sessions or {})}, len(self._sessions or {}), self.blocks_retrieved_total)
 
     def model_info(self):
         return {"name": "fake", "architecture": "FakeForCausalLM", "vocab_size": self.vocab_size,

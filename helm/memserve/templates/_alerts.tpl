@@ -52,6 +52,14 @@ that every alert's measured side returns data on a healthy server).
         summary: "KV cache of replica {{ "{{" }} $labels.replica {{ "}}" }} above {{ mulf $t.kvUsage 100 }}% for 10 minutes"
         description: "Requests will be preempted or queue."
         runbook: "Add KV blocks (engine.engineArgs.num_kv_blocks / kv_cache_bytes with more memory in engine.resources) or replicas."
+    - alert: MemServeMemoryTierNearlyFull
+      expr: max by (replica) (memserve:kv_memory_bytes{tier="memory"}) > {{ int64 $t.memoryTierBytes }}
+      for: 10m
+      labels: {severity: warning}
+      annotations:
+        summary: "KV-memory tier of replica {{ "{{" }} $labels.replica {{ "}}" }} above {{ int64 $t.memoryTierBytes }} bytes"
+        description: "{{ "{{" }} $value | humanize1024 {{ "}}" }}B of compressed KV memory (long contexts and sessions) on one replica."
+        runbook: "Set memoryTierBytes below the pod's memory limit minus model and KV pool. Delete idle sessions (DeleteSession), raise engine.resources.limits.memory, or add replicas so sessions spread out."
     - alert: MemServeRequestsWaiting
       expr: sum(memserve:num_requests_waiting) > {{ $t.queueDepth }}
       for: 5m
