@@ -192,12 +192,17 @@ async def _gather_cancelling(coros: list) -> list:
     try:
         return await asyncio.gather(*tasks)
     finally:
-        for t in tasks:
-            if not t.done():
-                t.cancel()
-        for t in tasks:
-            with contextlib.suppress(BaseException):
-                await t
+        await _cancel_all(tasks)
+
+
+async def _cancel_all(tasks: list) -> None:
+    """Cancel the tasks that are still running and wait until every one has ended."""
+    for t in tasks:
+        if not t.done():
+            t.cancel()
+    for t in tasks:
+        with contextlib.suppress(BaseException):
+            await t
 
 
 async def _first_of_all(streams: list) -> list:
@@ -268,9 +273,4 @@ async def _merged(streams: list, firsts: list) -> AsyncIterator[tuple[int, objec
             else:
                 yield i, item
     finally:
-        for t in tasks:
-            if not t.done():
-                t.cancel()
-        for t in tasks:
-            with contextlib.suppress(BaseException):
-                await t
+        await _cancel_all(tasks)

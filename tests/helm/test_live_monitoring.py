@@ -21,7 +21,7 @@ import urllib.request
 import pytest
 import yaml
 from chart_testlib import ROOT, by_kind, render
-from serving_testlib import free_port, prometheus
+from serving_testlib import free_port, prometheus, wait_for
 
 pytestmark = pytest.mark.skipif(shutil.which("prometheus") is None,
                                 reason="prometheus binary missing (Debian package `prometheus`; .ci/run installs it)")
@@ -137,10 +137,7 @@ def test_every_alert_expression_returns_data_and_none_fires(live):
             continue
         lhs = _alert_lhs(r["expr"])
         assert lhs != r["expr"].strip(), f"{r['alert']}: no threshold or absent() found in {r['expr']!r}"
-        end = time.monotonic() + 20
-        while not live["query"](lhs) and time.monotonic() < end:
-            time.sleep(0.5)
-        assert live["query"](lhs), f"{r['alert']}: {lhs} returned no data"
+        wait_for(lambda lhs=lhs: live["query"](lhs), 20, f"{r['alert']}: {lhs} to return data", period=0.5)
         checked += 1
     assert checked == len(rules) - len(NEEDS_CLUSTER)
     assert not live["query"]("absent(memserve:num_requests_running)")  # the absent() guard is quiet
