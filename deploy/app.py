@@ -207,6 +207,28 @@ class LocalEngineClient:
         return await ServeEngineClient.num_replicas(self)  # type: ignore[arg-type]
 
 
+def _edge_kwargs(cfg: AppConfig) -> dict:
+    from memserve.deploy.auth import KEYS_ENV, ApiKeys
+
+    keys = ApiKeys.from_file(cfg.api_keys_file or os.environ.get(KEYS_ENV))
+    if keys.enabled:
+        log.info("API keys: %d tenant(s)", len(keys.tenants()))
+    else:
+        log.warning("no API keys configured: every request is tenant 'default'%s", "" if cfg.allow_remote_without_keys
+                    else "; only loopback clients are answered")
+    return {"unavailable_timeout_s": cfg.unavailable_timeout_s, "limits": cfg.limits, "keys": keys,
+            "kv_memory": cfg.kv_memory_on(), "loopback_only": not cfg.allow_remote_without_keys}
+
+
+def _caller(grpc_context) -> tuple[str | None, str | None]:
+    """(authorization metadata, peer) of a gRPC call."""
+    from memserve.deploy.auth import metadata_value
+
+    if grpc_context is None:
+        return None, None
+    return metadata_value(grpc_context.invocation_metadata()), grpc_context.peer()
+
+
 class MemServeIngress:
     """gRPC methods of memserve.v1.MemServe (Serve routes /memserve.v1.MemServe/<Method> here) and
     the OpenAI-compatible HTTP API (`__call__`: Serve's HTTP proxy routes the app's HTTP requests
@@ -219,8 +241,7 @@ class MemServeIngress:
         sampling_cls = None
         with contextlib.suppress(ImportError, AttributeError):
             sampling_cls = import_attr(cfg.sampling_cls)
-        self.core = IngressCore(ServeEngineClient(engine, cfg.app_name), unavailable_timeout_s=cfg.unavailable_timeout_s,
-                                sampling_cls=sampling_cls)
+        self.core = IngressCore(ServeEngineClient(engine, cfg.app_name), sampling_cls=sampling_cls, **_edge_kwargs(cfg))
         self.metrics = None
         if cfg.metrics_dir:
             from memserve.deploy.metrics import get_metrics
@@ -256,37 +277,39 @@ class MemServeIngress:
             grpc_context.set_code(getattr(grpc.StatusCode, code))
             grpc_context.set_details(details)
 
-    async def _stream(self, agen, grpc_context):
+    async def _stream(self, method, request, grpc_context):
         try:
-            async for msg in agen:
+            tenant = self.core.authenticate(*_caller(grpc_context))
+            async for msg in method(request, tenant=tenant):
                 yield msg
         except BaseException as e:
             self._fail(e, grpc_context)
             raise
 
-    async def _unary(self, coro, grpc_context):
+    async def _unary(self, method, request, grpc_context):
         try:
-            return await coro
+            tenant = self.core.authenticate(*_caller(grpc_context))
+            return await method(request, tenant=tenant)
         except BaseException as e:
             self._fail(e, grpc_context)
             raise
 
     async def Generate(self, request: pb.GenerateRequest, grpc_context=None):
-        async for msg in self._stream(self.core.generate(request), grpc_context):
+        async for msg in self._stream(self.core.generate, request, grpc_context):
             yield msg
 
     async def Ingest(self, request: pb.IngestRequest, grpc_context=None):
-        async for msg in self._stream(self.core.ingest(request), grpc_context):
+        async for msg in self._stream(self.core.ingest, request, grpc_context):
             yield msg
 
     async def GetSession(self, request: pb.GetSessionRequest, grpc_context=None) -> pb.SessionInfo:
-        return await self._unary(self.core.get_session(request), grpc_context)
+        return await self._unary(self.core.get_session, request, grpc_context)
 
     async def DeleteSession(self, request: pb.DeleteSessionRequest, grpc_context=None) -> pb.DeleteSessionResponse:
-        return await self._unary(self.core.delete_session(request), grpc_context)
+        return await self._unary(self.core.delete_session, request, grpc_context)
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, grpc_context=None) -> pb.ModelInfo:
-        return await self._unary(self.core.get_model_info(request), grpc_context)
+        return await self._unary(self.core.get_model_info, request, grpc_context)
 
 
 class MemServeDirect(MemServeEngine, MemServeIngress):
@@ -297,8 +320,8 @@ class MemServeDirect(MemServeEngine, MemServeIngress):
     def __init__(self, config: dict):
         MemServeEngine.__init__(self, config)
         cfg = AppConfig(**config)
-        self.core = IngressCore(LocalEngineClient(self.worker, cfg.app_name), unavailable_timeout_s=cfg.unavailable_timeout_s,
-                                sampling_cls=self.worker.sampling_cls)
+        self.core = IngressCore(LocalEngineClient(self.worker, cfg.app_name), sampling_cls=self.worker.sampling_cls,
+                                **_edge_kwargs(cfg))
         self.metrics = self.worker.metrics
         if self.metrics is None and cfg.metrics_dir:
             from memserve.deploy.metrics import get_metrics

@@ -53,13 +53,33 @@ def cmd_serve(a: argparse.Namespace) -> int:
     if a.max_replicas is not None:
         autoscaling = {"min_replicas": a.min_replicas, "max_replicas": a.max_replicas,
                        "target_ongoing_requests": a.target_ongoing_requests}
+    from memserve.deploy.auth import KEYS_ENV, ApiKeys
+
+    keys_file = a.api_keys or os.environ.get(KEYS_ENV) or None
+    try:
+        keys = ApiKeys.from_file(keys_file)
+    except ValueError as e:
+        raise SystemExit(f"memserve serve: --api-keys: {e}") from None
+    if not keys.enabled and not _is_loopback_host(a.host):
+        raise SystemExit(f"memserve serve: --host {a.host} without API keys would expose an unauthenticated server; "
+                         "pass --api-keys FILE (lines 'TENANT KEY') or keep the default --host 127.0.0.1")
     metrics_dir = M.make_multiproc_dir()
     try:
         cfg = AppConfig(model=a.model, engine_args=engine_args, num_replicas=a.replicas, autoscaling_config=autoscaling,
-                        topology=a.topology,
+                        topology=a.topology, api_keys_file=str(Path(keys_file).resolve()) if keys_file else None,
+                        limits=_parse_limits(a.limit),
                         max_waiting=a.max_waiting, metrics_dir=metrics_dir, engine_num_cpus=a.engine_cpus)
     except Exception as e:  # pydantic's message names the field
+        M.cleanup_dir(metrics_dir)
         raise SystemExit(f"memserve serve: invalid settings: {e}") from None
+    # Serve's gRPC proxy reads its receive limit from the environment at import (Ray's default 2 GiB)
+    os.environ.setdefault("RAY_SERVE_GRPC_MAX_MESSAGE_SIZE", str(cfg.limits.max_request_bytes))
+    if keys.enabled:
+        print(f"memserve: API keys of {len(keys.tenants())} tenant(s) from {keys_file}; clients send "
+              "'authorization: Bearer KEY'", flush=True)
+    else:
+        print("memserve: WARNING: no API keys (--api-keys FILE / MEMSERVE_API_KEYS_FILE): anyone on this machine can "
+              "use the server; it answers loopback clients only", flush=True)
 
     server, _ = M.start_exporter(metrics_dir, port=a.metrics_port, addr=a.host)
     stop = threading.Event()
@@ -91,6 +111,35 @@ def cmd_serve(a: argparse.Namespace) -> int:
             except Exception:  # noqa: BLE001 - best effort on the way out
                 pass
         M.cleanup_dir(metrics_dir)
+
+
+def _is_loopback_host(host: str) -> bool:
+    from memserve.deploy.ingress import is_loopback
+
+    return host == "localhost" or is_loopback(host)
+
+
+def _parse_limits(items: list[str]):
+    from memserve.deploy.limits import Limits
+
+    d = {}
+    for it in items or []:
+        if "=" not in it:
+            raise SystemExit(f"--limit expects NAME=VALUE (fields of deploy/limits.py Limits), got {it!r}")
+        k, v = it.split("=", 1)
+        d[k.strip()] = None if v.strip().lower() in ("none", "off") else v.strip()
+    try:
+        return Limits(**d)
+    except Exception as e:  # noqa: BLE001 - pydantic names the field
+        raise SystemExit(f"memserve serve: --limit: {e}") from None
+
+
+def _metadata(a: argparse.Namespace) -> tuple:
+    from memserve.deploy.auth import CLIENT_KEY_ENV
+
+    key = getattr(a, "api_key", None) or os.environ.get(CLIENT_KEY_ENV)
+    md = (("application", "memserve"),)
+    return md + ((("authorization", f"Bearer {key}"),) if key else ())
 
 
 # ---- generate -----------------------------------------------------------------------------------
@@ -132,7 +181,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
         stub = pbg.MemServeStub(ch)
         try:
             last = None
-            for msg in stub.Generate(req, timeout=a.timeout, metadata=(("application", "memserve"),)):
+            for msg in stub.Generate(req, timeout=a.timeout, metadata=_metadata(a)):
                 sys.stdout.write(msg.text)
                 sys.stdout.flush()
                 last = msg
@@ -191,7 +240,7 @@ def cmd_ingest(a: argparse.Namespace) -> int:
         try:
             last = None
             for p in stub.Ingest(pb.IngestRequest(session_id=a.session, text=text), timeout=a.timeout,
-                                 metadata=(("application", "memserve"),)):
+                                 metadata=_metadata(a)):
                 if p.tokens_total and bar.total != p.tokens_total:
                     bar.total = p.tokens_total
                 bar.n = p.tokens_done
@@ -261,6 +310,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-num-seqs", type=int, default=None, help="max sequences in a running batch")
     s.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="any other engine argument (e.g. KV-memory settings); VALUE is parsed as JSON when it can be")
+    s.add_argument("--api-keys", default=None, metavar="FILE",
+                   help="API keys, one 'TENANT KEY' per line (env MEMSERVE_API_KEYS_FILE); without keys the server "
+                        "answers loopback clients only")
+    s.add_argument("--limit", action="append", default=[], metavar="NAME=VALUE",
+                   help="a request/tenant bound of deploy/limits.py, e.g. max_tokens=4096, max_streams_per_tenant=16")
     s.add_argument("--engine-cpus", type=float, default=0.1, help="Ray CPUs reserved per engine replica")
     s.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray cluster (default: all)")
     s.add_argument("-v", "--verbose", action="store_true", help="show Ray/Serve logs")
@@ -281,6 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--stop", action="append", default=[])
     g.add_argument("--timeout", type=float, default=600, help="gRPC deadline in seconds")
+    g.add_argument("--api-key", default=None, help="API key (default: env MEMSERVE_API_KEY)")
     g.add_argument("-v", "--verbose", action="store_true", help="print finish reason and token usage to stderr")
     g.set_defaults(fn=cmd_generate)
 
@@ -289,6 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--session", required=True)
     i.add_argument("--address", default=DEFAULT_ADDRESS)
     i.add_argument("--timeout", type=float, default=3600)
+    i.add_argument("--api-key", default=None, help="API key (default: env MEMSERVE_API_KEY)")
     i.set_defaults(fn=cmd_ingest)
 
     c = sub.add_parser("selfcheck", help="check every kernel against its reference on a device, then bandwidth and decode tok/s")

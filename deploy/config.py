@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+from memserve.deploy.limits import Limits
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 DEFAULT_ENGINE_CLS = "memserve.runtime.async_engine:AsyncLLMEngine"
@@ -66,6 +67,17 @@ class AppConfig(BaseModel):
     metrics_dir: str | None = Field(None, description="PROMETHEUS_MULTIPROC_DIR shared by the replicas and the "
                                     "exporter; None disables multiprocess metric files.")
     router_seed: int | None = Field(None, description="Seed of the power-of-two-choices sampler (tests).")
+    api_keys_file: str | None = Field(None, description="File of 'TENANT KEY' lines (deploy/auth.py), read by the "
+                                      "ingress replicas; clients send 'authorization: Bearer KEY'. None: no "
+                                      "authentication, every request is tenant 'default' (bind loopback only).")
+    allow_remote_without_keys: bool = Field(False, description="Without API keys the ingress answers loopback "
+                                            "clients only (UNAUTHENTICATED otherwise: Serve's gRPC proxy binds all "
+                                            "interfaces, so the check is the ingress's). True: any peer the network "
+                                            "admits (the Helm chart without auth.existingSecret, behind its "
+                                            "NetworkPolicy).")
+    limits: Limits = Field(default_factory=Limits, description="Bounds per request and per tenant "
+                           "(deploy/limits.py): max_tokens, prompt size, messages, stop strings, request size, "
+                           "concurrent streams, sessions and memory-tier bytes per tenant.")
 
     @field_validator("engine_cls", "sampling_cls")
     @classmethod
@@ -82,6 +94,9 @@ class AppConfig(BaseModel):
             if not (0 <= lo <= hi):
                 raise ValueError(f"autoscaling_config: need 0 <= min_replicas <= max_replicas, got {lo}, {hi}")
         return self
+
+    def kv_memory_on(self) -> bool:
+        return str(self.engine_args.get("kv_memory", "auto")) != "off"
 
     def resolved_max_ongoing(self) -> int:
         if self.max_ongoing_requests is not None:

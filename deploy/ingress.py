@@ -12,7 +12,9 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
+from memserve.deploy import limits as L
 from memserve.deploy import memserve_pb2 as pb
+from memserve.deploy.auth import ApiKeys, TenantBook, internal_id
 from memserve.scheduler.router import estimate_tokens
 
 CHAT_ROLES = ("system", "user", "assistant", "tool")
@@ -44,6 +46,23 @@ class EngineClient(Protocol):
     def stream(self, method: str, *args, routing: dict) -> EngineStream: ...
     async def call(self, method: str, *args, routing: dict | None = None) -> Any: ...
     async def num_replicas(self) -> int: ...
+
+
+def is_loopback(peer: str) -> bool:
+    import ipaddress
+
+    p = peer
+    if p.startswith(("ipv4:", "ipv6:")):
+        p = p[5:]
+        p = p[1:p.index("]")] if p.startswith("[") else p.rsplit(":", 1)[0] if p.count(":") == 1 else p
+    if p.startswith("unix:") or p in ("localhost", "testclient"):
+        return True
+    try:
+        ip = ipaddress.ip_address(p)
+    except ValueError:
+        return False
+    mapped = getattr(ip, "ipv4_mapped", None)  # [::ffff:127.0.0.1] from a dual-stack socket
+    return (mapped or ip).is_loopback
 
 
 def _raise_if_error(item: dict) -> None:
@@ -104,8 +123,8 @@ def validate_generate(request: pb.GenerateRequest, *, vocab_size: int | None, sa
         prompt_len = len(ids)
     if len(request.request_id) > MAX_REQUEST_ID_LEN:
         raise RpcError("INVALID_ARGUMENT", f"request_id: at most {MAX_REQUEST_ID_LEN} characters, got {len(request.request_id)}")
-    if len(request.session_id) > MAX_REQUEST_ID_LEN:
-        raise RpcError("INVALID_ARGUMENT", f"session_id: at most {MAX_REQUEST_ID_LEN} characters, got {len(request.session_id)}")
+    if request.session_id:
+        L.check_session_id(request.session_id)
     req["request_id"] = request.request_id or uuid.uuid4().hex
     req["session_id"] = request.session_id or None
     req["sampling"] = sampling_dict(request.sampling, sampling_cls)
@@ -114,18 +133,69 @@ def validate_generate(request: pb.GenerateRequest, *, vocab_size: int | None, sa
 
 
 class IngressCore:
-    def __init__(self, client: EngineClient, *, unavailable_timeout_s: float = 30.0, sampling_cls=None):
+    """`keys`: API keys (deploy/auth.py; none = open, tenant "default"). `limits`: deploy/limits.py.
+    `kv_memory`: whether the engines run with the KV memory (then max_tokens defaults to
+    limits.max_tokens_kv_memory instead of the model's context). Every public method takes the
+    caller's `tenant` (from `authenticate`) and maps client session ids to `tenant:id` inside."""
+
+    def __init__(self, client: EngineClient, *, unavailable_timeout_s: float = 30.0, sampling_cls=None,
+                 limits: L.Limits | None = None, keys: ApiKeys | None = None, kv_memory: bool = True,
+                 loopback_only: bool = False):
         self.client = client
         self.unavailable_timeout_s = unavailable_timeout_s
         self.sampling_cls = sampling_cls
+        self.limits = limits or L.Limits()
+        self.keys = keys or ApiKeys()
+        self.kv_memory = kv_memory
+        self.loopback_only = loopback_only
+        self.book = TenantBook()
         self._vocab_size: int | None = None
+        self._max_model_len: int | None = None
+
+    def authenticate(self, authorization: str | None, peer: str | None = None) -> str:
+        """The caller's tenant. `peer`: the transport's peer ("ipv4:1.2.3.4:5", "ipv6:[::1]:5",
+        an HTTP client host); without keys and with `loopback_only`, only loopback peers pass."""
+        if not self.keys.enabled and self.loopback_only and peer is not None and not is_loopback(peer):
+            raise RpcError("UNAUTHENTICATED", f"authorization: this server has no API keys configured and answers "
+                           f"loopback clients only (peer {peer}); start it with --api-keys FILE")
+        return self.keys.authenticate(authorization)
 
     async def _vocab(self) -> int | None:
         if self._vocab_size is None:
             with contextlib.suppress(Exception):
                 info = await asyncio.wait_for(self.client.call("model_info"), self.unavailable_timeout_s)
                 self._vocab_size = int(info.get("vocab_size") or 0) or None
+                self._max_model_len = int(info.get("max_model_len") or 0) or None
         return self._vocab_size
+
+    async def max_tokens_cap(self) -> tuple[int, str]:
+        """(cap on sampling.max_tokens, the limit's name)."""
+        lim = self.limits
+        if lim.max_tokens is not None:
+            return lim.max_tokens, "max_tokens"
+        if self.kv_memory:
+            return lim.max_tokens_kv_memory, "max_tokens_kv_memory"
+        await self._vocab()
+        if self._max_model_len:
+            return self._max_model_len, "max_tokens (default: the model's max_model_len)"
+        return lim.max_tokens_kv_memory, "max_tokens_kv_memory"
+
+    def _session_in(self, tenant: str, session_id: str, *, opens: bool) -> str:
+        """Validate a client session id and return the internal one; `opens`: the request may
+        create the session (quota check)."""
+        L.check_session_id(session_id)
+        if opens:
+            self.book.check_new_session(tenant, session_id, self.limits.max_sessions_per_tenant,
+                                        self.limits.max_memory_bytes_per_tenant)
+        return internal_id(tenant, session_id)
+
+    def _scrub(self, e: RpcError, tenant: str, session_id: str) -> RpcError:
+        """Errors name the client's id, never the internal one; NOT_FOUND forgets the session."""
+        if not session_id:
+            return e
+        if e.code == "NOT_FOUND":
+            self.book.forget(tenant, session_id)
+        return RpcError(e.code, e.details.replace(internal_id(tenant, session_id), session_id))
 
     async def _open(self, method: str, *args, routing: dict) -> tuple[EngineStream, dict]:
         """Start a stream and wait (bounded) until a replica accepts it."""
@@ -144,22 +214,39 @@ class IngressCore:
         _raise_if_error(first)
         return stream, first
 
-    async def generate(self, request: pb.GenerateRequest, api: str = "grpc",
-                       yield_accepted: bool = False) -> AsyncIterator[pb.GenerateResponse | None]:
+    async def generate(self, request: pb.GenerateRequest, api: str = "grpc", yield_accepted: bool = False,
+                       tenant: str = L.DEFAULT_TENANT) -> AsyncIterator[pb.GenerateResponse | None]:
         """`api`: "grpc" or "http" (the OpenAI API, deploy/openai_api.py): the metrics label.
         `yield_accepted`: first yield None once a replica has accepted the request (routing done)."""
+        cap, cap_name = await self.max_tokens_cap()
+        L.check_generate(request, self.limits, max_tokens_cap=cap, cap_name=cap_name)
         req = validate_generate(request, vocab_size=await self._vocab() if request.prompt_token_ids else None,
                                 sampling_cls=self.sampling_cls)
+        sid = request.session_id
+        if sid:
+            req["session_id"] = self._session_in(tenant, sid, opens=True)
+        client_rid = req["request_id"]
+        req["request_id"] = internal_id(tenant, client_rid)
         req["api"] = api
         routing = {"session_id": req["session_id"], "tokens": req.pop("_est_tokens")}
-        stream, _ = await self._open("generate", req, routing=routing)
+        self.book.open_stream(tenant, self.limits.max_streams_per_tenant)
         done = False
+        stream = None
         try:
+            try:
+                stream, _ = await self._open("generate", req, routing=routing)
+            except RpcError as e:
+                raise self._scrub(e, tenant, sid) from None
+            if sid:
+                self.book.add(tenant, sid)
             if yield_accepted:
                 yield None
             async for item in stream:
-                _raise_if_error(item)
-                resp = pb.GenerateResponse(request_id=req["request_id"], text=item["text"], token_ids=item["token_ids"])
+                try:
+                    _raise_if_error(item)
+                except RpcError as e:
+                    raise self._scrub(e, tenant, sid) from None
+                resp = pb.GenerateResponse(request_id=client_rid, text=item["text"], token_ids=item["token_ids"])
                 if item.get("finish_reason"):
                     resp.finish_reason = item["finish_reason"]
                     u = item.get("usage") or {}
@@ -170,54 +257,76 @@ class IngressCore:
                 yield resp
             done = True
         finally:
-            if not done:  # client went away / deadline / error: stop the engine side now
+            self.book.close_stream(tenant)
+            if not done and stream is not None:  # client went away / deadline / error: stop the engine side now
                 stream.cancel()
 
-    async def ingest(self, request: pb.IngestRequest) -> AsyncIterator[pb.IngestProgress]:
-        if not request.session_id:
-            raise RpcError("INVALID_ARGUMENT", "session_id: required (a non-empty string up to 128 characters)")
+    async def ingest(self, request: pb.IngestRequest, tenant: str = L.DEFAULT_TENANT) -> AsyncIterator[pb.IngestProgress]:
+        sid = request.session_id
+        if not sid:
+            raise RpcError("INVALID_ARGUMENT", f"session_id: required ({L.SESSION_ID_RULE})")
         if bool(request.text) == bool(request.token_ids):
             raise RpcError("INVALID_ARGUMENT", "text: exactly one of text, token_ids must be set")
+        L.check_ingest(request, self.limits)
+        internal = self._session_in(tenant, sid, opens=True)
         data = request.text or list(request.token_ids)
         n = len(request.token_ids) or max(1, len(request.text) // 4)
-        stream, _ = await self._open("ingest", request.session_id, data,
-                                     routing={"session_id": request.session_id, "tokens": n})
+        self.book.open_stream(tenant, self.limits.max_streams_per_tenant)
         done = False
+        stream = None
         try:
+            try:
+                stream, _ = await self._open("ingest", internal, data, routing={"session_id": internal, "tokens": n})
+            except RpcError as e:
+                raise self._scrub(e, tenant, sid) from None
+            self.book.add(tenant, sid)
             async for item in stream:
-                _raise_if_error(item)
+                try:
+                    _raise_if_error(item)
+                except RpcError as e:
+                    raise self._scrub(e, tenant, sid) from None
                 p = item["progress"]
-                yield pb.IngestProgress(session_id=request.session_id, tokens_done=p["tokens_done"],
+                yield pb.IngestProgress(session_id=sid, tokens_done=p["tokens_done"],
                                         tokens_total=p["tokens_total"], done=p["done"])
             done = True
         finally:
-            if not done:
+            self.book.close_stream(tenant)
+            if not done and stream is not None:
                 stream.cancel()
+        if self.limits.max_memory_bytes_per_tenant is not None:  # learn the session's size for the byte quota
+            with contextlib.suppress(RpcError):
+                await self.get_session(pb.GetSessionRequest(session_id=sid), tenant=tenant)
 
-    async def _session_call(self, name: str, session_id: str) -> dict:
+    async def _session_call(self, name: str, session_id: str, tenant: str) -> dict:
         if not session_id:
-            raise RpcError("INVALID_ARGUMENT", "session_id: required (a non-empty string up to 128 characters)")
-        res = await self.client.call("call_session", name, session_id, routing={"session_id": session_id, "tokens": 0})
-        _raise_if_error(res)
+            raise RpcError("INVALID_ARGUMENT", f"session_id: required ({L.SESSION_ID_RULE})")
+        internal = self._session_in(tenant, session_id, opens=False)
+        try:
+            res = await self.client.call("call_session", name, internal, routing={"session_id": internal, "tokens": 0})
+            _raise_if_error(res)
+        except RpcError as e:
+            raise self._scrub(e, tenant, session_id) from None
         return res
 
-    async def get_session(self, request: pb.GetSessionRequest) -> pb.SessionInfo:
-        res = await self._session_call("get_session", request.session_id)
+    async def get_session(self, request: pb.GetSessionRequest, tenant: str = L.DEFAULT_TENANT) -> pb.SessionInfo:
+        res = await self._session_call("get_session", request.session_id, tenant)
         r = res.get("result") or {}
         r = r if isinstance(r, dict) else {}
         nbytes = r.get("memory_bytes", r.get("bytes", 0)) or 0
         if isinstance(nbytes, dict):  # per-tier bytes
             nbytes = sum(int(v) for v in nbytes.values())
+        self.book.add(tenant, request.session_id, int(nbytes))
         state = r.get("state") or ("busy" if r.get("busy") else "idle")
         return pb.SessionInfo(session_id=request.session_id, num_tokens=int(r.get("num_tokens", 0) or 0),
                               memory_bytes=int(nbytes), state=str(state), replica=str(res.get("replica", "")))
 
-    async def delete_session(self, request: pb.DeleteSessionRequest) -> pb.DeleteSessionResponse:
-        res = await self._session_call("delete_session", request.session_id)
+    async def delete_session(self, request: pb.DeleteSessionRequest, tenant: str = L.DEFAULT_TENANT) -> pb.DeleteSessionResponse:
+        res = await self._session_call("delete_session", request.session_id, tenant)
+        self.book.forget(tenant, request.session_id)
         r = res.get("result")
         return pb.DeleteSessionResponse(deleted=bool(r) if r is not None else True)
 
-    async def get_model_info(self, request: pb.GetModelInfoRequest) -> pb.ModelInfo:
+    async def get_model_info(self, request: pb.GetModelInfoRequest, tenant: str = L.DEFAULT_TENANT) -> pb.ModelInfo:
         info = await asyncio.wait_for(self.client.call("model_info"), self.unavailable_timeout_s)
         stats = info.pop("stats", {}) or {}
         known = {"name", "model", "architecture", "vocab_size", "max_model_len", "block_size", "replica"}

@@ -17,8 +17,11 @@ Disconnects: when the client goes away, Serve's proxy cancels the replica's hand
 cancellation reaches IngressCore.generate, whose `finally` cancels the engine stream, and the
 engine aborts the request and frees its KV blocks (tests/deploy/test_openai.py checks the pool).
 
-Authentication: memserve has no API keys yet (issue 20). When it does, the `Authorization: Bearer`
-check belongs in `OpenAIServer.__call__`, before routing, shared with the gRPC metadata check.
+Authentication (deploy/auth.py): `Authorization: Bearer KEY` is checked in `OpenAIServer.__call__`
+before routing, by the same IngressCore.authenticate as gRPC's metadata; a missing or wrong key is
+401 with OpenAI's error body (the openai client raises AuthenticationError). Limits
+(deploy/limits.py) are IngressCore's, so HTTP and gRPC share them; the raw body is bounded by
+limits.max_request_bytes before it is parsed.
 """
 
 from __future__ import annotations
@@ -65,6 +68,8 @@ class OpenAIServer:
         routes = {"/v1/chat/completions": ("POST", "chat"), "/v1/completions": ("POST", "completion"),
                   "/v1/models": ("GET", "models")}
         try:
+            client = request.scope.get("client")
+            tenant = self.core.authenticate(request.headers.get("authorization"), client[0] if client else None)
             if path not in routes:
                 raise P.ApiError(404, f"no route {path}; this server offers POST /v1/chat/completions, "
                                  "POST /v1/completions and GET /v1/models", type="not_found_error", code="unknown_url")
@@ -74,11 +79,14 @@ class OpenAIServer:
             if kind == "models":
                 return JSONResponse(P.models_body((await self.model_names())[:1], self._created))
             raw = await request.body()
+            cap = self.core.limits.max_request_bytes
+            if len(raw) > cap:
+                raise P.invalid("body", f"at most {cap} bytes (limit max_request_bytes), got {len(raw)} bytes")
             try:
                 body = json.loads(raw or b"null")
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise P.invalid("body", f"not valid JSON ({e})") from None
-            return await self.generate(kind, body)
+            return await self.generate(kind, body, tenant)
         except P.ApiError as e:
             return self._error_response(e)
         except RpcError as e:
@@ -106,7 +114,7 @@ class OpenAIServer:
         return self._names
 
     # ---- completions ----------------------------------------------------------------------------
-    async def generate(self, kind: str, body):
+    async def generate(self, kind: str, body, tenant: str = "default"):
         from starlette.responses import JSONResponse, StreamingResponse
 
         req = P.parse(kind, body)
@@ -117,7 +125,7 @@ class OpenAIServer:
         grpc_reqs = [req.to_grpc(i) for i in range(req.n)]
         renames = req.renames()
         model = req.model
-        streams = [self.core.generate(g, api="http", yield_accepted=True) for g in grpc_reqs]
+        streams = [self.core.generate(g, api="http", yield_accepted=True, tenant=tenant) for g in grpc_reqs]
         try:
             firsts = await _first_of_all(streams)
         except RpcError as e:

@@ -66,7 +66,7 @@ def from_rpc(code: str, details: str, *, renames: dict[str, str] | None = None) 
             renamed = (renames or {}).get(base)
             param = renamed + bracket + rest_idx if renamed else head.removeprefix("sampling.")
             details = f"{param}: {rest}"
-    api_code = {400: "invalid_value", 404: "not_found", 429: "rate_limit_exceeded", 503: "no_replica_available"}.get(status)
+    api_code = {400: "invalid_value", 401: "invalid_api_key", 404: "not_found", 429: "rate_limit_exceeded", 503: "no_replica_available"}.get(status)
     if code == "NOT_FOUND" and (param == "session_id" or "session" in details.lower()):
         param, api_code = "session_id", "session_not_found"
     return ApiError(status, details, type=etype, param=param, code=api_code)

@@ -41,6 +41,14 @@ def _routing_of(pending_request: Optional[PendingRequest]) -> dict:
     return {}
 
 
+def _holds(session_id: str, sessions) -> bool:
+    """Replicas list internal ids "tenant:id" (deploy/auth.py). The ingress routes by internal id;
+    in the "direct" topology the router sees the client's id (the tenant is only known after the
+    replica authenticated the call), so it matches the id part: two tenants' equal ids then share
+    an affinity hint, never a session."""
+    return session_id in sessions or any(s.partition(":")[2] == session_id for s in sessions)
+
+
 class MemServeRequestRouter(RequestRouter):
     def initialize_state(self, seed: int | None = None, **kwargs):
         self._policy = Router(seed=seed)
@@ -63,7 +71,7 @@ class MemServeRequestRouter(RequestRouter):
         by_id = {r.replica_id: r for r in candidate_replicas}
         if session_id and policy.session_replica(session_id) not in by_id:
             for r in candidate_replicas:
-                if session_id in ((r.routing_stats or {}).get("sessions") or ()):
+                if _holds(session_id, (r.routing_stats or {}).get("sessions") or ()):
                     policy.bind_session(session_id, r.replica_id)
                     break
         tiers = policy.rank(list(by_id), session_id=session_id)

@@ -44,9 +44,23 @@ RESOURCES = obj({"requests": free_obj("Kubernetes resource requests"), "limits":
 REPLICAS = obj({"min": COUNT, "max": {"type": "integer", "minimum": 1}}, ("min", "max"))
 
 
+def _inline(node, defs: dict):
+    """Nested models (AppConfig.limits) come as $ref into $defs; the chart's schema is one flat document."""
+    if isinstance(node, dict):
+        if "$ref" in node:
+            target = dict(defs[node["$ref"].rsplit("/", 1)[1]])
+            target.pop("title", None)
+            return _inline({**target, **{k: v for k, v in node.items() if k != "$ref"}}, defs)
+        return {k: _inline(v, defs) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_inline(v, defs) for v in node]
+    return node
+
+
 def app_schema() -> dict:
     props = {}
-    for name, prop in AppConfig.model_json_schema()["properties"].items():
+    full = AppConfig.model_json_schema()
+    for name, prop in _inline(full["properties"], full.get("$defs", {})).items():
         if name in CHART_OWNED:
             continue
         prop = dict(prop)
