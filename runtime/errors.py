@@ -37,3 +37,8 @@ class SessionNotFoundError(MemServeError, KeyError):
 
 class QueueFullError(MemServeError, RuntimeError):
     """The engine's waiting queue is at its bound (gRPC RESOURCE_EXHAUSTED): retry later."""
+
+
+class DataLossError(MemServeError, RuntimeError):
+    """A stored session snapshot is corrupt, truncated or of another format (gRPC DATA_LOSS). The
+    replica keeps serving; the session must be ingested again (or restored from a backup)."""

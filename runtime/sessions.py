@@ -56,8 +56,7 @@ def _cfg_from_json(s: str) -> KVMemoryConfig:
     return KVMemoryConfig(policy=RetrievalPolicy(**pol), **d)
 
 
-def save_session(session: Session, path: str) -> None:
-    """Write a safetensors snapshot: every layer's tensors bit-exact, config + token ids as metadata."""
+def _tensors_and_meta(session: Session) -> tuple[dict, dict]:
     tensors = {}
     for i, lm in enumerate(session.memory.layers):
         for name, t in lm.state_tensors().items():
@@ -67,21 +66,33 @@ def save_session(session: Session, path: str) -> None:
     meta = {"format": SNAPSHOT_FORMAT, "session_id": session.session_id, "config": _cfg_to_json(m.cfg),
             "token_ids": json.dumps(session.token_ids), "num_layers": str(len(m.layers)),
             "num_kv_heads": str(hkv), "head_dim": str(d), "created": repr(session.created)}
+    return tensors, meta
+
+
+def save_session(session: Session, path: str) -> None:
+    """Write a safetensors snapshot: every layer's tensors bit-exact, config + token ids as metadata."""
+    tensors, meta = _tensors_and_meta(session)
     save_file(tensors, path, metadata=meta)
 
 
-def load_session(path: str, session_id: str | None = None) -> Session:
-    from safetensors import safe_open
+def session_to_bytes(session: Session) -> bytes:
+    """The same safetensors snapshot as `save_session`, in memory (runtime/session_store.py frames it)."""
+    from safetensors.torch import save
 
-    with safe_open(path, "pt") as f:
-        meta = f.metadata() or {}
+    tensors, meta = _tensors_and_meta(session)
+    return save(tensors, metadata=meta)
+
+
+def _check_format(meta: dict, where: str) -> None:
     fmt = meta.get("format", "")
     if fmt != SNAPSHOT_FORMAT:
         if fmt.startswith("memserve.session."):
-            raise InvalidRequestError("path", f"{path} is a {fmt} snapshot; this memserve reads {SNAPSHOT_FORMAT}: "
+            raise InvalidRequestError("path", f"{where} is a {fmt} snapshot; this memserve reads {SNAPSHOT_FORMAT}: "
                                               "ingest the document again and save a new snapshot")
-        raise InvalidRequestError("path", f"{path} is not a memserve session snapshot ({SNAPSHOT_FORMAT})")
-    tensors = load_file(path)
+        raise InvalidRequestError("path", f"{where} is not a memserve session snapshot ({SNAPSHOT_FORMAT})")
+
+
+def _session_of(meta: dict, tensors: dict, session_id: str | None) -> Session:
     cfg = _cfg_from_json(meta["config"])
     mem = SequenceMemory(cfg, int(meta["num_layers"]), int(meta["num_kv_heads"]), int(meta["head_dim"]))
     for i, lm in enumerate(mem.layers):
@@ -90,6 +101,27 @@ def load_session(path: str, session_id: str | None = None) -> Session:
     sess = Session(session_id or meta["session_id"], mem, json.loads(meta["token_ids"]))
     sess.created = float(meta.get("created", time.time()))
     return sess
+
+
+def load_session(path: str, session_id: str | None = None) -> Session:
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        meta = f.metadata() or {}
+    _check_format(meta, path)
+    return _session_of(meta, load_file(path), session_id)
+
+
+def session_from_bytes(data: bytes, session_id: str | None = None) -> Session:
+    """Inverse of `session_to_bytes`; raises on anything that is not a snapshot of this format."""
+    import struct
+
+    from safetensors.torch import load
+
+    (n,) = struct.unpack("<Q", data[:8])  # safetensors: u64 header length, JSON header, tensor bytes
+    meta = json.loads(data[8:8 + n]).get("__metadata__") or {}
+    _check_format(meta, f"session {session_id!r}")
+    return _session_of(meta, load(data), session_id)
 
 
 class SessionStore:
