@@ -3,7 +3,7 @@ block at the first decode step, and the greedy answer, for several selection var
 
     .venv/bin/python bench/kv_memory_probe.py --tokens 12000 --depth 0.5 --variants infllm,kvhead_sticky
 
-A minimal single-sequence Llama forward (same weights as the engine, attention through LayerMemory),
+A minimal single-sequence Llama forward (same weights as the engine, attention through KVLayerStore),
 so selection variants can be measured while the engine is busy elsewhere. Chunked prefill.
 """
 
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from long_context_tasks import make_sample, prompt_text, score  # noqa: E402
 from memserve.runtime.attention import rope_inv_freq  # noqa: E402
-from memserve.runtime.kv_memory import KVMemoryConfig, SequenceMemory  # noqa: E402
+from memserve.runtime.kv_memory import KVMemoryConfig, SequenceKVMemory  # noqa: E402
 from memserve.runtime.loader import load_checkpoint  # noqa: E402
 from memserve.scheduler.kv_policy import RetrievalPolicy  # noqa: E402
 
@@ -61,7 +61,7 @@ class ProbeModel:
     def _norm(self, x, w):
         return F.rms_norm(x, (x.shape[-1],), w, self.c.rms_norm_eps)
 
-    def forward(self, ids: torch.Tensor, mem: SequenceMemory, p0: int) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, mem: SequenceKVMemory, p0: int) -> torch.Tensor:
         c, w = self.c, self.w
         t = ids.shape[0]
         x = w["model.embed_tokens.weight"][ids]  # (T, H)
@@ -84,7 +84,7 @@ class ProbeModel:
         return F.linear(x, self.lm_head)[0]
 
 
-def needle_ranks(mem: SequenceMemory, needle_pos: int, granularity: str) -> list[int]:
+def needle_ranks(mem: SequenceKVMemory, needle_pos: int, granularity: str) -> list[int]:
     """Rank (0 = best) of the needle's block under the last recorded scores, per layer (-1: in window)."""
     from memserve.scheduler.kv_policy import select_blocks  # noqa: F401 (same aggregation)
 
@@ -123,7 +123,7 @@ def run(model: ProbeModel, variant: str, tokens: int, depth: float, seed: int, n
     pol = RetrievalPolicy(**{"topk": topk, **pol_kw})
     cfg = KVMemoryConfig(policy=pol, **cfg_kw)
     c = model.c
-    mem = SequenceMemory(cfg, c.num_hidden_layers, c.num_key_value_heads, c.head_dim)
+    mem = SequenceKVMemory(cfg, c.num_hidden_layers, c.num_key_value_heads, c.head_dim)
     for lm in mem.layers:
         lm.record_scores = True
     sample = make_sample(task, model.tok, tokens, depth, seed)

@@ -96,7 +96,7 @@ def main(default_task: str, argv=None):
         return report_from([Path(x) for x in a.report_from.split(",")], Path(a.out), a)
     if a.threads:
         torch.set_num_threads(a.threads)
-    from memserve.runtime.kv_memory_quant import bytes_per_token_fp16
+    from memserve.runtime.kv_memory.quant import bytes_per_token_fp16
     from memserve.runtime.loader import load_checkpoint
 
     ckpt = load_checkpoint(a.model, progress=False)

@@ -9,7 +9,7 @@ Which sequences use the memory (decided once, when a request is added):
     fit the dense capacity (max_model_len: model window and KV pool) -- everything that fits stays on
     the exact dense paged path, longer contexts engage the memory by themselves;
   * a request on a session always uses the memory.
-Memory sequences keep no paged blocks: their KV lives in a `SequenceMemory` (sinks + window +
+Memory sequences keep no paged blocks: their KV lives in a `SequenceKVMemory` (sinks + window +
 compressed blocks), prefilled in sub-chunks of `chunk_size` tokens so working memory stays bounded.
 """
 
@@ -26,7 +26,7 @@ from memserve.scheduler.kv_policy import RetrievalPolicy
 from .attention import AttentionBackend, AttentionMetadata
 from .errors import InvalidRequestError
 from .kv_cache import BlockAllocator
-from .kv_memory import KVMemoryConfig, SequenceMemory
+from .kv_memory import KVMemoryConfig, SequenceKVMemory
 from .sessions import Session, SessionStore, load_session, save_session
 
 MODES = ("off", "auto", "retrieval")
@@ -98,16 +98,16 @@ class KVMemoryAttention(AttentionBackend):
         self.inv_freq = inv_freq
         self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
         self.scale = head_dim**-0.5
-        self.memories: dict[str, SequenceMemory] = {}  # seq_id -> memory (attached sequences)
+        self.memories: dict[str, SequenceKVMemory] = {}  # seq_id -> memory (attached sequences)
         self.configs: dict[str, KVMemoryConfig] = {}  # seq_id -> config for (re)creating its memory
 
-    def attach(self, seq_id: str, cfg: KVMemoryConfig, memory: SequenceMemory | None = None) -> None:
+    def attach(self, seq_id: str, cfg: KVMemoryConfig, memory: SequenceKVMemory | None = None) -> None:
         self.configs[seq_id] = cfg
         if memory is not None:
             self.memories[seq_id] = memory
 
-    def new_memory(self, cfg: KVMemoryConfig) -> SequenceMemory:
-        return SequenceMemory(cfg, self.num_layers, self.num_kv_heads, self.head_dim)
+    def new_memory(self, cfg: KVMemoryConfig) -> SequenceKVMemory:
+        return SequenceKVMemory(cfg, self.num_layers, self.num_kv_heads, self.head_dim)
 
     def prepare(self, meta: AttentionMetadata) -> None:
         st = meta.backend_state
@@ -160,7 +160,7 @@ class KVMemoryAttention(AttentionBackend):
         self.memories.pop(seq_id, None)
         self.dense.free(seq_id)
 
-    def release(self, seq_id: str) -> SequenceMemory | None:
+    def release(self, seq_id: str) -> SequenceKVMemory | None:
         """Detach a finished sequence, handing its memory over (to its session)."""
         self.configs.pop(seq_id, None)
         return self.memories.pop(seq_id, None)

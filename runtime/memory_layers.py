@@ -1,6 +1,6 @@
 """Memory layers (product-key memory, Lample et al. 2019; Memory+, Berges et al. 2024): the FFN-slot math.
 
-Not the KV memory (runtime/kv_memory.py): a memory layer is a learned (n_keys**2, v_dim) value table
+Not the KV memory (runtime/kv_memory/): a memory layer is a learned (n_keys**2, v_dim) value table
 read by product-key lookup in place of, or beside, a decoder layer's MLP (issue 16).
 
 For the layer's post-attention-normed input x (T, hidden):

@@ -1,6 +1,6 @@
 """Sessions: a KV memory that outlives a request.
 
-A session holds the `SequenceMemory` of everything it has seen (ingested documents, earlier prompts and
+A session holds the `SequenceKVMemory` of everything it has seen (ingested documents, earlier prompts and
 answers) plus those token ids. `generate(..., session_id=S)` continues from it without recomputing;
 snapshots are safetensors files (every tensor bit-exact, config and token ids in the metadata).
 """
@@ -17,7 +17,7 @@ from memserve.scheduler.kv_policy import RetrievalPolicy
 from safetensors.torch import load_file, save_file
 
 from .errors import InvalidRequestError, SessionNotFoundError
-from .kv_memory import KVMemoryConfig, SequenceMemory
+from .kv_memory import KVMemoryConfig, SequenceKVMemory
 
 SNAPSHOT_FORMAT = "memserve.session.v2"  # v2: keys and representatives stored column-major
 
@@ -25,7 +25,7 @@ SNAPSHOT_FORMAT = "memserve.session.v2"  # v2: keys and representatives stored c
 @dataclass(slots=True)
 class Session:
     session_id: str
-    memory: SequenceMemory
+    memory: SequenceKVMemory
     # every token the session has seen; the memory holds the first memory.num_tokens of them (the last
     # sampled token of a generate is known but not yet computed: the next request computes it first)
     token_ids: list[int] = field(default_factory=list)
@@ -94,7 +94,7 @@ def _check_format(meta: dict, where: str) -> None:
 
 def _session_of(meta: dict, tensors: dict, session_id: str | None) -> Session:
     cfg = _cfg_from_json(meta["config"])
-    mem = SequenceMemory(cfg, int(meta["num_layers"]), int(meta["num_kv_heads"]), int(meta["head_dim"]))
+    mem = SequenceKVMemory(cfg, int(meta["num_layers"]), int(meta["num_kv_heads"]), int(meta["head_dim"]))
     for i, lm in enumerate(mem.layers):
         pre = f"layer{i}."
         lm.load_state({k[len(pre):]: v for k, v in tensors.items() if k.startswith(pre)})

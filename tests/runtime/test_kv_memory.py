@@ -3,13 +3,13 @@
 import pytest
 import torch
 from memserve.runtime.kv_memory import (
+    KVLayerStore,
     KVMemoryConfig,
-    LayerMemory,
-    SequenceMemory,
+    SequenceKVMemory,
     default_inv_freq,
     reference_attention,
 )
-from memserve.runtime.kv_memory_quant import (
+from memserve.runtime.kv_memory.quant import (
     bytes_per_token_fp16,
     dequantize,
     dequantize_block_heads,
@@ -28,7 +28,7 @@ def _qkv(t, seed=0, dtype=torch.float64):
     return q, k, v
 
 
-def _run(mem: LayerMemory, q, k, v, chunks, inv, scale):
+def _run(mem: KVLayerStore, q, k, v, chunks, inv, scale):
     outs, p = [], 0
     sizes = list(chunks)
     while p < q.shape[0]:
@@ -50,7 +50,7 @@ def test_all_blocks_equals_dense_reference(granularity, repr_mode, chunks):
                                                                 repr_mode=repr_mode))
     q, k, v = _qkv(t)
     inv, scale = default_inv_freq(D, 10000.0), D**-0.5
-    mem = LayerMemory(cfg, 0, HKV, D)
+    mem = KVLayerStore(cfg, 0, HKV, D)
     out = _run(mem, q, k, v, chunks, inv, scale)
     ref = reference_attention(q, k, v, inv, scale, n_init, n_local)
     assert mem.num_blocks > 20  # the memory really engaged
@@ -66,7 +66,7 @@ def test_reused_selection_still_sees_every_new_block(reselect_every):
                          policy=RetrievalPolicy(topk=10_000, reselect_every=reselect_every))
     q, k, v = _qkv(t, seed=3)
     inv, scale = default_inv_freq(D, 10000.0), D**-0.5
-    mem = LayerMemory(cfg, 0, HKV, D)
+    mem = KVLayerStore(cfg, 0, HKV, D)
     out = _run(mem, q, k, v, [100, 1], inv, scale)
     torch.testing.assert_close(out, reference_attention(q, k, v, inv, scale, n_init, n_local), rtol=1e-9, atol=1e-9)
 
@@ -76,7 +76,7 @@ def test_short_sequence_is_plain_dense_attention():
     t = 70
     q, k, v = _qkv(t, seed=1)
     inv, scale = default_inv_freq(D, 10000.0), D**-0.5
-    mem = LayerMemory(KVMemoryConfig(n_init=8, n_local=64, block_size=16, compression="none"), 0, HKV, D)
+    mem = KVLayerStore(KVMemoryConfig(n_init=8, n_local=64, block_size=16, compression="none"), 0, HKV, D)
     out = _run(mem, q, k, v, [13], inv, scale)
     ref = reference_attention(q, k, v, inv, scale, n_init=10**9, n_local=1)  # never engaged: dense
     torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-9)
@@ -90,7 +90,7 @@ def test_topk_limits_what_is_attended():
     inv, scale = default_inv_freq(D, 10000.0), D**-0.5
     cfg = KVMemoryConfig(n_init=8, n_local=64, block_size=16, compression="none",
                          policy=RetrievalPolicy(topk=2, sticky=False))
-    mem = LayerMemory(cfg, 0, HKV, D)
+    mem = KVLayerStore(cfg, 0, HKV, D)
     out = _run(mem, q, k, v, [1], inv, scale)
     ref = reference_attention(q, k, v, inv, scale, 8, 64)
     assert (out - ref).abs().max() > 1e-3
@@ -114,7 +114,7 @@ def test_needle_block_is_selected():
     q[-1] = qd[0]
     cfg = KVMemoryConfig(n_init=8, n_local=64, block_size=bs, compression="none", repr_topk=1,
                          policy=RetrievalPolicy(topk=1, sticky=False, repr_mode="max"))
-    mem = LayerMemory(cfg, 0, HKV, D)
+    mem = KVLayerStore(cfg, 0, HKV, D)
     # prefill all but the last token so that the needle gets attention scores, then decode
     _run(mem, q[:-1], k[:-1], v[:-1], [50], inv, D**-0.5)
     from memserve.scheduler.kv_policy import block_scores
@@ -184,7 +184,7 @@ def test_exact_values_lower_the_error_of_attention_over_int4_blocks():
     for name, comp, ex in (("ref", "none", 0), ("plain", "int4", 0), ("exact", "int4", 2)):
         cfg = KVMemoryConfig(n_init=8, n_local=64, block_size=16, compression=comp, key_group=16, value_group=16,
                              exact_values=ex, policy=RetrievalPolicy(topk=4))
-        outs[name] = _run(LayerMemory(cfg, 0, HKV, D), q, k, v, [100] * 5 + [1] * steps, inv, D**-0.5)[100:]
+        outs[name] = _run(KVLayerStore(cfg, 0, HKV, D), q, k, v, [100] * 5 + [1] * steps, inv, D**-0.5)[100:]
     err = {n: (outs[n] - outs["ref"]).norm() / outs["ref"].norm() for n in ("plain", "exact")}
     assert err["exact"] < 0.8 * err["plain"], err
 
@@ -196,7 +196,7 @@ def test_layer_compression_overrides_one_layer_key_and_value_kinds():
     cfg = KVMemoryConfig(n_init=8, n_local=64, block_size=16, compression="int4", key_group=16, value_group=16,
                          exact_values=0, layer_compression=[[1, "int8", "fp16"]])  # lists, as JSON gives them
     assert cfg.layer_compression == ((1, "int8", "fp16"),) and cfg.kinds(1) == ("int8", "fp16")
-    mem = SequenceMemory(cfg, 2, HKV, D)
+    mem = SequenceKVMemory(cfg, 2, HKV, D)
     for lm in mem.layers:
         _run(lm, q, k, v, [100], inv, D**-0.5)
     l0, l1 = mem.layers
@@ -224,7 +224,7 @@ def test_memory_tier_bytes_per_token():
     g = torch.Generator().manual_seed(0)
     res = {}
     for kind in ("fp16", "int8", "int4"):
-        mem = SequenceMemory(KVMemoryConfig(compression=kind), layers, hkv, d)
+        mem = SequenceKVMemory(KVMemoryConfig(compression=kind), layers, hkv, d)
         k = torch.randn(t, hkv, d, generator=g)
         q = torch.randn(t, 3 * hkv, d, generator=g)
         for lm in mem.layers:
@@ -243,7 +243,7 @@ def test_eviction_respects_budget_and_keeps_selected_blocks():
     budget = 12 * bs * HKV * D * 2  # 12 int8 blocks of K + V, scales not counted: fewer fit
     cfg = KVMemoryConfig(n_init=8, n_local=64, block_size=bs, compression="int8", key_group=16,
                          value_group=16, budget_bytes=budget, policy=RetrievalPolicy(topk=2))
-    mem = LayerMemory(cfg, 0, HKV, D)
+    mem = KVLayerStore(cfg, 0, HKV, D)
     _run(mem, q, k, v, [1], inv, D**-0.5)
     assert mem.memory_tier_bytes() <= budget
     assert mem.evicted_total > 0 and mem.num_blocks > 0
@@ -257,7 +257,7 @@ def test_lru_cache_reuses_blocks_across_prefill_chunks():
     inv = default_inv_freq(D, 10000.0)
     cfg = KVMemoryConfig(n_init=8, n_local=64, block_size=16, compression="int8", key_group=16,
                          value_group=16, cache_blocks=64, policy=RetrievalPolicy(topk=3))
-    mem = LayerMemory(cfg, 0, HKV, D)
+    mem = KVLayerStore(cfg, 0, HKV, D)
     _run(mem, q[:-40], k[:-40], v[:-40], [200], inv, D**-0.5)
     before = mem.retrieved_total
     for i in range(t - 40, t, 2):  # 2-token chunks of one repeated query select the same blocks
@@ -275,7 +275,7 @@ def test_decode_refresh_loads_only_new_picks():
     inv = default_inv_freq(D, 10000.0)
     cfg = KVMemoryConfig(n_init=8, n_local=64, block_size=16, compression="int8", key_group=16,
                          value_group=16, policy=RetrievalPolicy(topk=3, reselect_every=2))
-    mem = LayerMemory(cfg, 0, HKV, D)
+    mem = KVLayerStore(cfg, 0, HKV, D)
     _run(mem, q[:-steps], k[:-steps], v[:-steps], [200], inv, D**-0.5)
     qc = q[-steps - 1 : -steps]
     mem.attend(qc, k[t - steps : t - steps + 1], v[t - steps : t - steps + 1], t - steps, inv, D**-0.5)
@@ -297,10 +297,10 @@ def test_state_roundtrip_is_bit_exact():
     inv = default_inv_freq(D, 10000.0)
     cfg = KVMemoryConfig(n_init=8, n_local=64, block_size=16, compression="int4", key_group=16,
                          value_group=16, int4_int8_key_layers=(1,), exact_values=2, policy=RetrievalPolicy(topk=3))
-    a = SequenceMemory(cfg, 2, HKV, D)
+    a = SequenceKVMemory(cfg, 2, HKV, D)
     for lm in a.layers:
         _run(lm, q[:-40], k[:-40], v[:-40], [64], inv, D**-0.5)
-    b = SequenceMemory(cfg, 2, HKV, D)
+    b = SequenceKVMemory(cfg, 2, HKV, D)
     for la, lb in zip(a.layers, b.layers):
         lb.load_state({n: x.clone() for n, x in la.state_tensors().items()})
     assert a.tier_bytes()["memory"] == b.tier_bytes()["memory"]
@@ -323,7 +323,7 @@ def test_token_path_equals_chunk_path(granularity, compression):
     inv = default_inv_freq(D, 10000.0)
     cfg = KVMemoryConfig(n_init=8, n_local=64, block_size=16, compression=compression, key_group=16,
                          value_group=16, policy=RetrievalPolicy(topk=3, granularity=granularity, reselect_every=4))
-    fast, slow = LayerMemory(cfg, 0, HKV, D), LayerMemory(cfg, 0, HKV, D)
+    fast, slow = KVLayerStore(cfg, 0, HKV, D), KVLayerStore(cfg, 0, HKV, D)
     slow.token_path = False
     for mem in (fast, slow):
         _run(mem, q[:-steps], k[:-steps], v[:-steps], [100], inv, D**-0.5)
@@ -349,7 +349,7 @@ def test_decode_slots_hold_exactly_the_selection(granularity):
     pol = RetrievalPolicy(topk=3, granularity=granularity, reselect_every=3)
     cfg = KVMemoryConfig(n_init=8, n_local=64, block_size=16, compression="int8", key_group=16, value_group=16,
                          exact_keys=1, exact_values=2, policy=pol)  # exact rows: both loaders write them
-    mem = LayerMemory(cfg, 0, HKV, D)
+    mem = KVLayerStore(cfg, 0, HKV, D)
     mem.record_scores = True
     _run(mem, q[:-steps], k[:-steps], v[:-steps], [100], inv, D**-0.5)
     checked = 0
@@ -385,7 +385,7 @@ def test_reselect_every_reuses_the_selection_between_refreshes():
     inv = default_inv_freq(D, 10000.0)
     cfg = KVMemoryConfig(n_init=8, n_local=64, block_size=16, compression="int8", key_group=16, value_group=16,
                          policy=RetrievalPolicy(topk=2, sticky=False, reselect_every=4, next_blocks=0))
-    mem = LayerMemory(cfg, 0, HKV, D)
+    mem = KVLayerStore(cfg, 0, HKV, D)
     _run(mem, q[:-steps], k[:-steps], v[:-steps], [100], inv, D**-0.5)
     counts, expected, packs = [], [], 0
     due, age = True, 0  # the first decode step selects
@@ -407,11 +407,11 @@ def test_snapshot_mid_decode_keeps_the_reused_selection():
     inv = default_inv_freq(D, 10000.0)
     cfg = KVMemoryConfig(n_init=8, n_local=64, block_size=16, compression="int4", key_group=16, value_group=16,
                          policy=RetrievalPolicy(topk=2, reselect_every=8))
-    a = LayerMemory(cfg, 0, HKV, D)
+    a = KVLayerStore(cfg, 0, HKV, D)
     _run(a, q[:-10], k[:-10], v[:-10], [64], inv, D**-0.5)
     for i in range(t - 10, t - 7):  # 3 decode steps: the selection of step 0 is being reused
         a.attend(q[i : i + 1], k[i : i + 1], v[i : i + 1], i, inv, D**-0.5)
-    b = LayerMemory(cfg, 0, HKV, D)
+    b = KVLayerStore(cfg, 0, HKV, D)
     b.load_state({n: x.clone() for n, x in a.state_tensors().items()})
     a_before = a.selected_total
     for i in range(t - 7, t):

@@ -1,0 +1,36 @@
+"""Retrieval-based KV memory (InfLLM-style): attention sinks + local window + memory blocks.
+
+Per sequence and layer (`KVLayerStore`, store.py):
+  sinks   -- the first `n_init` tokens, kept in full precision on the device tier;
+  buffer  -- every later token not yet packed into a block (the local window plus a remainder < one
+             block), full precision, with the attention each token has received so far;
+  blocks  -- `block_size` tokens that left the local window, held in the memory tier compressed
+             (KIVI int8 default / int4 / fp16 / none), each with representative(s) on the device tier;
+  cache   -- an LRU of recently retrieved blocks, dequantized (device working set of prefill chunks);
+  slots   -- decode's working set: the selected blocks per KV head, dequantized in front of the buffer.
+Keys are stored WITHOUT rotary position (the backend receives q/k before RoPE).
+
+Position scheme (InfLLM): for a query at position p and a key at j, with d = p - j,
+  * before the memory engages (p < n_init + n_local) every key is at its true distance: dense attention;
+  * afterwards keys with d < n_local (the local window) keep their true distance, and every other key --
+    sinks, memory blocks, the remainder -- sits at distance exactly n_local (query rotated by n_local,
+    key unrotated). Positions past the trained window never reach the rotary embedding.
+One softmax spans sinks + selected blocks + buffer. With every block selected and compression "none"
+this is exactly dense attention under that scheme (`reference_attention`, tested in float64).
+
+All work is vectorized over tokens, heads and blocks (no Python loop per token or block); the torch
+path stands in for memserve.kernels' block-sparse decode kernel on CPU.
+
+One role per file: config.py (KVMemoryConfig), positions.py (position scheme, chunk plans, the float64
+reference), buffers.py (growable rows, workspace), quant.py (memory-tier compression), representatives.py
+(block representatives), store.py (KVLayerStore / SequenceKVMemory: the store and packing), attention.py
+(chunk and decode attention), working_set.py (block selection, decode slots, LRU cache), snapshots.py.
+"""
+
+
+from .config import KVMemoryConfig
+from .positions import default_inv_freq, reference_attention, rotate, softmax_scale
+from .store import KVLayerStore, SequenceKVMemory
+
+__all__ = ["KVLayerStore", "KVMemoryConfig", "SequenceKVMemory", "default_inv_freq", "reference_attention",
+           "rotate", "softmax_scale"]
