@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from long_context_tasks import make_sample, prompt_text, score  # noqa: E402
+from long_context_tasks import make_family_sample, make_sample, prompt_text, score  # noqa: E402
 from memserve.runtime.attention import rope_inv_freq  # noqa: E402
 from memserve.runtime.kv_memory import KVMemoryConfig, SequenceKVMemory  # noqa: E402
 from memserve.runtime.loader import load_checkpoint  # noqa: E402
@@ -84,8 +84,11 @@ class ProbeModel:
         return F.linear(x, self.lm_head)[0]
 
 
-def needle_ranks(mem: SequenceKVMemory, needle_pos: int, granularity: str) -> list[int]:
-    """Rank (0 = best) of the needle's block under the last recorded scores, per layer (-1: in window)."""
+def needle_ranks(mem: SequenceKVMemory, needle_pos: int, granularity: str, per_unit: list | None = None) -> list[int]:
+    """Rank (0 = best) of the needle's block under the last recorded scores, per layer (-1: in window).
+
+    per_unit (a list): gets, per layer, the rank in every selection unit (KV head / q head), and the number of
+    blocks, so one sees whether a few heads find the needle (retrieval heads) or none does."""
     from memserve.scheduler.kv_policy import select_blocks  # noqa: F401 (same aggregation)
 
     out = []
@@ -109,15 +112,18 @@ def needle_ranks(mem: SequenceKVMemory, needle_pos: int, granularity: str) -> li
         else:
             agg = s
         ranks = (agg > agg[:, b : b + 1]).sum(1)  # per selection unit
+        if per_unit is not None:
+            per_unit.append(dict(layer=len(out), blocks=lm.num_blocks, ranks=ranks.tolist()))
         out.append(int(ranks.min()))  # best unit: the needle is reachable if any head group picks it
     return out
 
 
 def run(model: ProbeModel, variant: str, tokens: int, depth: float, seed: int, n_local: int, chunk: int,
-        max_new: int, compression: str, task: str = "passkey", topk: int = 16, extra_cfg: dict | None = None):
+        max_new: int, compression: str, task: str = "passkey", topk: int = 16, extra_cfg: dict | None = None,
+        family: str | None = None, pol_extra: dict | None = None):
     pol_kw, cfg_kw = VARIANTS[variant]
     cfg_kw = {"n_local": n_local, "compression": compression, **(extra_cfg or {}), **cfg_kw}
-    pol_kw = dict(pol_kw)
+    pol_kw = {**pol_kw, **(pol_extra or {})}
     if pol_kw.get("layer_topk") == "early4x":
         pol_kw["layer_topk"] = tuple((i, 4 * topk) for i in range(6))
     pol = RetrievalPolicy(**{"topk": topk, **pol_kw})
@@ -126,7 +132,8 @@ def run(model: ProbeModel, variant: str, tokens: int, depth: float, seed: int, n
     mem = SequenceKVMemory(cfg, c.num_hidden_layers, c.num_key_value_heads, c.head_dim)
     for lm in mem.layers:
         lm.record_scores = True
-    sample = make_sample(task, model.tok, tokens, depth, seed)
+    sample = (make_family_sample(family, task, model.tok, tokens, depth, seed) if family
+              else make_sample(task, model.tok, tokens, depth, seed))
     ids = model.tok.encode(prompt_text(sample, model.tok))
     # needle position: tokens before the needle text
     needle_text = sample.answers[0]
@@ -142,7 +149,7 @@ def run(model: ProbeModel, variant: str, tokens: int, depth: float, seed: int, n
         p += n
     t_prefill = time.time() - t0
     out = []
-    ranks = None
+    ranks, per_unit = None, []
     for step in range(max_new):
         nxt = int(logits.argmax())
         out.append(nxt)
@@ -151,10 +158,10 @@ def run(model: ProbeModel, variant: str, tokens: int, depth: float, seed: int, n
         logits = model.forward(torch.tensor([nxt]), mem, p)
         p += 1
         if step == 0:
-            ranks = needle_ranks(mem, needle_pos, pol.granularity)
+            ranks = needle_ranks(mem, needle_pos, pol.granularity, per_unit)
     text = model.tok.decode(out)
     return dict(variant=variant, tokens=len(ids), depth=depth, answer=sample.answers[0], output=text,
-                score=score(sample, text), ranks=ranks, prefill_s=t_prefill,
+                score=score(sample, text), ranks=ranks, per_unit=per_unit, prefill_s=t_prefill,
                 decode_s=(time.time() - t0 - t_prefill), mem_bytes=mem.tier_bytes())
 
 
@@ -169,6 +176,9 @@ def main(argv=None):
     ap.add_argument("--max-new", type=int, default=8)
     ap.add_argument("--compression", default="none")
     ap.add_argument("--task", default="passkey")
+    ap.add_argument("--family", default=None, help="filler family (bench/filler_families.py); task from FAMILY_TASKS")
+    ap.add_argument("--policy", default="{}", help='RetrievalPolicy overrides as JSON, e.g. {"topk": 32}')
+    ap.add_argument("--json-out", default=None, help="append each result (with per-head ranks) as a JSON line")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--topk", type=int, default=16)
     ap.add_argument("--block-size", type=int, default=128)
@@ -182,10 +192,15 @@ def main(argv=None):
             for s in a.seeds.split(","):
                 with torch.inference_mode():
                     r = run(model, v, a.tokens, float(d), int(s), a.n_local, a.chunk, a.max_new,
-                            a.compression, a.task, a.topk, {"block_size": a.block_size, "n_init": a.n_init, **json.loads(a.kv_config)})
+                            a.compression, a.task, a.topk, {"block_size": a.block_size, "n_init": a.n_init, **json.loads(a.kv_config)},
+                            a.family, json.loads(a.policy))
                 print(f"{r['variant']:24s} tok={r['tokens']} depth={r['depth']:.2f} score={r['score']:.0f} "
                       f"ans={r['answer']} out={r['output']!r} prefill={r['prefill_s']:.0f}s", flush=True)
                 print(f"   ranks={r['ranks']}", flush=True)
+                if a.json_out:
+                    with open(a.json_out, "a") as f:
+                        f.write(json.dumps({**r, "family": a.family, "task": a.task, "policy": a.policy,
+                                            "kv_config": a.kv_config, "n_local": a.n_local}) + "\n")
 
 
 if __name__ == "__main__":

@@ -129,7 +129,7 @@ def prompt_text(sample: Sample, tokenizer) -> str:
 # Issue 15: tasks over filler FAMILIES (bench/filler_families.py), several phrasings and needle kinds, exact
 # token lengths, needles placed at a token depth. `make_family_sample(family, task, tok, L, depth, seed)`.
 # ---------------------------------------------------------------------------------------------------------
-from filler_families import FAMILIES, HELD_OUT, TUNED, joiner, units  # noqa: E402
+from filler_families import FAMILIES, joiner, units  # noqa: E402
 
 FAMILY_TASKS = ("single_number", "single_word", "single_sentence", "multikey", "multivalue",
                 "variable_tracking", "two_fact")

@@ -81,3 +81,23 @@ def test_stdlib_family_is_real_prose(tok):
     s = make_family_sample("stdlib", "single_word", tok, 2000, 0.5, seed=0)
     text = s.messages[0]["content"]
     assert "function" in text or "Return" in text or "object" in text
+
+
+def test_grid_report_marks_cells_beyond_the_model(tmp_path):
+    """A memory miss where dense (at the ceiling length) also misses is 'beyond the model', not the memory's."""
+    import argparse
+
+    from longctx_grid import report
+
+    rows = []
+    for d, dense_ok, mem_ok in ((0.1, 1.0, 1.0), (0.5, 1.0, 0.0), (0.9, 0.0, 0.0)):
+        base = dict(family="prose", task="single_number", depth=d, seed=0)
+        rows += [dict(base, method="dense", length=8192, score=dense_ok),
+                 dict(base, method="dense", length=16384, score=0.0),
+                 dict(base, method="int4", length=16384, score=mem_ok)]
+    report(rows, tmp_path, argparse.Namespace(task="single_number"))
+    md = (tmp_path / "grid_single_number.md").read_text()
+    assert "## prose (TUNED)" in md
+    assert "| dense | 8k | 67% (3) | (ceiling) | - |" in md
+    assert "| int4 | 16k | 33% (3) | 50% (2) | 1 |" in md  # the 90% cell: beyond the model
+    assert "| dense | 16k | 0% (3) | 0% (2) | 1 |" in md

@@ -1,0 +1,159 @@
+"""Issue 15 grid: filler family x task x length x depth x seed, dense as the ceiling, memory past the window.
+
+    flock /tmp/memserve-bench.lock env OMP_NUM_THREADS=2 .venv/bin/python bench/longctx_grid.py \
+        --families prose,stdlib --task single_number --dense-lengths 4k,8k,16k --memory-lengths 16k \
+        --depths 0.1,0.5,0.9 --seeds 0,1 --threads 2 --out bench/results/longctx_grid
+
+* dense at lengths <= 8k is the ceiling (plus a 16k column to show dense fails past the window);
+* the memory (memserve defaults, --compression) at 16k/32k/64k.
+A memory cell whose (family, task, depth, seed) dense fails at the ceiling length (the largest dense length
+<= 8k) is reported as "beyond the model" and not counted against the memory: the table gives the memory's
+accuracy over all cells and over the cells dense answers ("vs ceiling"). Rows go to <out>/grid_raw.json after
+every cell (a killed run keeps what it did; --resume skips cells already there), so the grid can be run in
+short pieces; --report-only rewrites the tables/heatmaps from the raw rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from filler_families import FAMILIES, HELD_OUT, TUNED  # noqa: E402
+from long_context_bench import _parse_len  # noqa: E402
+from long_context_tasks import FAMILY_TASKS, make_family_sample, prompt_text, score  # noqa: E402
+
+WINDOW = 8192  # SmolLM2-135M's trained context
+MAX_NEW = {"multivalue": 48, "variable_tracking": 32, "single_sentence": 16}
+
+
+def _key(r):
+    return (r["family"], r["task"], r["method"], r["length"], r["depth"], r["seed"])
+
+
+def run(a) -> None:
+    import torch
+    from long_context_bench import engine_for, run_one
+    from memserve.runtime.loader import load_checkpoint
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    raw = out / "grid_raw.json"
+    rows = json.loads(raw.read_text()) if a.resume and raw.exists() else []
+    done = {_key(r) for r in rows}
+    ckpt = load_checkpoint(a.model, progress=False)
+    tok = ckpt.tokenizer
+    depths = [float(x) for x in a.depths.split(",")]
+    seeds = [int(x) for x in a.seeds.split(",")]
+    plan = [("dense", _parse_len(x)) for x in a.dense_lengths.split(",") if x] + \
+           [(a.compression, _parse_len(x)) for x in a.memory_lengths.split(",") if x]
+    ns = argparse.Namespace(n_local=None, topk=None, kv_config=a.kv_config, chunk=512)
+    for method, L in plan:
+        eng = engine_for(ckpt, method, ns, L + 256)
+        # seed, depth outer and family inner: a run cut short by its time limit still covers every family
+        for s in seeds:
+            for d in depths:
+                for fam in a.families.split(","):
+                    k = (fam, a.task, method, L, d, s)
+                    if k in done:
+                        continue
+                    sample = make_family_sample(fam, a.task, tok, L, d, s)
+                    ids = tok.encode(prompt_text(sample, tok))
+                    text, ttft, dms, _, _ = run_one(eng, method, ids, MAX_NEW.get(a.task, 12))
+                    sc = score(sample, text)
+                    rows.append(dict(family=fam, task=a.task, method=method, length=L, tokens=len(ids), depth=d,
+                                     seed=s, score=sc, output=text, answers=sample.answers, prefill_s=ttft,
+                                     decode_ms=dms, kv_config=a.kv_config))
+                    print(f"{fam:10s} {method:5s} L={L:6d} d={d:.2f} s={s} score={sc:.2f} prefill={ttft:6.1f}s "
+                          f"out={text!r}", flush=True)
+                    raw.write_text(json.dumps(rows, indent=1))
+        del eng
+    report(rows, out, a)
+
+
+def _fmt(v, n):
+    return f"{100 * v:.0f}% ({n})" if n else "-"
+
+
+def report(rows, out: Path, a) -> None:
+    """One table per family (TUNED / HELD-OUT named), memory cells split by whether dense answers them."""
+    lines = [f"# Long-context grid (issue 15): task `{a.task}`", "",
+             f"TUNED families: {', '.join(TUNED)}; HELD-OUT: {', '.join(HELD_OUT)}. Dense ceiling = dense at the "
+             f"largest length <= {WINDOW}; a memory cell whose depth/seed dense misses there is *beyond the model*.", ""]
+    for fam in [f for f in FAMILIES if any(r["family"] == f for r in rows)]:
+        fr = [r for r in rows if r["family"] == fam and r["task"] == a.task]
+        split = "TUNED" if fam in TUNED else "HELD-OUT"
+        dl = sorted({r["length"] for r in fr if r["method"] == "dense" and r["length"] <= WINDOW})
+        ceil = {(r["depth"], r["seed"]): r["score"] for r in fr if r["method"] == "dense" and dl and r["length"] == dl[-1]}
+        lines += [f"## {fam} ({split})", "", "| method | length | accuracy (n) | vs dense ceiling (n) | beyond model |",
+                  "|---|---|---|---|---|"]
+        for m in sorted({r["method"] for r in fr}, key=lambda m: (m != "dense", m)):
+            for L in sorted({r["length"] for r in fr if r["method"] == m}):
+                c = [r for r in fr if r["method"] == m and r["length"] == L]
+                ok = [r for r in c if ceil.get((r["depth"], r["seed"]), 0) > 0]
+                beyond = sum(1 for r in c if (r["depth"], r["seed"]) in ceil and ceil[(r["depth"], r["seed"])] == 0)
+                vs = "(ceiling)" if m == "dense" and dl and L == dl[-1] else \
+                    _fmt(sum(r["score"] for r in ok) / max(1, len(ok)), len(ok))
+                lines.append(f"| {m} | {L // 1024}k | {_fmt(sum(r['score'] for r in c) / len(c), len(c))} | {vs} | "
+                             f"{beyond if m != 'dense' or L > WINDOW else '-'} |")
+        lines.append("")
+    lines += ["Command: `" + " ".join(["bench/longctx_grid.py"] + sys.argv[1:]) + "`", ""]
+    (out / f"grid_{a.task}.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import numpy as np
+    except ImportError:  # pragma: no cover - matplotlib is part of the bench extra
+        return
+    for fam in {r["family"] for r in rows}:
+        fr = [r for r in rows if r["family"] == fam and r["task"] == a.task]
+        cols = sorted({(r["method"] != "dense", r["method"], r["length"]) for r in fr})
+        depths = sorted({r["depth"] for r in fr})
+        grid = np.full((len(depths), len(cols)), np.nan)
+        for i, d in enumerate(depths):
+            for j, (_, m, L) in enumerate(cols):
+                v = [r["score"] for r in fr if r["depth"] == d and r["method"] == m and r["length"] == L]
+                if v:
+                    grid[i, j] = sum(v) / len(v)
+        fig, ax = plt.subplots(figsize=(1.3 * len(cols) + 2, 0.5 * len(depths) + 1.6))
+        im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+        ax.set_xticks(range(len(cols)), [f"{m}\n{L // 1024}k" for _, m, L in cols])
+        ax.set_yticks(range(len(depths)), [f"{int(100 * d)}%" for d in depths])
+        ax.set_ylabel("needle depth")
+        ax.set_title(f"{fam} ({'tuned' if fam in TUNED else 'held-out'}) -- {a.task}")
+        fig.colorbar(im, ax=ax)
+        fig.tight_layout()
+        fig.savefig(out / f"grid_{a.task}_{fam}.png", dpi=80)
+        plt.close(fig)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--families", default="prose,distractor,stdlib")
+    ap.add_argument("--task", default="single_number", choices=FAMILY_TASKS)
+    ap.add_argument("--dense-lengths", default="4k,8k,16k")
+    ap.add_argument("--memory-lengths", default="16k,32k")
+    ap.add_argument("--depths", default="0,0.25,0.5,0.75,1")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--compression", default="int4", choices=("fp16", "int8", "int4"))
+    ap.add_argument("--kv-config", default="{}", help="KV-memory overrides as JSON (KVMemoryConfig fields)")
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "longctx_grid"))
+    ap.add_argument("--resume", action="store_true", help="keep <out>/grid_raw.json's rows, skip their cells")
+    ap.add_argument("--report-only", action="store_true")
+    a = ap.parse_args(argv)
+    if a.report_only:
+        return report(json.loads((Path(a.out) / "grid_raw.json").read_text()), Path(a.out), a)
+    run(a)
+
+
+if __name__ == "__main__":
+    main()
