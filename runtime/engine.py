@@ -52,6 +52,9 @@ class EngineArgs:
     # RetrievalPolicy fields, e.g. {"n_local": 2048, "topk": 16, "compression": "int4"}
     kv_memory: str = "auto"
     kv_memory_config: dict | None = None
+    # per-model KV-memory tuning (runtime/kv_memory/profiles.py): None = chosen by the model's name and
+    # shape, "none" = KVMemoryConfig's plain defaults, or a profile's name; kv_memory_config wins over it
+    kv_memory_profile: str | None = None
     # torch intra-op CPU threads for this process (None: torch's default); benchmarks report it
     threads: int | None = None
 

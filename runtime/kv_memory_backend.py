@@ -27,6 +27,7 @@ from .attention import AttentionBackend, AttentionMetadata
 from .errors import InvalidRequestError
 from .kv_cache import BlockAllocator
 from .kv_memory import KVMemoryConfig, SequenceKVMemory
+from .kv_memory.profiles import profile_for
 from .sessions import Session, SessionStore, load_session, save_session
 
 MODES = ("off", "auto", "retrieval")
@@ -179,6 +180,7 @@ class KVMemoryManager:
         self.ingests: dict[str, dict] = {}  # request id -> progress of an ingest
         self._ingest_ids: set[str] = set()  # ingest requests: their sampled token is discarded
         self._ids = itertools.count()
+        self.profile: str | None = None  # name of the per-model profile applied (kv_memory/profiles.py)
 
     # --------------------------------------------------------------------------- requests
     def uses_memory(self, request_id: str) -> bool:
@@ -328,15 +330,19 @@ def enable_kv_memory(engine) -> None:
     """Swap in the memory-aware allocator and the retrieval backend; sets engine.memory."""
     args = engine.args
     assert args.kv_memory in MODES, f"kv_memory must be one of {MODES}, got {args.kv_memory!r}"
-    cfg = make_config(args.kv_memory_config)
+    c = engine.config
+    profile = profile_for(c.name or str(engine.checkpoint_source), c.num_hidden_layers, c.num_key_value_heads,
+                          c.head_dim, c.hidden_size, args.kv_memory_profile)
+    # the model's profile over KVMemoryConfig's defaults, the user's kv_memory_config over both
+    cfg = make_config({**(profile.overrides if profile else {}), **(args.kv_memory_config or {})})
     old = engine.allocator
     alloc = MemoryAwareAllocator(old.num_blocks, old.block_size)
     engine.allocator = alloc
     engine.scheduler.allocator = alloc
-    c = engine.config
     backend = KVMemoryAttention(engine.attn, engine.rope.inv_freq, c.num_hidden_layers, c.num_key_value_heads,
                                 c.head_dim)
     engine.attn = backend
     # the scratch block is not usable by dense sequences
     engine.max_model_len = min(engine.max_model_len, (alloc.num_blocks - 1) * alloc.block_size)
     engine.memory = KVMemoryManager(engine, args.kv_memory, cfg, backend, alloc)
+    engine.memory.profile = profile.name if profile else None

@@ -26,11 +26,10 @@ class KVMemoryConfig:
     # passkey miss (32k, depth 10%) and lost three other cells (ablation section 7); keys decide it (section 8)
     key_group: int = 64  # tokens per (scale, min) of a key channel
     value_group: int = 64  # channels per (scale, min) of a value token
-    # int4 memory: layers whose keys are stored int8 (values stay int4). On the one int4 passkey miss (32k,
-    # depth 10%) fp16 keys everywhere find the needle and fp16 values do not; bisected over layers, int8
-    # keys in layers 18-21 find it, at 0.298x of fp16 KV instead of 0.281x (ablation section 8). Measured
-    # on SmolLM2-135M (30 layers); indices past a model's layers are ignored
-    int4_int8_key_layers: tuple[int, ...] = (18, 19, 20, 21)
+    # int4 memory: layers whose keys are stored int8 (values stay int4). Model-specific, so empty here: the
+    # SmolLM2-135M profile (profiles.py) sets layers 18-21 (ablation section 8); indices past a model's
+    # layers are ignored
+    int4_int8_key_layers: tuple[int, ...] = ()
     # int8/int4: per block and KV head, keys / values of the tokens that received the most attention while in
     # the window kept in fp16 (quant.py; 2 rows of 64 add 0.016x). Off: within 0.3x they did not
     # answer that cell (ablation section 8)

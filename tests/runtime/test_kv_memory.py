@@ -217,14 +217,16 @@ def test_layer_compression_overrides_one_layer_key_and_value_kinds():
 
 def test_memory_tier_bytes_per_token():
     """int4 memory stays under 0.3x of fp16 KV per token over the default model's 30 layers (issue
-    target), with the default int8 keys in layers 18-21."""
-    hkv, d, layers = 3, 64, 30  # SmolLM2-135M's KV shape, default config
+    target), with the default model's profile (int8 keys in layers 18-21)."""
+    from memserve.runtime.kv_memory.profiles import PROFILES
+
+    hkv, d, layers = 3, 64, 30  # SmolLM2-135M's KV shape, default config + its profile
     bs = KVMemoryConfig().block_size
     t = KVMemoryConfig().dense_limit + 8 * bs
     g = torch.Generator().manual_seed(0)
     res = {}
     for kind in ("fp16", "int8", "int4"):
-        mem = SequenceKVMemory(KVMemoryConfig(compression=kind), layers, hkv, d)
+        mem = SequenceKVMemory(KVMemoryConfig(compression=kind, **PROFILES["smollm2-135m"].overrides), layers, hkv, d)
         k = torch.randn(t, hkv, d, generator=g)
         q = torch.randn(t, 3 * hkv, d, generator=g)
         for lm in mem.layers:
