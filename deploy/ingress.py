@@ -329,7 +329,8 @@ class IngressCore:
     async def get_model_info(self, request: pb.GetModelInfoRequest, tenant: str = L.DEFAULT_TENANT) -> pb.ModelInfo:
         info = await asyncio.wait_for(self.client.call("model_info"), self.unavailable_timeout_s)
         stats = info.pop("stats", {}) or {}
-        known = {"name", "model", "architecture", "vocab_size", "max_model_len", "block_size", "replica"}
+        known = {"name", "model", "architecture", "vocab_size", "max_model_len", "block_size", "replica",
+                 "memory_layers"}
         out = pb.ModelInfo(
             model=str(info.get("name") or info.get("model") or ""),
             architecture=str(info.get("architecture", "")),
@@ -342,8 +343,22 @@ class IngressCore:
             num_running=int(stats.get("num_running") or 0),
             num_waiting=int(stats.get("num_waiting") or 0),
         )
+        mem = info.get("memory_layers")
+        if isinstance(mem, dict):
+            out.memory_layers.CopyFrom(memory_layers_pb(mem))
         for k, v in info.items():
             if k not in known:
                 out.extra[str(k)] = str(v)
         out.extra["replica"] = str(info.get("replica", ""))
         return out
+
+
+def memory_layers_pb(mem: dict) -> pb.MemoryLayersInfo:
+    """engine model_info()["memory_layers"] -> MemoryLayersInfo."""
+    shards = [pb.MemoryShardInfo(name=str(d.get("name", "")), layout=str(d.get("layout", "")),
+                                 begin=int(d.get("begin") or 0), end=int(d.get("end") or 0),
+                                 replicas=int(d.get("replicas") or 0)) for d in mem.get("shards") or []]
+    return pb.MemoryLayersInfo(layers=[int(i) for i in mem.get("layers") or []], mode=str(mem.get("mode", "")),
+                               slots=int(mem.get("slots") or 0), v_dim=int(mem.get("v_dim") or 0),
+                               table_bytes=int(mem.get("table_bytes") or 0),
+                               table_dtype=str(mem.get("table_dtype", "")), shards=shards)

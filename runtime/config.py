@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .errors import UnsupportedModelError
+from .memory_layers import MemoryLayersConfig
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 _MODEL_TYPE_TO_ARCH = {
@@ -37,6 +38,8 @@ class ModelConfig:
     # Mistral v0.1 declares a 4096-token sliding window; the engine attends over the full context (exact
     # up to that length). Kept so callers can see it.
     sliding_window: int | None = None
+    # config.json `memory_layers` (PKM / Memory+ FFN slots, issue 16); None = a dense model
+    memory_layers: MemoryLayersConfig | None = None
 
     def __post_init__(self):
         assert self.architecture in SUPPORTED_ARCHITECTURES, self.architecture
@@ -73,7 +76,12 @@ class ModelConfig:
         window = cfg.get("sliding_window")
         if arch == "Qwen2ForCausalLM" and not cfg.get("use_sliding_window", False):
             window = None
+        mem = cfg.get("memory_layers")
+        if mem is not None and not isinstance(mem, dict):
+            raise UnsupportedModelError(f"config.json memory_layers must be an object, got {type(mem).__name__}")
+        mem = None if not mem else MemoryLayersConfig.from_dict(mem, cfg["hidden_size"], cfg["num_hidden_layers"])
         return cls(
+            memory_layers=mem,
             architecture=arch,
             vocab_size=cfg["vocab_size"],
             hidden_size=cfg["hidden_size"],

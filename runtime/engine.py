@@ -16,6 +16,7 @@ from memserve.scheduler.batch_plan import BatchPlan, Scheduler, SchedulerConfig,
 from .attention import AttentionMetadata, DensePagedAttention, RotaryEmbedding
 from .errors import InvalidRequestError
 from .kv_cache import BlockAllocator, KVCache, KVCacheSpec, kv_bytes_per_block, num_blocks_for_budget
+from .ffn import memory_layers_info
 from .loader import Checkpoint, load_checkpoint
 from .model import Model
 from .outputs import RequestMetrics, RequestOutput
@@ -412,4 +413,5 @@ class LLMEngine:
             "weight_bytes": self.model.nbytes, "has_tokenizer": self.tokenizer is not None,
             "eos_token_ids": list(self.eos_token_ids), "max_num_seqs": self.args.max_num_seqs,
             "max_num_batched_tokens": self.args.max_num_batched_tokens,
+            "memory_layers": memory_layers_info(self.model),
         }

@@ -150,7 +150,7 @@ def _safetensors_files(path: Path) -> list[Path]:
 
 
 def _read_safetensors(path: Path, files: list[Path], progress: bool) -> dict[str, torch.Tensor]:
-    from safetensors import safe_open
+    from .memory_layers_loader import read_safetensors_file
 
     weights: dict[str, torch.Tensor] = {}
     it = files
@@ -158,10 +158,8 @@ def _read_safetensors(path: Path, files: list[Path], progress: bool) -> dict[str
         from tqdm.auto import tqdm
 
         it = tqdm(files, desc=f"loading {path.name}", unit="shard")
-    for f in it:
-        with safe_open(str(f), framework="pt") as sf:
-            for name in sf.keys():
-                weights[name] = sf.get_tensor(name).to(torch.float32)
+    for f in it:  # memory-layer value tables are memory-mapped in their stored dtype, the rest read as fp32
+        read_safetensors_file(f, weights)
     return weights
 
 
@@ -177,6 +175,8 @@ def expected_weight_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
     }
     if not c.tie_word_embeddings:
         shapes["lm_head.weight"] = (c.vocab_size, c.hidden_size)
+    mc = c.memory_layers
+    no_mlp = set(mc.layers) if mc is not None and mc.mode == "replace" else set()
     for i in range(c.num_hidden_layers):
         p = f"model.layers.{i}."
         shapes |= {
@@ -186,34 +186,44 @@ def expected_weight_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
             p + "self_attn.k_proj.weight": (kv, c.hidden_size),
             p + "self_attn.v_proj.weight": (kv, c.hidden_size),
             p + "self_attn.o_proj.weight": (c.hidden_size, q),
-            p + "mlp.gate_proj.weight": (c.intermediate_size, c.hidden_size),
-            p + "mlp.up_proj.weight": (c.intermediate_size, c.hidden_size),
-            p + "mlp.down_proj.weight": (c.hidden_size, c.intermediate_size),
         }
+        if i not in no_mlp:
+            shapes |= {
+                p + "mlp.gate_proj.weight": (c.intermediate_size, c.hidden_size),
+                p + "mlp.up_proj.weight": (c.intermediate_size, c.hidden_size),
+                p + "mlp.down_proj.weight": (c.hidden_size, c.intermediate_size),
+            }
         if c.attention_bias:
             shapes |= {
                 p + "self_attn.q_proj.bias": (q,),
                 p + "self_attn.k_proj.bias": (kv,),
                 p + "self_attn.v_proj.bias": (kv,),
             }
-    return shapes
+    from .memory_layers_loader import memory_shapes
+
+    return shapes | memory_shapes(c)[0]
 
 
 def _check_weights(config: ModelConfig, weights: dict[str, torch.Tensor], source: str) -> None:
+    from .memory_layers_loader import check_memory_weights, memory_shapes
+
+    check_memory_weights(config, weights, source)  # first: its errors name the memory tensor and shape
     expected = expected_weight_shapes(config)
+    optional = {n for n in memory_shapes(config)[1] if n in weights}
     missing = sorted(set(expected) - set(weights))
     if missing:
         raise UnsupportedModelError(
             f"{source}: {len(missing)} tensors missing for {config.architecture} (first: {missing[:3]}); "
             f"supported architectures: {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
-    extra = sorted(set(weights) - set(expected))
+    extra = sorted(set(weights) - set(expected) - optional)
     if extra:
         raise UnsupportedModelError(
             f"{source}: unexpected tensors for {config.architecture} (first: {extra[:3]}); "
             f"supported architectures: {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
     bad = [(n, tuple(weights[n].shape), s) for n, s in expected.items() if tuple(weights[n].shape) != s]
+    # (optional memory tensors were shape-checked by check_memory_weights)
     if bad:
         raise UnsupportedModelError(
             f"{source}: tensor shapes do not match config.json (name, got, expected): {bad[:3]}"

@@ -8,13 +8,15 @@ For the layer's post-attention-normed input x (T, hidden):
     bag = sum over heads and slots of weight * values[index]            (a ValueStore lookup)
     out = value_proj(bag * silu(swilu_proj(x)))   (or value_proj(bag) without swilu; no value_proj = identity)
 
-Value-table reads go through `ValueStore.lookup(indices, weights) -> rows` so a later store can serve
-them from remote shards. This module holds the config, the in-process store and the layer; wiring it
-into `Model` and the loader is the next step of issue 16.
+Value-table reads go through `ValueStore.submit(indices, weights).result() -> rows` (or the blocking
+`lookup`) so a store can serve them from remote shards (issue 17). The decoder layer's FFN slot
+(runtime/ffn.py) submits the read before it runs the dense MLP ("parallel" mode), so a remote read
+overlaps the MLP.
 """
 
 from __future__ import annotations
 
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import torch
@@ -66,17 +68,38 @@ class MemoryLayersConfig:
 
 
 class ValueStore:
-    """Where value rows live. `lookup(indices (T, K) int64, weights (T, K) fp32) -> (T, v_dim) fp32`."""
+    """Where value rows live: the one interface every value-table read goes through.
+
+    Contract (what a remote store of issue 17 implements):
+      indices  (T, K) int64 slot ids in [0, num_rows)  (a remote store may send them as int32)
+      weights  (T, K) fp32 per-slot weights            (K = heads * knn; the heads are summed)
+      result   (T, dim) fp32: row t = sum_k weights[t, k] * table[indices[t, k]]
+    `submit` starts the read and returns an object with `.result() -> rows` (a concurrent.futures.Future
+    fits); the model calls it before the dense MLP and `.result()` after, so a store that sends the read
+    over the network overlaps it with the MLP. The default `submit` wraps a blocking `lookup` in a
+    completed future; a store defines `lookup`, `submit`, or both. `num_rows`, `dim`, `nbytes` and
+    `dtype` (a name, e.g. "float32") describe the table."""
 
     num_rows: int
     dim: int
 
-    def lookup(self, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:  # pragma: no cover
-        raise NotImplementedError
+    def lookup(self, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        if type(self).submit is ValueStore.submit:
+            raise NotImplementedError(f"{type(self).__name__} defines neither lookup nor submit")
+        return self.submit(indices, weights).result()
+
+    def submit(self, indices: torch.Tensor, weights: torch.Tensor):
+        f = Future()
+        f.set_result(self.lookup(indices, weights))
+        return f
 
     @property
     def nbytes(self) -> int:  # pragma: no cover
         raise NotImplementedError
+
+    @property
+    def dtype(self) -> str:
+        return "unknown"
 
 
 class TensorValueStore(ValueStore):
@@ -93,6 +116,10 @@ class TensorValueStore(ValueStore):
     def nbytes(self) -> int:
         return self.table.numel() * self.table.element_size()
 
+    @property
+    def dtype(self) -> str:
+        return str(self.table.dtype).removeprefix("torch.")
+
 
 class MemoryLayer:
     """One memory read: query_proj, keys, optional value_proj / swilu_proj, a (possibly shared) ValueStore."""
@@ -105,12 +132,19 @@ class MemoryLayer:
         self.query_w, self.query_b, self.keys = query_w, query_b, keys
         self.values, self.value_proj, self.swilu_proj = values, value_proj, swilu_proj
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def submit(self, x: torch.Tensor):
+        """Query + product-key top-k, then start the value read; `finish(x, pending)` completes it."""
         c = self.cfg
         T = x.shape[0]
         q = F.linear(x, self.query_w, self.query_b).view(T, c.heads, c.k_dim)
         idx, w = pkm_topk(q, self.keys, c.knn)  # (T, heads*knn): summing heads = one bag over all columns
-        bag = self.values.lookup(idx, w).to(x.dtype)  # (T, v_dim)
+        return self.values.submit(idx, w)
+
+    def finish(self, x: torch.Tensor, pending) -> torch.Tensor:
+        bag = pending.result().to(x.dtype)  # (T, v_dim)
         if self.swilu_proj is not None:
             bag = bag * F.silu(F.linear(x, self.swilu_proj))
         return bag if self.value_proj is None else F.linear(bag, self.value_proj)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.finish(x, self.submit(x))

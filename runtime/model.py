@@ -8,6 +8,12 @@ concatenated along one token axis T — and returns logits only for the rows tha
 Weights are fused at load time: q/k/v -> one (Hq+2Hkv)*D x H matrix, gate/up -> one 2I x H matrix,
 so a layer runs 4 matmuls instead of 7 (fewer kernel launches and Python calls per layer; with 30
 layers the per-op overhead is a visible share of a decode step).
+
+Each layer's FFN is a slot (runtime/ffn.py): the dense MLP, a memory layer ("replace") or both
+("parallel"), per config.json `memory_layers`, so one class serves dense and memory-layer models.
+Value tables are kept in their stored dtype (memory-mapped by the loader) and reached only through
+`ValueStore`s: `value_stores()` lists them by tensor name, `replace_value_store` swaps one (deploy/
+puts remote shards there after load).
 """
 
 from __future__ import annotations
@@ -17,15 +23,25 @@ import torch.nn.functional as F
 
 from .attention import AttentionBackend, AttentionMetadata
 from .config import ModelConfig
+from .ffn import FFN, LookupStats, build_memory_layers, memory_param_bytes
+from .memory_layers import ValueStore
 from .quant import Linear, make_linear
 
 
 class DecoderLayer:
-    __slots__ = ("input_norm", "post_norm", "qkv", "o", "gate_up", "down")
+    __slots__ = ("input_norm", "post_norm", "qkv", "o", "ffn")
 
-    def __init__(self, input_norm, post_norm, qkv, o, gate_up, down):
+    def __init__(self, input_norm, post_norm, qkv, o, ffn: FFN):
         self.input_norm, self.post_norm = input_norm, post_norm
-        self.qkv, self.o, self.gate_up, self.down = qkv, o, gate_up, down
+        self.qkv, self.o, self.ffn = qkv, o, ffn
+
+    @property
+    def gate_up(self):
+        return self.ffn.gate_up
+
+    @property
+    def down(self):
+        return self.ffn.down
 
 
 class Model:
@@ -43,10 +59,15 @@ class Model:
         self.kv_size = c.num_key_value_heads * c.head_dim
         self.eps = c.rms_norm_eps
 
-        def w(name):
+        def w(name, keep_dtype=False):
             t = weights.pop(name) if consume and name != "model.embed_tokens.weight" else weights[name]
-            return t.to(device=device, dtype=dtype)
+            return t.to(device=device) if keep_dtype else t.to(device=device, dtype=dtype)
 
+        mc = c.memory_layers
+        self.lookup_stats = LookupStats()
+        self.memory_layers, self._stores = ({}, {}) if mc is None else build_memory_layers(
+            mc, c.hidden_size, w, lambda n: n in weights)
+        replace = mc is not None and mc.mode == "replace"
         self.embed = w("model.embed_tokens.weight")  # (V, H)
         self.layers: list[DecoderLayer] = []
         for i in range(c.num_hidden_layers):
@@ -55,14 +76,18 @@ class Model:
             qkv_b = None
             if c.attention_bias:
                 qkv_b = torch.cat([w(p + f"self_attn.{n}_proj.bias") for n in "qkv"])
-            gate_up_w = torch.cat([w(p + "mlp.gate_proj.weight"), w(p + "mlp.up_proj.weight")])  # (2I, H)
+            mem = self.memory_layers.get(i)
+            gate_up = down = None
+            if mem is None or not replace:
+                gate_up_w = torch.cat([w(p + "mlp.gate_proj.weight"), w(p + "mlp.up_proj.weight")])  # (2I, H)
+                gate_up = make_linear(gate_up_w, None, quantization)
+                down = make_linear(w(p + "mlp.down_proj.weight"), None, quantization)
             self.layers.append(DecoderLayer(
                 input_norm=w(p + "input_layernorm.weight"),
                 post_norm=w(p + "post_attention_layernorm.weight"),
                 qkv=make_linear(qkv_w, qkv_b, quantization),
                 o=make_linear(w(p + "self_attn.o_proj.weight"), None, quantization),
-                gate_up=make_linear(gate_up_w, None, quantization),
-                down=make_linear(w(p + "mlp.down_proj.weight"), None, quantization),
+                ffn=FFN(gate_up, down, c.intermediate_size, mem, self.lookup_stats),
             ))
         self.final_norm = w("model.norm.weight")
         head = self.embed if c.tie_word_embeddings else w("lm_head.weight")
@@ -73,11 +98,36 @@ class Model:
     def nbytes(self) -> int:
         n = self.embed.numel() * self.embed.element_size()
         for L in self.layers:
-            n += sum(lin.nbytes for lin in (L.qkv, L.o, L.gate_up, L.down))
+            n += sum(lin.nbytes for lin in (L.qkv, L.o, L.gate_up, L.down) if lin is not None)
             n += 2 * L.input_norm.numel() * L.input_norm.element_size()
+            if L.ffn.memory is not None:
+                n += memory_param_bytes(L.ffn.memory)
         if not (self.config.tie_word_embeddings and isinstance(self.lm_head, Linear)):
             n += self.lm_head.nbytes
-        return n
+        return n  # value tables not included: see memory_table_bytes
+
+    # ---- memory layers ------------------------------------------------------------------------
+    def value_stores(self) -> dict[str, ValueStore]:
+        """Value stores by table tensor name ("model.memory_values.weight" or
+        "model.layers.{i}.memory.values.weight"); empty for a dense model."""
+        return dict(self._stores)
+
+    def replace_value_store(self, name: str, store: ValueStore) -> None:
+        """Serve table `name` from `store` (e.g. remote shards) in every memory layer that reads it."""
+        if name not in self._stores:
+            raise KeyError(f"no value table {name!r}; this model has {sorted(self._stores) or 'none'}")
+        old = self._stores[name]
+        if (store.num_rows, store.dim) != (old.num_rows, old.dim):
+            raise ValueError(f"store for {name} is ({store.num_rows}, {store.dim}); the table is "
+                             f"({old.num_rows}, {old.dim})")
+        self._stores[name] = store
+        for m in self.memory_layers.values():
+            if m.values is old:
+                m.values = store
+
+    @property
+    def memory_table_bytes(self) -> int:
+        return sum(s.nbytes for s in self._stores.values())
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x, (x.shape[-1],), weight, self.eps)
@@ -88,7 +138,7 @@ class Model:
         """input_ids (T,) int64 -> logits (len(logits_indices), V) fp32 (all T rows if None)."""
         T = input_ids.shape[0]
         Hq, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
-        qs, kvs, inter = self.q_size, self.kv_size, self.intermediate_size
+        qs, kvs = self.q_size, self.kv_size
         attn.prepare(meta)
         h = F.embedding(input_ids, self.embed)  # (T, H)
         for i, L in enumerate(self.layers):
@@ -100,8 +150,7 @@ class Model:
             o = attn.forward(i, q, k, v, meta)  # (T, Hq, D)
             h = h + L.o(o.reshape(T, qs))
             x = self._norm(h, L.post_norm)
-            gu = L.gate_up(x)  # (T, 2I)
-            h = h + L.down(F.silu(gu[:, :inter]) * gu[:, inter:])
+            h = h + L.ffn(x)
         if logits_indices is not None:
             h = h.index_select(0, logits_indices)  # (N, H)
         h = self._norm(h, self.final_norm)

@@ -257,3 +257,64 @@ def _gguf_name(hf: str) -> str:
 def _gguf_order(hf: str):
     parts = hf.split(".")
     return (int(parts[2]) if parts[1] == "layers" else -1, hf)
+
+
+# ---- tiny memory-layer models (issue 16) --------------------------------------------------------------------
+
+MEMORY_DEFAULTS = dict(layers=[0, 2], n_keys=8, heads=2, knn=4, k_dim=16, v_dim=48)
+
+
+def make_tiny_memory_model(tmp_dir, mode: str = "parallel", shared_values: bool = True, swilu: bool = True,
+                           value_proj: bool = True, query_bias: bool = True, seed: int = 0,
+                           table_dtype=torch.float32, with_tokenizer: bool = True, **memory) -> Path:
+    """A tiny Llama (3 layers, hidden 64) with memory layers in the issue-16 checkpoint format.
+
+    The dense tensors go to model-00001-of-00002.safetensors, the value table(s) to their own
+    model-00002-of-00002.safetensors (+ model.safetensors.index.json), as a real memory model would
+    store them to be memory-mapped alone. `memory` overrides MEMORY_DEFAULTS (layers, n_keys, heads,
+    knn, k_dim, v_dim); `value_proj=False` forces v_dim = hidden (identity). "replace" drops the memory
+    layers' mlp.* tensors. Weights are seeded random with std chosen so the memory output is of the
+    order of the MLP's (a dropped memory changes greedy tokens)."""
+    from safetensors.torch import load_file, save_file
+
+    out = make_tiny_model(tmp_dir, "llama", seed=seed, with_tokenizer=with_tokenizer)
+    cfg = read_config(out)
+    hidden = cfg["hidden_size"]
+    m = dict(MEMORY_DEFAULTS, **memory)
+    if not value_proj:
+        m["v_dim"] = hidden
+    mem_cfg = dict(m, mode=mode, shared_values=shared_values, swilu=swilu)
+    state = load_file(str(out / "model.safetensors"))
+    (out / "model.safetensors").unlink()
+    g = torch.Generator().manual_seed(seed + 16)
+
+    def r(*shape, std=1.0):
+        return (std * torch.randn(*shape, generator=g)).contiguous()
+
+    n, H, kd, vd = m["n_keys"], m["heads"], m["k_dim"], m["v_dim"]
+    tables = {}
+    for i in m["layers"]:
+        p = f"model.layers.{i}."
+        if mode == "replace":
+            for k in [k for k in state if k.startswith(p + "mlp.")]:
+                del state[k]
+        state[p + "memory.query_proj.weight"] = r(H * kd, hidden, std=0.3)
+        if query_bias:
+            state[p + "memory.query_proj.bias"] = r(H * kd, std=0.3)
+        state[p + "memory.keys"] = r(H, 2, n, kd // 2, std=0.5)
+        if value_proj:
+            state[p + "memory.value_proj.weight"] = r(hidden, vd, std=0.3)
+        if swilu:
+            state[p + "memory.swilu_proj.weight"] = r(vd, hidden, std=0.3)
+        name = "model.memory_values.weight" if shared_values else p + "memory.values.weight"
+        if name not in tables:
+            tables[name] = r(n * n, vd, std=1.0).to(table_dtype)
+    files = {"model-00001-of-00002.safetensors": state, "model-00002-of-00002.safetensors": tables}
+    weight_map = {}
+    for fname, tensors in files.items():
+        save_file(tensors, str(out / fname), metadata={"format": "pt"})
+        weight_map |= {k: fname for k in tensors}
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    cfg["memory_layers"] = mem_cfg
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    return out
