@@ -1,0 +1,284 @@
+"""Memory shards (issue 17): slices of memory-layer value tables served by their own Serve deployments.
+
+Not the KV memory (runtime/kv_memory*): these are the learned (n_keys**2, v_dim) value tables of
+product-key memory layers (runtime/memory_layers.py). Each table is cut into P slices; each slice is
+one Serve deployment (`MemoryShard`) with its own replicas and autoscaling; the engine replicas reach
+them through deploy/remote_value_store.py.
+
+Layouts
+  columns (default, as Meta's memory-parallel training): shard s holds columns [c0, c1) of every row,
+      gets every (index, weight) pair of the step and returns its (T, c1-c0) slice of the bag. The
+      engine concatenates. Balanced by construction (every shard reads T*K rows of the same width).
+      Bit-exact with the local store: each output column is the same sequential sum over the same K
+      (index, weight) pairs, only fewer columns per call (tested for P = 1, 2, 3 with uneven splits).
+  rows: shard s holds rows [r0, r1), gets every pair, zeroes the weights of indices it does not hold
+      and returns a (T, v_dim) partial bag; the engine adds the P partials in shard order. Bit-exact
+      only for P = 1: the local store sums the K products in slot order, the sharded one sums each
+      shard's subsequence first, so fp32 rounding differs (|error| <= ~K * eps * sum|w*v|; measured
+      ~1e-7 relative on the tiny models, greedy tokens identical in the tests). Sending the K
+      weighted rows instead of partial sums would restore exactness at K times the bytes: not done.
+      Rows can run hot (popular slots cluster) and return full-width rows from every shard, so each
+      shard ships P times the bytes of a columns shard; see deploy/README.md.
+
+On disk (`memserve shard-memory DIR --shards P --layout L`): one safetensors file per shard under
+DIR/memory_shards/<layout>-<P>/, holding that shard's slice of every value table as a contiguous
+tensor, plus manifest.json. Why files and not slices of the checkpoint: a column slice of a
+row-major table is strided, so mapping the checkpoint and reading columns [c0, c1) touches every
+page (resident = the whole table); a contiguous per-shard file makes resident = slice = table / P.
+(A row slice would be contiguous in the checkpoint, but one format for both layouts keeps the shard
+code single-path.) The shard memory-maps its file (pages come in as rows are read), so start-up
+reads nothing and resident memory is bounded by the slice; measured in tests/deploy/test_memory_shards.py.
+The files are written by streaming row chunks, so a table larger than RAM can be sharded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+LAYOUTS = ("columns", "rows")
+SHARD_DIR = "memory_shards"
+MANIFEST = "manifest.json"
+DEPLOYMENT_PREFIX = "MemoryShard"
+_DTYPES = {"F32": (np.float32, "float32"), "F16": (np.float16, "float16"), "BF16": (np.uint16, "bfloat16")}
+_CHUNK_BYTES = 64 << 20  # rows copied per write when sharding: bounded RAM whatever the table size
+
+
+def is_value_table(name: str) -> bool:
+    return name == "model.memory_values.weight" or (name.startswith("model.layers.") and name.endswith(".memory.values.weight"))
+
+
+def split(n: int, p: int) -> list[tuple[int, int]]:
+    """[begin, end) of p nearly equal parts of range(n); the first n % p parts get one more (uneven splits)."""
+    if not 1 <= p <= n:
+        raise ValueError(f"cannot cut {n} into {p} shards: need 1 <= shards <= {n}")
+    q, r = divmod(n, p)
+    out, b = [], 0
+    for s in range(p):
+        e = b + q + (1 if s < r else 0)
+        out.append((b, e))
+        b = e
+    return out
+
+
+# ---- safetensors headers and memory maps (the format is 8-byte length + JSON + raw data) ----------
+def read_header(path: str | Path) -> tuple[dict, int]:
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return header, 8 + n
+
+
+def mmap_tensor(path: str | Path, name: str):
+    """A read-only-in-effect torch view of one tensor of a safetensors file, memory-mapped (copy-on-write
+    map so torch accepts it; nothing is ever written). Pages are read from disk only when touched."""
+    import torch
+
+    header, base = read_header(path)
+    if name not in header:
+        raise KeyError(f"{path} has no tensor {name!r} (it has {sorted(header)[:8]}...)")
+    h = header[name]
+    np_dtype, torch_name = _DTYPES[h["dtype"]]
+    b, e = h["data_offsets"]
+    shape = tuple(h["shape"])
+    arr = np.memmap(path, dtype=np_dtype, mode="c", offset=base + b, shape=shape) if e > b else np.zeros(shape, np_dtype)
+    t = torch.from_numpy(arr)
+    return t.view(torch.bfloat16) if torch_name == "bfloat16" else t
+
+
+def find_value_tables(model_dir: str | Path) -> dict[str, dict]:
+    """{tensor name: {"file", "dtype", "shape"}} of every value table in the checkpoint's safetensors."""
+    out = {}
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        header, _ = read_header(f)
+        for name, h in header.items():
+            if is_value_table(name):
+                out[name] = {"file": str(f), "dtype": h["dtype"], "shape": list(h["shape"])}
+    return out
+
+
+def _write_safetensors(path: Path, name: str, src, dtype: str, layout: str, b: int, e: int) -> None:
+    """Stream src's slice (rows [b, e) or columns [b, e)) into a one-tensor safetensors file."""
+    rows, cols = src.shape
+    shape = [e - b, cols] if layout == "rows" else [rows, e - b]
+    itemsize = src.dtype.itemsize
+    nbytes = shape[0] * shape[1] * itemsize
+    hdr = json.dumps({name: {"dtype": dtype, "shape": shape, "data_offsets": [0, nbytes]}}).encode()
+    hdr += b" " * (-len(hdr) % 8)
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(hdr)) + hdr)
+        r0, r1 = (b, e) if layout == "rows" else (0, rows)
+        step = max(1, _CHUNK_BYTES // max(1, cols * itemsize))
+        for a in range(r0, r1, step):
+            chunk = src[a:min(a + step, r1)] if layout == "rows" else src[a:min(a + step, r1), b:e]
+            f.write(np.ascontiguousarray(chunk).tobytes())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def shard_memory(model_dir: str | Path, shards: int, layout: str = "columns") -> Path:
+    """Write DIR/memory_shards/<layout>-<P>/ (one file per shard and table + manifest.json); returns it."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"shard layout {layout!r}: expected one of {LAYOUTS}")
+    tables = find_value_tables(model_dir)
+    if not tables:
+        raise ValueError(f"{model_dir} has no memory-layer value table (model.memory_values.weight or "
+                         "model.layers.N.memory.values.weight): nothing to shard")
+    out = Path(model_dir) / SHARD_DIR / f"{layout}-{shards}"
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = {"layout": layout, "shards": shards, "tables": {}}
+    for t, (name, info) in enumerate(sorted(tables.items())):
+        header, base = read_header(info["file"])
+        h = header[name]
+        np_dtype = _DTYPES[h["dtype"]][0]
+        src = np.memmap(info["file"], dtype=np_dtype, mode="r", offset=base + h["data_offsets"][0], shape=tuple(h["shape"]))
+        rows, cols = src.shape
+        parts = split(rows if layout == "rows" else cols, shards)
+        files = []
+        for s, (b, e) in enumerate(parts):
+            fname = f"table{t}-shard{s}.safetensors"
+            _write_safetensors(out / fname, name, src, h["dtype"], layout, b, e)
+            files.append({"file": fname, "begin": b, "end": e})
+        manifest["tables"][name] = {"rows": rows, "dim": cols, "dtype": h["dtype"], "index": t, "shards": files}
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    return out
+
+
+@dataclass(slots=True)
+class ShardSpec:
+    """One shard: which table, which slice, where its file is, and its Serve deployment name."""
+
+    table: str
+    index: int
+    layout: str
+    begin: int
+    end: int
+    rows: int
+    dim: int
+    dtype: str
+    path: str
+    name: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def load_specs(model_dir: str | Path, shards: int, layout: str) -> dict[str, list[ShardSpec]]:
+    """The shard plan of a sharded checkpoint: {table name: [ShardSpec] in shard order}."""
+    d = Path(model_dir) / SHARD_DIR / f"{layout}-{shards}"
+    if not (d / MANIFEST).exists():
+        raise FileNotFoundError(f"{d / MANIFEST} not found: run `memserve shard-memory {model_dir} --shards {shards} "
+                                f"--layout {layout}` first")
+    m = json.loads((d / MANIFEST).read_text())
+    out = {}
+    for name, t in m["tables"].items():
+        out[name] = [ShardSpec(table=name, index=s, layout=layout, begin=f["begin"], end=f["end"], rows=t["rows"],
+                               dim=t["dim"], dtype=t["dtype"], path=str(d / f["file"]),
+                               name=f"{DEPLOYMENT_PREFIX}-t{t['index']}-{s}of{shards}")
+                     for s, f in enumerate(t["shards"])]
+    return out
+
+
+def mapped_rss_bytes(path: str) -> int:
+    """Resident bytes of this process's mappings of `path` (from /proc/self/smaps; 0 elsewhere)."""
+    total, inside = 0, False
+    try:
+        with open("/proc/self/smaps") as f:
+            for line in f:
+                if line[0] in "0123456789abcdef" and "-" in line.split(" ", 1)[0]:
+                    inside = line.rstrip().endswith(path)
+                elif inside and line.startswith("Rss:"):
+                    total += int(line.split()[1]) * 1024
+    except OSError:
+        return 0
+    return total
+
+
+class MemoryShard:
+    """The Serve deployment class of one shard (also usable in-process: tests, the benchmark's peer).
+
+    `lookup(indices (T, K) int32/int64, weights (T, K) fp32)` answers one engine step of one memory
+    layer in one call: columns -> (T, end-begin) fp32, rows -> (T, dim) fp32 partial bag."""
+
+    def __init__(self, spec: dict):
+        import torch
+
+        from memserve.kernels import embedding_bag
+
+        self.spec = ShardSpec(**spec)
+        self._bag = embedding_bag
+        self._torch = torch
+        self.table = mmap_tensor(self.spec.path, self.spec.table)
+        self.lookups = 0
+
+    def lookup(self, indices, weights):
+        torch = self._torch
+        s = self.spec
+        idx = torch.as_tensor(np.asarray(indices)).long()
+        w = torch.as_tensor(np.asarray(weights, dtype=np.float32))
+        if idx.shape != w.shape or idx.dim() != 2:
+            raise ValueError(f"{s.name}: indices {tuple(idx.shape)} and weights {tuple(w.shape)} must be the same (T, K)")
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= s.rows):
+            raise ValueError(f"{s.name}: slot ids must be in [0, {s.rows})")
+        self.lookups += 1
+        if s.layout == "rows":
+            mine = (idx >= s.begin) & (idx < s.end)
+            # other shards' slots: weight exactly 0 on a valid local row (adding +0.0 leaves the sum unchanged)
+            idx = torch.where(mine, idx - s.begin, torch.zeros_like(idx))
+            w = torch.where(mine, w, torch.zeros_like(w))
+        return self._bag(self.table, idx, w, out_dtype=torch.float32).numpy()
+
+    def info(self) -> dict:
+        """What this replica holds and how much of it is resident (for tests, GetModelInfo, the bench)."""
+        rss = 0
+        try:
+            with open("/proc/self/status") as f:
+                rss = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+        except (OSError, StopIteration):
+            pass
+        return {**self.spec.to_dict(), "pid": os.getpid(), "lookups": self.lookups,
+                "slice_bytes": self.table.numel() * self.table.element_size(),
+                "mapped_rss_bytes": mapped_rss_bytes(os.path.realpath(self.spec.path)), "rss_bytes": rss}
+
+    def check_health(self):
+        if self.table is None:  # pragma: no cover
+            raise RuntimeError(f"{self.spec.name}: no table")
+
+
+def parse_replicas(text: str | None) -> tuple[int, int]:
+    """'MIN:MAX' or 'N' -> (min, max) with 1 <= min <= max."""
+    if not text:
+        return 1, 1
+    lo, _, hi = str(text).partition(":")
+    lo_i, hi_i = int(lo), int(hi or lo)
+    if not 1 <= lo_i <= hi_i:
+        raise ValueError(f"shard replicas {text!r}: need MIN:MAX with 1 <= MIN <= MAX")
+    return lo_i, hi_i
+
+
+def shard_deployment(spec: ShardSpec, *, replicas: tuple[int, int] = (1, 1), num_cpus: float = 0.0,
+                     target_ongoing_requests: float = 2.0, env_vars: dict | None = None):
+    """The bound Serve application of one shard. Autoscaling on ongoing requests: a shard's lookups are
+    short and arrive one per engine replica per memory layer per step, so in-flight lookups = rate x
+    latency (Little's law) and rise exactly when a replica saturates; queue length would say the same
+    later. min == max gives a fixed replica count (Serve then never scales)."""
+    from ray import serve
+
+    lo, hi = replicas
+    scaling = ({"num_replicas": lo} if lo == hi else
+               {"autoscaling_config": {"min_replicas": lo, "max_replicas": hi, "target_ongoing_requests": target_ongoing_requests,
+                                       "upscale_delay_s": 2.0, "downscale_delay_s": 10.0}})
+    threads = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **(env_vars or {})}
+    return serve.deployment(
+        MemoryShard, name=spec.name, ray_actor_options={"num_cpus": num_cpus, "runtime_env": {"env_vars": threads}},
+        max_ongoing_requests=64, health_check_period_s=2, health_check_timeout_s=10,
+        graceful_shutdown_timeout_s=5, graceful_shutdown_wait_loop_s=0.5, **scaling,
+    ).bind(spec.to_dict())
