@@ -1,7 +1,9 @@
-"""Helpers shared by the tests that start real servers (Ray Serve, Prometheus) on loopback."""
+"""Helpers shared by the serving tests: real servers (Ray Serve, Prometheus) on loopback, and the
+in-process worker client that the Ray-free ingress tests use."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import socket
@@ -11,6 +13,25 @@ import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
+
+from memserve.deploy.app import _LocalStream  # pulls lazily, like a slow transport
+
+
+class LocalClient:
+    """The ingress's worker client without Ray: calls an in-process EngineWorker directly."""
+
+    def __init__(self, worker):
+        self.worker = worker
+
+    def stream(self, method, *args, routing):
+        return _LocalStream(getattr(self.worker, method)(*args))
+
+    async def call(self, method, *args, routing=None):
+        res = getattr(self.worker, method)(*args)
+        return await res if asyncio.iscoroutine(res) else res
+
+    async def num_replicas(self):
+        return 1
 
 
 def free_port() -> int:

@@ -5,30 +5,15 @@ import asyncio
 
 import pytest
 from memserve.deploy import memserve_pb2 as pb
-from memserve.deploy.app import _LocalStream
 from memserve.deploy.auth import ApiKeys, parse_keys
 from memserve.deploy.ingress import IngressCore, RpcError
 from memserve.deploy.limits import Limits
 from memserve.deploy.worker import EngineWorker
 from serving_fake_engine import FakeAsyncEngine, FakeSampling
+from serving_testlib import LocalClient
 
 KEY_A, KEY_B = "a" * 20 + "-alpha-key", "b" * 20 + "-beta-key"
 KEYS = f"# tenants\nalpha {KEY_A}\n\nbeta {KEY_B}\n"
-
-
-class LocalClient:
-    def __init__(self, worker):
-        self.worker = worker
-
-    def stream(self, method, *args, routing):
-        return _LocalStream(getattr(self.worker, method)(*args))
-
-    async def call(self, method, *args, routing=None):
-        res = getattr(self.worker, method)(*args)
-        return await res if asyncio.iscoroutine(res) else res
-
-    async def num_replicas(self):
-        return 1
 
 
 def make(limits=None, keys=KEYS, **engine_kw):

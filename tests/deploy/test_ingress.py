@@ -9,21 +9,7 @@ from memserve.deploy.app import _LocalStream  # pulls lazily, like a slow transp
 from memserve.deploy.ingress import IngressCore, RpcError, validate_generate
 from memserve.deploy.worker import EngineWorker
 from serving_fake_engine import FakeAsyncEngine, FakeSampling
-
-
-class LocalClient:
-    def __init__(self, worker):
-        self.worker = worker
-
-    def stream(self, method, *args, routing):
-        return _LocalStream(getattr(self.worker, method)(*args))
-
-    async def call(self, method, *args, routing=None):
-        res = getattr(self.worker, method)(*args)
-        return await res if asyncio.iscoroutine(res) else res
-
-    async def num_replicas(self):
-        return 1
+from serving_testlib import LocalClient
 
 
 def make(**engine_kw):
