@@ -40,17 +40,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+from memserve.runtime import memory_layers_loader as st  # safetensors headers and memory maps
+from memserve.runtime.ffn import is_values_name
 
 LAYOUTS = ("columns", "rows")
 SHARD_DIR = "memory_shards"
 MANIFEST = "manifest.json"
 DEPLOYMENT_PREFIX = "MemoryShard"
-_DTYPES = {"F32": (np.float32, "float32"), "F16": (np.float16, "float16"), "BF16": (np.uint16, "bfloat16")}
 _CHUNK_BYTES = 64 << 20  # rows copied per write when sharding: bounded RAM whatever the table size
-
-
-def is_value_table(name: str) -> bool:
-    return name == "model.memory_values.weight" or (name.startswith("model.layers.") and name.endswith(".memory.values.weight"))
 
 
 def split(n: int, p: int) -> list[tuple[int, int]]:
@@ -66,39 +63,22 @@ def split(n: int, p: int) -> list[tuple[int, int]]:
     return out
 
 
-# ---- safetensors headers and memory maps (the format is 8-byte length + JSON + raw data) ----------
-def read_header(path: str | Path) -> tuple[dict, int]:
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    header.pop("__metadata__", None)
-    return header, 8 + n
-
-
 def mmap_tensor(path: str | Path, name: str):
-    """A read-only-in-effect torch view of one tensor of a safetensors file, memory-mapped (copy-on-write
-    map so torch accepts it; nothing is ever written). Pages are read from disk only when touched."""
-    import torch
-
-    header, base = read_header(path)
+    """One tensor of a safetensors file, memory-mapped (the loader's copy-on-write map: nothing is ever
+    written back). Pages are read from disk only when touched."""
+    header, base = st.safetensors_header(Path(path))
     if name not in header:
         raise KeyError(f"{path} has no tensor {name!r} (it has {sorted(header)[:8]}...)")
-    h = header[name]
-    np_dtype, torch_name = _DTYPES[h["dtype"]]
-    b, e = h["data_offsets"]
-    shape = tuple(h["shape"])
-    arr = np.memmap(path, dtype=np_dtype, mode="c", offset=base + b, shape=shape) if e > b else np.zeros(shape, np_dtype)
-    t = torch.from_numpy(arr)
-    return t.view(torch.bfloat16) if torch_name == "bfloat16" else t
+    return st.mmap_tensor(Path(path), name, header[name], base)
 
 
 def find_value_tables(model_dir: str | Path) -> dict[str, dict]:
     """{tensor name: {"file", "dtype", "shape"}} of every value table in the checkpoint's safetensors."""
     out = {}
     for f in sorted(Path(model_dir).glob("*.safetensors")):
-        header, _ = read_header(f)
+        header, _ = st.safetensors_header(f)
         for name, h in header.items():
-            if is_value_table(name):
+            if is_values_name(name):
                 out[name] = {"file": str(f), "dtype": h["dtype"], "shape": list(h["shape"])}
     return out
 
@@ -136,9 +116,9 @@ def shard_memory(model_dir: str | Path, shards: int, layout: str = "columns") ->
     out.mkdir(parents=True, exist_ok=True)
     manifest = {"layout": layout, "shards": shards, "tables": {}}
     for t, (name, info) in enumerate(sorted(tables.items())):
-        header, base = read_header(info["file"])
+        header, base = st.safetensors_header(Path(info["file"]))
         h = header[name]
-        np_dtype = _DTYPES[h["dtype"]][0]
+        np_dtype = st.SAFETENSORS_DTYPES[h["dtype"]][0]
         src = np.memmap(info["file"], dtype=np_dtype, mode="r", offset=base + h["data_offsets"][0], shape=tuple(h["shape"]))
         rows, cols = src.shape
         parts = split(rows if layout == "rows" else cols, shards)
@@ -210,7 +190,6 @@ class MemoryShard:
 
     def __init__(self, spec: dict):
         import torch
-
         from memserve.kernels import embedding_bag
 
         self.spec = ShardSpec(**spec)

@@ -20,7 +20,7 @@ from .errors import UnsupportedModelError
 from .ffn import is_values_name, memory_weight_shapes, optional_memory_shapes
 
 # safetensors dtype -> (numpy dtype to map the bytes as, torch dtype to view them as)
-_ST_DTYPES = {
+SAFETENSORS_DTYPES = {
     "F32": (np.float32, torch.float32),
     "F16": (np.float16, torch.float16),
     "BF16": (np.uint16, torch.bfloat16),  # numpy has no bfloat16: map 16-bit words, view as bf16
@@ -38,9 +38,9 @@ def safetensors_header(path: Path) -> tuple[dict, int]:
 
 def mmap_tensor(path: Path, name: str, entry: dict, data_start: int) -> torch.Tensor:
     dt = entry["dtype"]
-    if dt not in _ST_DTYPES:
-        raise UnsupportedModelError(f"{path}: value table {name} has dtype {dt}; supported: {sorted(_ST_DTYPES)}")
-    np_dt, torch_dt = _ST_DTYPES[dt]
+    if dt not in SAFETENSORS_DTYPES:
+        raise UnsupportedModelError(f"{path}: value table {name} has dtype {dt}; supported: {sorted(SAFETENSORS_DTYPES)}")
+    np_dt, torch_dt = SAFETENSORS_DTYPES[dt]
     b, e = entry["data_offsets"]
     shape = tuple(entry["shape"])
     if e - b != int(np.prod(shape)) * np.dtype(np_dt).itemsize:
