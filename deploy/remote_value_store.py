@@ -26,7 +26,6 @@ import time
 
 import numpy as np
 import torch
-
 from memserve.runtime.memory_layers import ValueStore
 
 log = logging.getLogger("memserve.deploy")

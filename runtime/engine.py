@@ -15,8 +15,8 @@ from memserve.scheduler.batch_plan import BatchPlan, Scheduler, SchedulerConfig,
 
 from .attention import AttentionMetadata, DensePagedAttention, RotaryEmbedding
 from .errors import InvalidRequestError
-from .kv_cache import BlockAllocator, KVCache, KVCacheSpec, kv_bytes_per_block, num_blocks_for_budget
 from .ffn import memory_layers_info
+from .kv_cache import BlockAllocator, KVCache, KVCacheSpec, kv_bytes_per_block, num_blocks_for_budget
 from .loader import Checkpoint, load_checkpoint
 from .model import Model
 from .outputs import RequestMetrics, RequestOutput

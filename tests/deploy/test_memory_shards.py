@@ -115,7 +115,7 @@ def serve_shards(table_dir):
             specs = load_specs(d, P, layout)[TABLE]
             handles = [serve.run(shard_deployment(s), name=s.name, route_prefix=None, blocking=False) for s in specs]
             plans[layout] = (specs, handles)
-        for specs, handles in plans.values():
+        for _specs, handles in plans.values():
             for h in handles:
                 h.info.remote().result(timeout_s=120)
         yield {"plans": plans, "table": table, "ray": ray, "serve": serve, "dir": d}
@@ -212,7 +212,7 @@ def _replica_actors(ray, app):
 
 
 def test_killed_shard_replica_is_retried_with_identical_rows(serve_shards):
-    ray, serve = serve_shards["ray"], serve_shards["serve"]
+    ray = serve_shards["ray"]
     specs, _ = serve_shards["plans"]["columns"]
     store, local = _store(serve_shards, "columns", retry_timeout_s=90), TensorValueStore(serve_shards["table"])
     victim = specs[0].name
