@@ -12,11 +12,12 @@ from dataclasses import dataclass, field
 
 import torch
 from memserve.scheduler.batch_plan import BatchPlan, Scheduler, SchedulerConfig, Sequence
+from memserve.scheduler.block_allocator import BlockAllocator, MemoryAwareAllocator
 
 from .attention import AttentionMetadata, DensePagedAttention, RotaryEmbedding
 from .errors import InvalidRequestError
 from .ffn import memory_layers_info
-from .kv_cache import BlockAllocator, KVCache, KVCacheSpec, kv_bytes_per_block, num_blocks_for_budget
+from .kv_cache import KVCache, KVCacheSpec, kv_bytes_per_block, num_blocks_for_budget
 from .loader import Checkpoint, load_checkpoint
 from .model import Model
 from .outputs import RequestMetrics, RequestOutput
@@ -56,6 +57,12 @@ class EngineArgs:
     # per-model KV-memory tuning (runtime/kv_memory/profiles.py): None = chosen by the model's name and
     # shape, "none" = KVMemoryConfig's plain defaults, or a profile's name; kv_memory_config wins over it
     kv_memory_profile: str | None = None
+    # replica-wide byte budget of the KV memory's compressed tier, over all sequences and sessions
+    # (runtime/kv_memory/budget.py; None = unbounded). At the limit idle sessions are parked through
+    # KVMemoryManager.park_session (if set), then least-often-selected blocks are evicted; policy
+    # "refuse" also refuses (MemoryTierFullError) or holds back requests whose memory would not fit
+    kv_memory_tier_bytes: int | None = None
+    kv_memory_tier_policy: str = "evict"
     # torch intra-op CPU threads for this process (None: torch's default); benchmarks report it
     threads: int | None = None
 
@@ -79,6 +86,10 @@ class EngineArgs:
         assert self.max_model_len is None or self.max_model_len >= 2, "max_model_len must be >= 2"
         assert self.kv_memory in ("off", "auto", "retrieval"), \
             f"kv_memory must be 'off', 'auto' or 'retrieval', got {self.kv_memory!r}"
+        assert self.kv_memory_tier_bytes is None or self.kv_memory_tier_bytes > 0, \
+            "kv_memory_tier_bytes must be None or > 0"
+        assert self.kv_memory_tier_policy in ("evict", "refuse"), \
+            f"kv_memory_tier_policy must be 'evict' or 'refuse', got {self.kv_memory_tier_policy!r}"
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -164,19 +175,27 @@ class LLMEngine:
         spec = KVCacheSpec(c.num_hidden_layers, num_blocks, args.block_size, c.num_key_value_heads, c.head_dim,
                            dtype, args.device)
         self.kv_cache = KVCache(spec)
-        self.allocator = BlockAllocator(num_blocks, args.block_size)
+        # the KV managers are built here, once: with the KV memory on, the paged pool's allocator lets memory
+        # sequences take no pool blocks (block 0 is their scratch block, unusable by dense sequences) and
+        # asks the memory tier's budget whether they may grow
+        if args.kv_memory != "off":
+            self.allocator = MemoryAwareAllocator(num_blocks, args.block_size)
+            usable_blocks = num_blocks - 1
+        else:
+            self.allocator = BlockAllocator(num_blocks, args.block_size)
+            usable_blocks = num_blocks
         self.scheduler = Scheduler(SchedulerConfig(args.max_num_seqs, args.max_num_batched_tokens), self.allocator)
         self.rope = RotaryEmbedding(c.head_dim, c.rope_theta, c.rope_scaling)
         self.attn = DensePagedAttention(self.kv_cache, self.rope, c.num_attention_heads, c.num_key_value_heads,
                                         c.head_dim)
         # a sequence can never outgrow the model's window nor the whole KV pool
-        self.max_model_len = min(args.max_model_len or c.max_position_embeddings, num_blocks * args.block_size)
+        self.max_model_len = min(args.max_model_len or c.max_position_embeddings, usable_blocks * args.block_size)
         self.requests: dict[str, Request] = {}
         self.memory = None  # KVMemoryManager when the KV memory is enabled
         if args.kv_memory != "off":
-            from .kv_memory_backend import enable_kv_memory
+            from .kv_memory_backend import build_kv_memory
 
-            enable_kv_memory(self)
+            self.attn, self.memory = build_kv_memory(self, self.attn, self.allocator)
 
     # ------------------------------------------------------------------------------------ requests
     def prepare_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,

@@ -42,3 +42,9 @@ class QueueFullError(MemServeError, RuntimeError):
 class DataLossError(MemServeError, RuntimeError):
     """A stored session snapshot is corrupt, truncated or of another format (gRPC DATA_LOSS). The
     replica keeps serving; the session must be ingested again (or restored from a backup)."""
+
+
+class MemoryTierFullError(QueueFullError):
+    """The replica's KV-memory tier is at its byte budget (EngineArgs.kv_memory_tier_bytes, policy
+    "refuse") and this request's memory would not fit (gRPC RESOURCE_EXHAUSTED): retry later, shorten
+    the prompt, or raise the budget / use policy "evict"."""

@@ -2,9 +2,9 @@
 
 Two halves, kept apart on purpose:
 
-* `BlockAllocator` — pure CPU bookkeeping (free list, one block table per sequence). The scheduler
-  owns one and decides from it which requests fit; it never touches tensors, so the batching policy
-  is tested without a model.
+* `BlockAllocator` (scheduler/block_allocator.py, re-exported here) — pure CPU bookkeeping (free list,
+  one block table per sequence). The scheduler owns one and decides from it which requests fit; it
+  never touches tensors, so the batching policy is tested without a model.
 * `KVCache` — the tensors. Per layer `k_cache[layer]`, `v_cache[layer]` of shape
   (num_blocks, block_size, num_kv_heads, head_dim), the layout every kernel in `memserve.kernels`
   reads. Token `i` of a sequence lives at slot `block_table[i // block_size] * block_size + i % block_size`
@@ -16,10 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-
-
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
+from memserve.scheduler.block_allocator import BlockAllocator, cdiv  # noqa: F401  (re-exported)
 
 
 def kv_bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
@@ -38,60 +35,6 @@ def num_blocks_for_budget(budget_bytes: int, num_layers: int, block_size: int, n
             f"kv_cache_bytes={budget_bytes} is smaller than one KV block ({per_block} bytes for "
             f"block_size={block_size}); raise kv_cache_bytes or lower block_size")
     return int(n)
-
-
-class BlockAllocator:
-    """Free list + per-sequence block tables (pure Python, no tensors).
-
-    Blocks are handed out LIFO (recently freed blocks are warm in cache). A sequence's table grows
-    with `allocate(seq_id, num_tokens)`, which makes room for `num_tokens` tokens in total.
-    """
-
-    __slots__ = ("num_blocks", "block_size", "_free", "tables")
-
-    def __init__(self, num_blocks: int, block_size: int):
-        assert num_blocks > 0 and block_size > 0
-        self.num_blocks = num_blocks
-        self.block_size = block_size
-        self._free: list[int] = list(range(num_blocks - 1, -1, -1))
-        self.tables: dict[str, list[int]] = {}
-
-    @property
-    def num_free_blocks(self) -> int:
-        return len(self._free)
-
-    @property
-    def usage(self) -> float:
-        return 1.0 - len(self._free) / self.num_blocks
-
-    def blocks_needed(self, seq_id: str, num_tokens: int) -> int:
-        """Extra blocks `seq_id` needs to hold `num_tokens` tokens in total."""
-        have = len(self.tables.get(seq_id, ()))
-        return max(0, cdiv(num_tokens, self.block_size) - have)
-
-    def can_allocate(self, seq_id: str, num_tokens: int) -> bool:
-        return self.blocks_needed(seq_id, num_tokens) <= len(self._free)
-
-    def allocate(self, seq_id: str, num_tokens: int) -> list[int]:
-        """Grow `seq_id`'s table to hold `num_tokens` tokens; returns the whole table."""
-        need = self.blocks_needed(seq_id, num_tokens)
-        if need > len(self._free):
-            raise RuntimeError(f"out of KV blocks: need {need}, free {len(self._free)}")
-        table = self.tables.setdefault(seq_id, [])
-        for _ in range(need):
-            table.append(self._free.pop())
-        return table
-
-    def free(self, seq_id: str) -> int:
-        """Return all of `seq_id`'s blocks to the pool (no-op if it has none)."""
-        table = self.tables.pop(seq_id, None)
-        if not table:
-            return 0
-        self._free.extend(reversed(table))
-        return len(table)
-
-    def num_blocks_of(self, seq_id: str) -> int:
-        return len(self.tables.get(seq_id, ()))
 
 
 @dataclass(slots=True)

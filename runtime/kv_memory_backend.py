@@ -1,7 +1,9 @@
 """Engine integration of the KV memory: a retrieval AttentionBackend, a block allocator that lets
 memory sequences bypass the paged pool, and the session manager the engine delegates to.
 
-`enable_kv_memory(engine)` is the one hook LLMEngine calls (when EngineArgs.kv_memory != "off").
+`build_kv_memory(engine, dense, allocator)` is the one hook LLMEngine's constructor calls (when
+EngineArgs.kv_memory != "off"), after building the memory-aware allocator (scheduler/block_allocator.py)
+and the dense backend: nothing is swapped after construction.
 
 Which sequences use the memory (decided once, when a request is added):
   * request override `SamplingParams.kv_memory` = "off" | "retrieval" wins;
@@ -21,12 +23,13 @@ import time
 from collections.abc import Iterator
 
 import torch
+from memserve.scheduler.block_allocator import MemoryAwareAllocator
 from memserve.scheduler.kv_policy import RetrievalPolicy
 
 from .attention import AttentionBackend, AttentionMetadata
-from .errors import InvalidRequestError
-from .kv_cache import BlockAllocator
+from .errors import InvalidRequestError, MemoryTierFullError
 from .kv_memory import KVMemoryConfig, SequenceKVMemory
+from .kv_memory.budget import TierBudget, tier_bytes_per_token
 from .kv_memory.profiles import profile_for
 from .sessions import Session, SessionStore, load_session, save_session
 
@@ -51,45 +54,6 @@ def make_config(overrides: dict | None) -> KVMemoryConfig:
     return KVMemoryConfig(policy=RetrievalPolicy(**pol), **overrides)
 
 
-class MemoryAwareAllocator(BlockAllocator):
-    """Paged-block allocator in which memory sequences take no pool blocks.
-
-    Block 0 is reserved as a scratch block: a memory sequence's "table" points every position at it,
-    so AttentionMetadata can compute (unused) slots without special cases.
-    """
-
-    __slots__ = ("memory_seqs",)
-
-    def __init__(self, num_blocks: int, block_size: int):
-        assert num_blocks >= 2, "the KV pool needs >= 2 blocks (one is the memory sequences' scratch block)"
-        super().__init__(num_blocks, block_size)
-        self._free.remove(0)
-        self.memory_seqs: set[str] = set()
-
-    @property
-    def usage(self) -> float:
-        return 1.0 - len(self._free) / (self.num_blocks - 1)
-
-    def can_allocate(self, seq_id: str, num_tokens: int) -> bool:
-        return seq_id in self.memory_seqs or super().can_allocate(seq_id, num_tokens)
-
-    def allocate(self, seq_id: str, num_tokens: int) -> list[int]:
-        if seq_id not in self.memory_seqs:
-            return super().allocate(seq_id, num_tokens)
-        table = self.tables.setdefault(seq_id, [])
-        table.extend([0] * max(0, -(-num_tokens // self.block_size) - len(table)))
-        return table
-
-    def num_blocks_of(self, seq_id: str) -> int:
-        return 0 if seq_id in self.memory_seqs else super().num_blocks_of(seq_id)
-
-    def free(self, seq_id: str) -> int:
-        if seq_id in self.memory_seqs:
-            self.tables.pop(seq_id, None)
-            return 0
-        return super().free(seq_id)
-
-
 class KVMemoryAttention(AttentionBackend):
     """Dense paged attention for ordinary sequences, retrieval KV memory for memory sequences."""
 
@@ -101,6 +65,7 @@ class KVMemoryAttention(AttentionBackend):
         self.scale = head_dim**-0.5
         self.memories: dict[str, SequenceKVMemory] = {}  # seq_id -> memory (attached sequences)
         self.configs: dict[str, KVMemoryConfig] = {}  # seq_id -> config for (re)creating its memory
+        self.tier: TierBudget | None = None  # the replica-wide memory-tier budget (set by the manager)
 
     def attach(self, seq_id: str, cfg: KVMemoryConfig, memory: SequenceKVMemory | None = None) -> None:
         self.configs[seq_id] = cfg
@@ -108,7 +73,9 @@ class KVMemoryAttention(AttentionBackend):
             self.memories[seq_id] = memory
 
     def new_memory(self, cfg: KVMemoryConfig) -> SequenceKVMemory:
-        return SequenceKVMemory(cfg, self.num_layers, self.num_kv_heads, self.head_dim)
+        mem = SequenceKVMemory(cfg, self.num_layers, self.num_kv_heads, self.head_dim)
+        mem.attach_tier(self.tier)
+        return mem
 
     def prepare(self, meta: AttentionMetadata) -> None:
         st = meta.backend_state
@@ -117,6 +84,8 @@ class KVMemoryAttention(AttentionBackend):
             st["kvm"] = None
             self.dense.prepare(meta)
             return
+        if self.tier is not None:  # exact count once per step; packs keep it current within the step
+            self.tier.sync()
         cu = meta.cu_seqlens_q.tolist()
         mem = []
         for i in mem_rows:
@@ -181,6 +150,76 @@ class KVMemoryManager:
         self._ingest_ids: set[str] = set()  # ingest requests: their sampled token is discarded
         self._ids = itertools.count()
         self.profile: str | None = None  # name of the per-model profile applied (kv_memory/profiles.py)
+        # hook to park an idle session when the memory tier is at its budget: (session id) -> True if it
+        # was parked (snapshotted and removed from self.sessions, e.g. by a durable session store). None:
+        # sessions are not parked, blocks are evicted instead
+        self.park_session = None
+        args = engine.args
+        self.tier_policy = args.kv_memory_tier_policy
+        self.tier: TierBudget | None = None
+        if args.kv_memory_tier_bytes is not None:
+            self.tier = TierBudget(args.kv_memory_tier_bytes, self.all_memories, self._park)
+            backend.tier = self.tier
+            allocator.memory_room = self.memory_room
+        self._bytes_per_token: dict[int, float] = {}
+        self._projected: dict[str, int] = {}  # memory request -> prompt + max_tokens (policy "refuse")
+        self._reserved: dict[str, float] = {}  # admitted memory request -> tier bytes it reserved
+
+    # --------------------------------------------------------------------------- memory tier
+    def all_memories(self):
+        yield from self.backend.memories.values()
+        yield from (s.memory for s in self.sessions.values())
+
+    def _park(self, over: int) -> int:
+        """Park idle sessions, least recently used first, until `over` bytes are freed; returns bytes freed."""
+        if self.park_session is None:
+            return 0
+        freed = 0
+        for s in sorted((s for s in self.sessions.values() if not s.busy), key=lambda s: s.last_used):
+            if freed >= over:
+                break
+            b = s.memory.tier_bytes()["memory"]
+            if self.park_session(s.session_id) and s.session_id not in self.sessions:
+                freed += b
+        return freed
+
+    def tier_bytes_per_token(self, cfg: KVMemoryConfig) -> float:
+        key = id(cfg)
+        if key not in self._bytes_per_token:
+            b = self.backend
+            self._bytes_per_token[key] = tier_bytes_per_token(cfg, b.num_layers, b.num_kv_heads, b.head_dim,
+                                                              self.engine.args.torch_dtype)
+        return self._bytes_per_token[key]
+
+    def memory_room(self, seq_id: str, num_tokens: int) -> bool:
+        """The allocator's question for a memory sequence: may it grow to num_tokens? Under policy "evict" a
+        sequence always may (packing evicts to stay in budget). Under "refuse" a sequence is admitted once,
+        reserving the bytes of its whole prompt + max_tokens, only while the reservations of the admitted
+        sequences plus the idle sessions fit the budget (idle sessions are parked first if a hook is set);
+        otherwise it waits in the queue."""
+        if self.tier_policy == "evict" or seq_id in self._reserved:
+            return True
+        cfg = self.backend.configs.get(seq_id, self.cfg)
+        need = self._projected.get(seq_id, num_tokens) * self.tier_bytes_per_token(cfg)
+
+        def fits():
+            idle = sum(s.memory.tier_bytes()["memory"] for s in self.sessions.values() if not s.busy)
+            return idle + sum(self._reserved.values()) + need <= self.tier.limit
+
+        if not fits() and not (self._park(int(need)) and fits()):
+            return False
+        self._reserved[seq_id] = need
+        return True
+
+    def _check_fits(self, num_tokens: int, cfg: KVMemoryConfig) -> None:
+        if self.tier is None or self.tier_policy != "refuse":
+            return
+        need = num_tokens * self.tier_bytes_per_token(cfg)
+        if need > self.tier.limit:
+            raise MemoryTierFullError(
+                f"this request's KV memory needs ~{int(need)} bytes but the replica's memory tier holds at most "
+                f"{self.tier.limit} (kv_memory_tier_bytes): shorten the prompt or max_tokens, raise "
+                "kv_memory_tier_bytes, or use kv_memory_tier_policy='evict'")
 
     # --------------------------------------------------------------------------- requests
     def uses_memory(self, request_id: str) -> bool:
@@ -227,14 +266,25 @@ class KVMemoryManager:
             if req.request_id in self._ingest_ids:
                 self.ingests[req.request_id] = {"session_id": sid, "total": seq.num_tokens,
                                                 "start": seq.num_computed_tokens}
+        cfg = mem.cfg if mem is not None else self.config_for(req.params)
+        try:
+            self._check_fits(seq.num_tokens + req.params.max_tokens, cfg)
+        except MemoryTierFullError:
+            if sid is not None:
+                self.request_session.pop(req.request_id, None)
+                self.sessions.get(sid).busy = False
+            raise
+        self._projected[req.request_id] = seq.num_tokens + req.params.max_tokens
         self.allocator.memory_seqs.add(req.request_id)
-        self.backend.attach(req.request_id, mem.cfg if mem is not None else self.config_for(req.params), mem)
+        self.backend.attach(req.request_id, cfg, mem)
 
     def on_finish(self, req) -> None:
         """Called by the engine after a request finished/aborted: hand its memory to its session."""
         rid = req.request_id
         mem = self.backend.release(rid)
         self.allocator.memory_seqs.discard(rid)
+        self._projected.pop(rid, None)
+        self._reserved.pop(rid, None)
         sid = self.request_session.pop(rid, None)
         self.ingests.pop(rid, None)
         if sid is None or sid not in self.sessions:
@@ -318,6 +368,7 @@ class KVMemoryManager:
 
     def load_session(self, path: str, session_id: str | None = None) -> dict:
         s = load_session(path, session_id)
+        s.memory.attach_tier(self.tier)
         lm = s.memory.layers[0]
         if (len(s.memory.layers), lm.hkv, lm.d) != (self.backend.num_layers, self.backend.num_kv_heads,
                                                     self.backend.head_dim):
@@ -326,23 +377,18 @@ class KVMemoryManager:
         return s.info()
 
 
-def enable_kv_memory(engine) -> None:
-    """Swap in the memory-aware allocator and the retrieval backend; sets engine.memory."""
+def build_kv_memory(engine, dense: AttentionBackend, allocator: MemoryAwareAllocator):
+    """The retrieval backend (over the dense one) and the manager, built once by LLMEngine.__init__."""
     args = engine.args
     assert args.kv_memory in MODES, f"kv_memory must be one of {MODES}, got {args.kv_memory!r}"
+    assert isinstance(allocator, MemoryAwareAllocator), "the KV memory needs the memory-aware allocator"
     c = engine.config
     profile = profile_for(c.name or str(engine.checkpoint_source), c.num_hidden_layers, c.num_key_value_heads,
                           c.head_dim, c.hidden_size, args.kv_memory_profile)
     # the model's profile over KVMemoryConfig's defaults, the user's kv_memory_config over both
     cfg = make_config({**(profile.overrides if profile else {}), **(args.kv_memory_config or {})})
-    old = engine.allocator
-    alloc = MemoryAwareAllocator(old.num_blocks, old.block_size)
-    engine.allocator = alloc
-    engine.scheduler.allocator = alloc
-    backend = KVMemoryAttention(engine.attn, engine.rope.inv_freq, c.num_hidden_layers, c.num_key_value_heads,
+    backend = KVMemoryAttention(dense, engine.rope.inv_freq, c.num_hidden_layers, c.num_key_value_heads,
                                 c.head_dim)
-    engine.attn = backend
-    # the scratch block is not usable by dense sequences
-    engine.max_model_len = min(engine.max_model_len, (alloc.num_blocks - 1) * alloc.block_size)
-    engine.memory = KVMemoryManager(engine, args.kv_memory, cfg, backend, alloc)
-    engine.memory.profile = profile.name if profile else None
+    manager = KVMemoryManager(engine, args.kv_memory, cfg, backend, allocator)
+    manager.profile = profile.name if profile else None
+    return backend, manager

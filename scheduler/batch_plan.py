@@ -26,7 +26,7 @@ import enum
 from collections import deque
 from dataclasses import dataclass, field
 
-from memserve.runtime.kv_cache import BlockAllocator
+from memserve.scheduler.block_allocator import BlockAllocator
 
 
 class SeqStatus(enum.Enum):

@@ -62,6 +62,7 @@ class KVLayerStore(AttentionMixin, WorkingSetMixin, SnapshotMixin):
         self.selected_total = 0  # block selections (summed over heads and steps)
         self.evicted_total = 0
         self.record_scores = False
+        self.tier = None  # TierBudget shared by the engine's memories (budget.py), None = no replica cap
         self.last_scores: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ sizes
@@ -114,6 +115,7 @@ class KVLayerStore(AttentionMixin, WorkingSetMixin, SnapshotMixin):
         cfg, bs, hkv, d = self.cfg, self.cfg.block_size, self.hkv, self.d
         n, n_s = nf * bs, self.n_sinks
         start = self.buf_start
+        before = self.memory_tier_bytes() if self.tier is not None else 0
         kb = self.wkeys.get()[0, :, :, n_s : n_s + n].reshape(hkv, d, nf, bs).permute(2, 0, 3, 1)  # (nf, Hkv, bs, D)
         vb = self.wv.get()[:, n_s : n_s + n].reshape(hkv, nf, bs, d).transpose(0, 1)  # (nf, Hkv, bs, D)
         sc = self.wscore.get()[n_s : n_s + n].reshape(nf, bs, hkv).transpose(1, 2)  # (nf, Hkv, bs)
@@ -134,6 +136,8 @@ class KVLayerStore(AttentionMixin, WorkingSetMixin, SnapshotMixin):
         self.dec_age = self.cfg.policy.reselect_every  # those tokens left the window: select afresh next step
         if cfg.budget_bytes is not None:
             self.enforce_budget(cfg.budget_bytes // self.num_layers)
+        if self.tier is not None:  # the replica-wide budget (budget.py): may park sessions / evict
+            self.tier.charge(self, self.memory_tier_bytes() - before)
 
     def _representatives(self, kb: torch.Tensor, sc: torch.Tensor) -> torch.Tensor:
         """(nf, Hkv, R, D) from keys kb (nf, Hkv, bs, D) and attention received sc (nf, Hkv, bs)."""
@@ -176,6 +180,11 @@ class SequenceKVMemory:
     def tier_bytes(self) -> dict[str, int]:
         return {"device": sum(m.device_tier_bytes() for m in self.layers),
                 "memory": sum(m.memory_tier_bytes() for m in self.layers)}
+
+    def attach_tier(self, tier) -> None:
+        """Count this memory against a replica-wide TierBudget (None: detach)."""
+        for m in self.layers:
+            m.tier = tier
 
     def blocks_retrieved(self) -> int:
         return sum(m.retrieved_total for m in self.layers)
