@@ -3,8 +3,8 @@
 import random
 
 import pytest
-from memserve.runtime.kv_cache import BlockAllocator
 from memserve.scheduler.batch_plan import Scheduler, SchedulerConfig, SeqStatus, Sequence
+from memserve.scheduler.block_allocator import BlockAllocator
 
 
 def make(num_blocks=64, block_size=4, max_num_seqs=8, budget=32):
@@ -119,7 +119,7 @@ def test_a_sequence_preempts_itself_when_alone_it_does_not_fit():
 def test_preemption_skips_sequences_that_hold_no_pool_blocks():
     # a KV-memory sequence keeps its KV outside the paged pool: preempting it would free nothing and
     # throw its memory away, so the newest sequence that does hold blocks goes instead
-    from memserve.runtime.kv_memory_backend import MemoryAwareAllocator
+    from memserve.scheduler.block_allocator import MemoryAwareAllocator
 
     alloc = MemoryAwareAllocator(3, 4)  # block 0 is the memory sequences' scratch: 2 pool blocks
     alloc.memory_seqs.add("m")
