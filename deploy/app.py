@@ -61,7 +61,10 @@ class MemServeEngine:
 
         engine_cls = import_attr(cfg.engine_cls)
         t0 = time.time()
-        self.engine = engine_cls(cfg.model, max_waiting=cfg.max_waiting, **cfg.engine_args)
+        engine_args = dict(cfg.engine_args)
+        if cfg.session_store:
+            engine_args.setdefault("session_store", cfg.session_store)
+        self.engine = engine_cls(cfg.model, max_waiting=cfg.max_waiting, **engine_args)
         try:
             replica = serve.get_replica_context().replica_id.unique_id
         except Exception:  # noqa: BLE001 - outside Serve (tests)
@@ -99,17 +102,19 @@ class MemServeEngine:
         self._ensure_gauge_task()
         return self.worker.model_info()
 
-    def record_routing_stats(self) -> dict[str, Any]:
-        sessions = []
-        fn = getattr(self.engine, "list_sessions", None)
-        if fn is not None:
-            with contextlib.suppress(Exception):
-                sessions = [s if isinstance(s, str) else s["session_id"] if isinstance(s, dict)
-                            else getattr(s, "session_id", str(s)) for s in fn()]
-        return {"sessions": sessions}
+    async def record_routing_stats(self) -> dict[str, Any]:
+        # the sessions in this replica's RAM; those only in the snapshot store load on any replica
+        return {"sessions": await self.worker.resident_sessions()}
 
     def check_health(self):
-        self.engine.stats()  # raises if the engine loop died
+        self.engine.stats()  # raises if the engine loop died or its steps keep failing
+
+    def __del__(self):
+        # Serve calls this when the replica stops (scale-down, redeploy) after in-flight requests had
+        # graceful_shutdown_timeout_s to finish: the drain aborts what is left (its sessions keep what
+        # was computed) and snapshots every session not yet in the store.
+        with contextlib.suppress(Exception):
+            self.engine.shutdown()
 
 
 class _ServeStream:

@@ -46,7 +46,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
     engine_args = _parse_kv(a.engine_arg)
     for flag, key in (("num_blocks", "num_kv_blocks"), ("kv_cache_bytes", "kv_cache_bytes"), ("block_size", "block_size"),
-                      ("max_num_seqs", "max_num_seqs"), ("max_model_len", "max_model_len")):
+                      ("max_num_seqs", "max_num_seqs"), ("max_model_len", "max_model_len"),
+                      ("kv_memory_tier_bytes", "kv_memory_tier_bytes")):
         if getattr(a, flag) is not None:
             engine_args[key] = getattr(a, flag)
     autoscaling = None
@@ -68,7 +69,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
         cfg = AppConfig(model=a.model, engine_args=engine_args, num_replicas=a.replicas, autoscaling_config=autoscaling,
                         topology=a.topology, api_keys_file=str(Path(keys_file).resolve()) if keys_file else None,
                         limits=_parse_limits(a.limit),
-                        max_waiting=a.max_waiting, metrics_dir=metrics_dir, engine_num_cpus=a.engine_cpus)
+                        max_waiting=a.max_waiting, metrics_dir=metrics_dir, engine_num_cpus=a.engine_cpus,
+                        session_store=_session_store_url(a.session_store, engine_args))
     except Exception as e:  # pydantic's message names the field
         M.cleanup_dir(metrics_dir)
         raise SystemExit(f"memserve serve: invalid settings: {e}") from None
@@ -111,6 +113,23 @@ def cmd_serve(a: argparse.Namespace) -> int:
             except Exception:  # noqa: BLE001 - best effort on the way out
                 pass
         M.cleanup_dir(metrics_dir)
+
+
+SESSION_STORE_ENV = "MEMSERVE_SESSION_STORE"
+
+
+def default_session_store() -> str:
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return os.path.join(base, "memserve", "sessions")
+
+
+def _session_store_url(flag: str | None, engine_args: dict) -> str | None:
+    """--session-store, else $MEMSERVE_SESSION_STORE, else a local directory; 'none' (or an engine without
+    the KV memory, which has no sessions) disables it."""
+    url = flag or os.environ.get(SESSION_STORE_ENV) or default_session_store()
+    if url.lower() == "none" or engine_args.get("kv_memory") == "off":
+        return None
+    return url
 
 
 def _is_loopback_host(host: str) -> bool:
@@ -315,6 +334,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "answers loopback clients only")
     s.add_argument("--limit", action="append", default=[], metavar="NAME=VALUE",
                    help="a request/tenant bound of deploy/limits.py, e.g. max_tokens=4096, max_streams_per_tenant=16")
+    s.add_argument("--session-store", default=None, metavar="URL",
+                   help="durable session snapshots (fsspec URL: directory, s3://..., gs://...; env MEMSERVE_SESSION_STORE; "
+                        "default ~/.local/share/memserve/sessions; 'none': sessions in replica RAM only)")
+    s.add_argument("--kv-memory-tier-bytes", type=int, default=None, metavar="N",
+                   help="per-replica byte budget of the KV memory's compressed tier (all sequences and sessions); at "
+                        "the limit idle sessions are parked in the session store (snapshot kept), then blocks are evicted")
     s.add_argument("--engine-cpus", type=float, default=0.1, help="Ray CPUs reserved per engine replica")
     s.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray cluster (default: all)")
     s.add_argument("-v", "--verbose", action="store_true", help="show Ray/Serve logs")

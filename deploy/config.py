@@ -75,6 +75,12 @@ class AppConfig(BaseModel):
                                             "interfaces, so the check is the ingress's). True: any peer the network "
                                             "admits (the Helm chart without auth.existingSecret, behind its "
                                             "NetworkPolicy).")
+    session_store: str | None = Field(None, description="URL of the durable session store (runtime/session_store.py, "
+                                      "fsspec: a directory / PVC mount, file://, s3://, gs:// with the driver "
+                                      "installed). Shared by every engine replica: a session is snapshotted after "
+                                      "each request on it and loads on whichever replica gets it next. None: "
+                                      "sessions live in their replica's RAM only (`memserve serve` defaults to a "
+                                      "local directory).")
     limits: Limits = Field(default_factory=Limits, description="Bounds per request and per tenant "
                            "(deploy/limits.py): max_tokens, prompt size, messages, stop strings, request size, "
                            "concurrent streams, sessions and memory-tier bytes per tenant.")

@@ -22,10 +22,14 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+from memserve.runtime.engine_protocol import ServingEngine
 from memserve.runtime.errors import (
+    DataLossError,
+    EngineStepError,
     InvalidRequestError,
     QueueFullError,
     SessionNotFoundError,
+    SessionsUnsupportedError,
 )
 
 log = logging.getLogger("memserve.deploy")
@@ -39,8 +43,14 @@ def error(code: str, message: str) -> dict:
 
 def error_of(exc: BaseException) -> dict | None:
     """Map the runtime's errors to gRPC status names (None: not a client error)."""
+    if isinstance(exc, SessionsUnsupportedError):
+        return error("UNIMPLEMENTED", str(exc))
     if isinstance(exc, InvalidRequestError):
         return error("INVALID_ARGUMENT", str(exc))
+    if isinstance(exc, DataLossError):
+        return error("DATA_LOSS", str(exc))
+    if isinstance(exc, EngineStepError):
+        return error("UNAVAILABLE", f"{exc}; retry the request")
     if isinstance(exc, SessionNotFoundError):
         return error("NOT_FOUND", str(exc))
     if isinstance(exc, QueueFullError):
@@ -53,19 +63,10 @@ def import_attr(path: str):
     return getattr(importlib.import_module(module), attr)
 
 
-def _find_tokenizer(engine):
-    for get in (lambda e: e.tokenizer, lambda e: e.engine.tokenizer, lambda e: e.get_tokenizer()):
-        with contextlib.suppress(Exception):
-            tok = get(engine)
-            if tok is not None:
-                return tok
-    return None
-
-
 class EngineWorker:
     """One engine replica's request handling (the Ray deployment delegates every call here)."""
 
-    def __init__(self, engine, *, model_name: str, replica: str, metrics=None, sampling_cls=None):
+    def __init__(self, engine: ServingEngine, *, model_name: str, replica: str, metrics=None, sampling_cls=None):
         self.engine = engine
         self.model_name = model_name
         self.replica = replica
@@ -78,7 +79,7 @@ class EngineWorker:
     # ---- Generate -----------------------------------------------------------------------------
     def _prompt(self, req: dict) -> str | list[int]:
         if req.get("messages"):
-            tok = _find_tokenizer(self.engine)
+            tok = self.engine.tokenizer
             if tok is None:
                 raise InvalidRequestError("messages", "this engine has no tokenizer / chat template; send prompt or prompt_token_ids")
             text = tok.apply_chat_template(req["messages"], add_generation_prompt=True)
@@ -168,20 +169,12 @@ class EngineWorker:
                 await agen.aclose()
 
     # ---- sessions -----------------------------------------------------------------------------
-    def _session_method(self, name: str):
-        fn = getattr(self.engine, name, None)
-        if fn is None:
-            return None
-        return fn
+    _SESSION_CALLS = ("get_session", "delete_session")
 
     async def ingest(self, session_id: str, data: str | list[int]) -> AsyncIterator[dict]:
         yield {"accepted": self.replica}
-        fn = self._session_method("ingest")
-        if fn is None:
-            yield error("UNIMPLEMENTED", "Ingest: this engine has no session support yet (AsyncLLMEngine.ingest is missing)")
-            return
         try:
-            async for p in fn(session_id, data):
+            async for p in self.engine.ingest(session_id, data):
                 yield {"progress": _progress_dict(p, session_id)}
         except Exception as e:  # noqa: BLE001
             mapped = error_of(e)
@@ -190,19 +183,22 @@ class EngineWorker:
             yield mapped
 
     async def call_session(self, name: str, session_id: str) -> dict:
-        fn = self._session_method(name)
-        if fn is None:
-            return error("UNIMPLEMENTED", f"{name}: this engine has no session support yet (AsyncLLMEngine.{name} is missing)")
+        assert name in self._SESSION_CALLS, f"not a session call: {name!r}"
         try:
-            res = fn(session_id)
-            if asyncio.iscoroutine(res):
-                res = await res
+            res = await getattr(self.engine, name)(session_id)
         except Exception as e:  # noqa: BLE001
             mapped = error_of(e)
             if mapped is None:
                 raise
             return mapped
         return {"result": _plain(res), "replica": self.replica}
+
+    async def resident_sessions(self) -> list[str]:
+        """Session ids in this replica's RAM (routing stats); [] when the engine has no sessions."""
+        try:
+            return list(await self.engine.resident_sessions())
+        except SessionsUnsupportedError:
+            return []
 
     # ---- info / stats -------------------------------------------------------------------------
     def model_info(self) -> dict:

@@ -6,6 +6,14 @@ the request synchronously (bad input raises at once, in the caller), then hands 
 thread through a command queue; the engine thread pushes each RequestOutput into the request's
 asyncio.Queue with `loop.call_soon_threadsafe`. Closing or cancelling the async iterator enqueues
 an abort, which frees the request's KV blocks before the next step.
+
+One owner: session get/delete/list, ingest progress and the drain run on the engine thread too
+(`_call`: a command carrying a function and an asyncio future), so they never race with the
+`on_add`/`on_finish` bookkeeping of a step.
+
+Faults: an exception in a step (the model forward) fails only the requests scheduled in that step
+(their KV blocks are freed by the abort) and the engine serves on; `UNHEALTHY_AFTER` consecutive
+failing steps make `stats()` raise, which Serve's check_health turns into a replica replacement.
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ import threading
 from collections.abc import AsyncIterator
 
 from .engine import EngineArgs, EngineStats, LLMEngine
-from .errors import QueueFullError
+from .errors import EngineStepError, QueueFullError
 from .loader import Checkpoint
 from .outputs import RequestOutput
 from .sampling import SamplingParams
@@ -37,6 +45,9 @@ class _Stream:
             pass
 
 
+UNHEALTHY_AFTER = 3  # consecutive failing steps before the engine reports itself unhealthy
+
+
 class AsyncLLMEngine:
     def __init__(self, model: str | Checkpoint = "default", *, max_waiting: int = 256,
                  engine: LLMEngine | None = None, **engine_args):
@@ -53,6 +64,7 @@ class AsyncLLMEngine:
         self._thread: threading.Thread | None = None
         self._stopped = False
         self.errors = 0
+        self.consecutive_errors = 0
 
     # ------------------------------------------------------------------------------------ public API
     async def generate(self, prompt: str | list[int], params: SamplingParams | None = None,
@@ -103,17 +115,17 @@ class AsyncLLMEngine:
         """Append a document to a session without generating. Yields progress dicts
         {"tokens_done", "tokens_total", "done"}; the last one has done=True and the session's info."""
         mgr = self.engine._sessions()
-        rid = mgr.new_ingest_id(session_id)
+        rid = await self._call(mgr.new_ingest_id, session_id)
         gen = self.generate(prompt, mgr.ingest_params(), rid, session_id)
         task = asyncio.ensure_future(_drain_async(gen))
         try:
             while not task.done():
                 await asyncio.wait([task], timeout=poll_s)
-                p = mgr.ingest_progress(rid)
+                p = await self._call(mgr.ingest_progress, rid)
                 if not task.done() and p["tokens_done"] is not None:
                     yield p
             out = task.result()
-            info = self.engine.get_session(session_id)
+            info = await self._call(self.engine.get_session, session_id)
             yield {"tokens_done": info["num_computed_tokens"], "tokens_total": info["num_computed_tokens"],
                    "done": True, "finish_reason": out.finish_reason if out else None, "session": info}
         finally:
@@ -121,19 +133,38 @@ class AsyncLLMEngine:
                 task.cancel()
                 await gen.aclose()
 
-    def get_session(self, session_id: str) -> dict:
-        return self.engine.get_session(session_id)
+    async def get_session(self, session_id: str) -> dict:
+        return await self._call(self.engine.get_session, session_id)
 
-    def delete_session(self, session_id: str) -> None:
-        self.engine.delete_session(session_id)
+    async def delete_session(self, session_id: str) -> None:
+        await self._call(self.engine.delete_session, session_id)
 
-    def list_sessions(self) -> list[dict]:
-        return self.engine.list_sessions()
+    async def list_sessions(self) -> list[dict]:
+        return await self._call(self.engine.list_sessions)
+
+    async def resident_sessions(self) -> list[str]:
+        return await self._call(self.engine.resident_sessions)
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    async def _call(self, fn, *args):
+        """Run `fn(*args)` on the engine thread between steps; its result or exception comes back here."""
+        fut = asyncio.get_running_loop().create_future()
+        self._cmds.put(("call", (fn, args, fut)))
+        self._ensure_thread()
+        self._wake.set()
+        return await fut
 
     def stats(self) -> EngineStats:
-        """Engine stats; raises RuntimeError if the engine thread died (a health check for the server)."""
+        """Engine stats; raises RuntimeError if the engine thread died or its steps keep failing (the
+        server's health check)."""
         if self._thread is not None and not self._thread.is_alive() and not self._stopped:
             raise RuntimeError("the engine loop thread is not running")
+        if self.consecutive_errors >= UNHEALTHY_AFTER:
+            raise RuntimeError(f"the last {self.consecutive_errors} engine steps failed (model forward); "
+                               "replace this replica")
         st = self.engine.stats()
         st.num_waiting += self._pending
         return st
@@ -142,6 +173,13 @@ class AsyncLLMEngine:
         return self.engine.model_info()
 
     def shutdown(self) -> None:
+        """Stop the engine thread. Before it stops, running requests are aborted (their sessions keep
+        what was computed) and every session not yet in the snapshot store is written: a drain."""
+        done = threading.Event()
+        self._cmds.put(("drain", done))
+        self._ensure_thread()
+        self._wake.set()
+        done.wait(timeout=30)
         self._stopped = True
         self._wake.set()
         if self._thread is not None:
@@ -173,6 +211,22 @@ class AsyncLLMEngine:
                 out = self.engine.abort_request(arg)
                 if out is not None:
                     self._deliver(arg, out)
+            elif cmd == "call":
+                fn, args, fut = arg
+                try:
+                    res, exc = fn(*args), None
+                except Exception as e:  # noqa: BLE001 - delivered to the caller
+                    res, exc = None, e
+                _resolve(fut, res, exc)
+            elif cmd == "drain":
+                for rid in list(self.engine.requests):
+                    out = self.engine.abort_request(rid)
+                    if out is not None:
+                        self._deliver(rid, out)
+                try:
+                    self.engine.flush_sessions()
+                finally:
+                    arg.set()
 
     def _deliver(self, request_id: str, item) -> None:
         with self._lock:
@@ -189,14 +243,32 @@ class AsyncLLMEngine:
                 continue
             try:
                 outputs = self.engine.step()
-            except Exception as e:  # noqa: BLE001 - fail every in-flight request, keep serving
+            except Exception as e:  # noqa: BLE001 - fail this step's requests only, keep serving
                 self.errors += 1
-                for rid in list(self.engine.requests):
-                    self.engine.abort_request(rid)
-                    self._deliver(rid, RuntimeError(f"engine step failed: {e!r}"))
+                self.consecutive_errors += 1
+                failed = [rid for rid in self.engine.last_step_ids if rid in self.engine.requests]
+                for rid in failed or list(self.engine.requests):  # failed outside the forward: all of them
+                    self.engine.abort_request(rid)  # frees its KV blocks
+                    self._deliver(rid, EngineStepError(f"engine step failed: {type(e).__name__}: {e}"))
                 continue
+            self.consecutive_errors = 0
             for out in outputs:
                 self._deliver(out.request_id, out)
+
+
+def _resolve(fut: asyncio.Future, res, exc) -> None:
+    def set_():
+        if fut.done():  # the caller was cancelled meanwhile
+            return
+        if exc is not None:
+            fut.set_exception(exc)
+        else:
+            fut.set_result(res)
+
+    try:
+        fut.get_loop().call_soon_threadsafe(set_)
+    except RuntimeError:  # the caller's loop is closed
+        pass
 
 
 async def _drain_async(gen):

@@ -63,6 +63,10 @@ class EngineArgs:
     # "refuse" also refuses (MemoryTierFullError) or holds back requests whose memory would not fit
     kv_memory_tier_bytes: int | None = None
     kv_memory_tier_policy: str = "evict"
+    # durable sessions (runtime/durable_sessions.py): snapshot store URL (a directory, file://, memory://,
+    # s3://...; None = sessions in RAM only). With a store, idle sessions are parked (freed from RAM, kept
+    # in the store) when the memory tier reaches kv_memory_tier_bytes
+    session_store: str | None = None
     # torch intra-op CPU threads for this process (None: torch's default); benchmarks report it
     threads: int | None = None
 
@@ -77,6 +81,7 @@ class EngineArgs:
             assert self.torch_dtype in (torch.bfloat16, torch.float16), "dtype on CUDA must be bf16 or fp16"
         assert self.quantization in (None, "int8"), f"quantization must be None or 'int8', got {self.quantization!r}"
         assert self.quantization is None or self.device == "cpu", "quantization='int8' (fbgemm int8 linears) is a CPU path; use bf16/fp16 on CUDA"
+        assert self.session_store is None or self.kv_memory != "off", "session_store needs kv_memory 'auto' or 'retrieval'"
         assert self.threads is None or self.threads >= 1, f"threads must be None or >= 1, got {self.threads!r}"
         assert self.max_num_seqs >= 1, "max_num_seqs must be >= 1"
         assert self.max_num_batched_tokens >= 1, "max_num_batched_tokens must be >= 1"
@@ -191,6 +196,7 @@ class LLMEngine:
         # a sequence can never outgrow the model's window nor the whole KV pool
         self.max_model_len = min(args.max_model_len or c.max_position_embeddings, usable_blocks * args.block_size)
         self.requests: dict[str, Request] = {}
+        self.last_step_ids: list[str] = []
         self.memory = None  # KVMemoryManager when the KV memory is enabled
         if args.kv_memory != "off":
             from .kv_memory_backend import build_kv_memory
@@ -260,11 +266,14 @@ class LLMEngine:
 
     # ------------------------------------------------------------------------------------ the step
     def step(self) -> list[RequestOutput]:
+        self.last_step_ids: list[str] = []
         plan = self.scheduler.schedule()
         for seq in plan.preempted:
             self.attn.free(seq.seq_id)
         if plan.is_empty:
             return []
+        # the requests this step computes: if the forward raises, these (only) are failed
+        self.last_step_ids = [s.seq.seq_id for s in plan.scheduled]
         sampled = self._run(plan)
         self.scheduler.update_from_output(plan, sampled)
         return self._postprocess(plan, sampled)
@@ -388,8 +397,9 @@ class LLMEngine:
     # ------------------------------------------------------------------------------------ sessions (KV memory)
     def _sessions(self):
         if self.memory is None:
-            raise InvalidRequestError("kv_memory", "sessions need the KV memory; create the engine with "
-                                                   "kv_memory='auto' or 'retrieval'")
+            from .errors import SessionsUnsupportedError
+
+            raise SessionsUnsupportedError()
         return self.memory
 
     def ingest(self, session_id: str, prompt: str | list[int]):
@@ -404,13 +414,23 @@ class LLMEngine:
         return self._sessions().ingest_progress(request_id)
 
     def get_session(self, session_id: str) -> dict:
-        return self._sessions().sessions.get(session_id).info()
+        """Info of a session in RAM or in the snapshot store ("resident": whether this replica holds it)."""
+        return self._sessions().durable.info(session_id)
 
     def delete_session(self, session_id: str) -> None:
-        self._sessions().sessions.delete(session_id)
+        self._sessions().durable.delete(session_id)
 
     def list_sessions(self) -> list[dict]:
-        return self._sessions().sessions.list()
+        """Sessions in RAM, then those only in the snapshot store (a restarted replica lists them)."""
+        return self._sessions().durable.list()
+
+    def resident_sessions(self) -> list[str]:
+        """Ids of the sessions this engine holds in RAM (what affinity routing should prefer)."""
+        return self.memory.durable.resident_ids() if self.memory is not None else []
+
+    def flush_sessions(self) -> int:
+        """Snapshot every session not yet in the store (before a drain); returns how many were written."""
+        return self.memory.durable.flush() if self.memory is not None else 0
 
     def save_session(self, session_id: str, path: str) -> None:
         self._sessions().save_session(session_id, path)

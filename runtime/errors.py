@@ -48,3 +48,16 @@ class MemoryTierFullError(QueueFullError):
     """The replica's KV-memory tier is at its byte budget (EngineArgs.kv_memory_tier_bytes, policy
     "refuse") and this request's memory would not fit (gRPC RESOURCE_EXHAUSTED): retry later, shorten
     the prompt, or raise the budget / use policy "evict"."""
+
+
+class EngineStepError(MemServeError, RuntimeError):
+    """The engine step (model forward) of this request failed (gRPC UNAVAILABLE: retrying, possibly
+    on another replica, can succeed); the other requests of the engine were not affected."""
+
+
+class SessionsUnsupportedError(InvalidRequestError):
+    """This engine runs without the KV memory, so it has no sessions (gRPC UNIMPLEMENTED)."""
+
+    def __init__(self, message: str = "sessions need the KV memory; start the engine with kv_memory "
+                                      "'auto' or 'retrieval'"):
+        super().__init__("kv_memory", message)

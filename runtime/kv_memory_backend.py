@@ -27,7 +27,8 @@ from memserve.scheduler.block_allocator import MemoryAwareAllocator
 from memserve.scheduler.kv_policy import RetrievalPolicy
 
 from .attention import AttentionBackend, AttentionMetadata
-from .errors import InvalidRequestError, MemoryTierFullError
+from .durable_sessions import DurableSessions
+from .errors import InvalidRequestError, MemoryTierFullError, SessionNotFoundError
 from .kv_memory import KVMemoryConfig, SequenceKVMemory
 from .kv_memory.budget import TierBudget, tier_bytes_per_token
 from .kv_memory.profiles import profile_for
@@ -145,6 +146,8 @@ class KVMemoryManager:
         self.engine, self.mode, self.cfg = engine, mode, cfg
         self.backend, self.allocator = backend, allocator
         self.sessions = SessionStore()
+        # the snapshot store behind the RAM sessions (no-op without EngineArgs.session_store)
+        self.durable = DurableSessions(self.sessions, backend, engine.args.session_store)
         self.request_session: dict[str, str] = {}  # request id -> session id
         self.ingests: dict[str, dict] = {}  # request id -> progress of an ingest
         self._ingest_ids: set[str] = set()  # ingest requests: their sampled token is discarded
@@ -152,8 +155,9 @@ class KVMemoryManager:
         self.profile: str | None = None  # name of the per-model profile applied (kv_memory/profiles.py)
         # hook to park an idle session when the memory tier is at its budget: (session id) -> True if it
         # was parked (snapshotted and removed from self.sessions, e.g. by a durable session store). None:
-        # sessions are not parked, blocks are evicted instead
-        self.park_session = None
+        # sessions are not parked, blocks are evicted instead. With a durable store (EngineArgs.session_store)
+        # this is its park_one: the one parking path, which never drops a session without a snapshot
+        self.park_session = self.durable.park_one if self.durable.store is not None else None
         args = engine.args
         self.tier_policy = args.kv_memory_tier_policy
         self.tier: TierBudget | None = None
@@ -251,9 +255,11 @@ class KVMemoryManager:
             return
         mem = None
         if sid is not None:
-            if sid not in self.sessions:
-                self.sessions.put(Session(sid, self.backend.new_memory(self.config_for(req.params))))
-            sess = self.sessions.get(sid)
+            try:
+                sess = self.durable.lookup(sid)  # RAM, else the store; DataLossError propagates to the caller
+            except SessionNotFoundError:
+                sess = Session(sid, self.backend.new_memory(self.config_for(req.params)))
+                self.sessions.put(sess)
             if sess.busy:
                 raise InvalidRequestError("session_id", f"session {sid!r} already has a running request")
             sess.busy = True
@@ -304,6 +310,7 @@ class KVMemoryManager:
             seq_tokens = seq_tokens[: seq.num_computed_tokens]
             self._ingest_ids.discard(rid)
         sess.token_ids = seq_tokens
+        self.durable.persist(sess)  # the session changed: its snapshot follows
 
     def max_len(self, req) -> int:
         return 1 << 62 if self.uses_memory(req.request_id) else self.engine.max_model_len
@@ -347,7 +354,7 @@ class KVMemoryManager:
             if not p["done"]:
                 yield p
         yield {"tokens_done": total, "tokens_total": total, "done": True,
-               "session": self.sessions.get(session_id).info()}
+               "session": self.durable.info(session_id)}
 
     def stats(self) -> tuple[dict[str, int], int, int]:
         dev = mem = 0
@@ -364,7 +371,7 @@ class KVMemoryManager:
         return {"memory_device": dev, "memory": mem}, len(self.sessions), retrieved
 
     def save_session(self, session_id: str, path: str) -> None:
-        save_session(self.sessions.get(session_id), path)
+        save_session(self.durable.lookup(session_id), path)
 
     def load_session(self, path: str, session_id: str | None = None) -> dict:
         s = load_session(path, session_id)
@@ -374,6 +381,7 @@ class KVMemoryManager:
                                                     self.backend.head_dim):
             raise InvalidRequestError("path", "snapshot was taken with a model of another shape")
         self.sessions.put(s)
+        self.durable.persist(s)
         return s.info()
 
 

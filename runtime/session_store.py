@@ -152,11 +152,14 @@ class SessionSnapshotStore:
             # a snapshot copied under another tenant's / session's key: answer as if absent
             raise SessionNotFoundError(session_id)
 
-    def get(self, session_id: str) -> bytes:
-        """The verified payload; SessionNotFoundError if absent, DataLossError if damaged."""
+    def read(self, session_id: str) -> tuple[dict, bytes]:
+        """(header, verified payload); SessionNotFoundError if absent, DataLossError if damaged."""
         header, payload = decode(self._read(session_id), f"session {session_id!r}")
         self._own(session_id, header)
-        return payload
+        return header, payload
+
+    def get(self, session_id: str) -> bytes:
+        return self.read(session_id)[1]
 
     def header(self, session_id: str) -> dict:
         """The snapshot's header (its `info` describes the session) without reading the payload."""

@@ -32,6 +32,7 @@ class Session:
     created: float = field(default_factory=time.time)
     last_used: float = field(default_factory=time.time)
     busy: bool = False  # a request is running on it
+    version: int = 0  # bumped by every snapshot write (runtime/durable_sessions.py)
 
     def info(self) -> dict:
         return {"session_id": self.session_id, "num_tokens": len(self.token_ids),

@@ -3,7 +3,8 @@ layer without a model, in addition to — never instead of — the real end-to-e
 
 Deterministic: token i of a request is (sum(prompt ids) + 7 * i) % vocab; text is "<id>". It keeps a
 block pool (one block per 4 tokens) so cancellation leaks are visible, a bounded waiting queue
-(QueueFullError), and optional sessions.
+(QueueFullError), and optional sessions. It implements runtime/engine_protocol.ServingEngine, checked by
+tests/runtime/test_engine_protocol.py together with the real AsyncLLMEngine.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
-from memserve.runtime.errors import InvalidRequestError, QueueFullError, SessionNotFoundError
+from memserve.runtime.errors import InvalidRequestError, QueueFullError, SessionNotFoundError, SessionsUnsupportedError
 
 
 @dataclass(slots=True)
@@ -84,9 +85,11 @@ class FakeAsyncEngine:
         self.aborted: list[str] = []
         self.blocks_retrieved_total = 0
         self._sessions: dict[str, int] | None = {} if sessions else None
-        if not sessions:
-            for name in ("ingest", "get_session", "delete_session", "list_sessions"):
-                setattr(self, name, None)
+
+    def _need_sessions(self):
+        if self._sessions is None:
+            raise SessionsUnsupportedError("this engine (test double, sessions=False) has no sessions")
+        return self._sessions
 
     def _ids(self, prompt):
         return list(prompt) if isinstance(prompt, list) else [ord(c) % self.vocab_size for c in prompt]
@@ -140,6 +143,7 @@ class FakeAsyncEngine:
                 "max_model_len": 2048, "block_size": 4}
 
     async def ingest(self, session_id, data):
+        self._need_sessions()
         n = len(self._ids(data))
         for done in range(0, n, 8):
             await asyncio.sleep(0)
@@ -147,16 +151,22 @@ class FakeAsyncEngine:
         self._sessions[session_id] = n
         yield {"tokens_done": n, "tokens_total": n, "done": True}
 
-    def get_session(self, session_id):
-        if session_id not in self._sessions:
+    async def get_session(self, session_id):
+        if session_id not in self._need_sessions():
             raise SessionNotFoundError(session_id)
-        return {"num_tokens": self._sessions[session_id], "memory_bytes": 4096, "state": "active"}
+        return {"session_id": session_id, "num_tokens": self._sessions[session_id], "memory_bytes": 4096,
+                "bytes": 4096, "state": "active"}
 
-    def delete_session(self, session_id):
-        if session_id not in self._sessions:
+    async def delete_session(self, session_id):
+        if session_id not in self._need_sessions():
             raise SessionNotFoundError(session_id)
         del self._sessions[session_id]
-        return True
 
-    def list_sessions(self):
-        return list(self._sessions)
+    async def list_sessions(self):
+        return [await self.get_session(s) for s in self._need_sessions()]
+
+    async def resident_sessions(self):
+        return list(self._need_sessions())
+
+    def shutdown(self):
+        pass

@@ -69,7 +69,7 @@ def test_other_tenants_session_is_exactly_an_unknown_one():
         await collect(core.ingest(pb.IngestRequest(session_id="doc", text="x" * 16), tenant="alpha"))
         mine = await core.get_session(pb.GetSessionRequest(session_id="doc"), tenant="alpha")
         assert mine.session_id == "doc" and mine.num_tokens == 16
-        assert engine.list_sessions() == ["alpha:doc"]  # internal ids inside
+        assert await engine.resident_sessions() == ["alpha:doc"]  # internal ids inside
         outcomes = {}
         for sid in ("doc", "never-made"):
             for name, coro in (("get", lambda s: core.get_session(pb.GetSessionRequest(session_id=s), tenant="beta")),

@@ -211,17 +211,18 @@ def test_async_ingest_progress_and_session_generate(tiny_llama_dir):
         progress = [p async for p in aeng.ingest("a", doc, poll_s=0.01)]
         outs = [o async for o in aeng.generate(q, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True),
                                                session_id="a")]
-        return progress, outs[-1]
+        listed = [s["session_id"] for s in await aeng.list_sessions()]
+        await aeng.delete_session("a")
+        with pytest.raises(SessionNotFoundError):
+            await aeng.get_session("a")
+        return progress, outs[-1], listed
 
     try:
-        progress, last = asyncio.run(go())
+        progress, last, listed = asyncio.run(go())
     finally:
         aeng.shutdown()
     assert progress[-1]["done"] and progress[-1]["session"]["num_computed_tokens"] == len(doc)
     assert all(0 <= p["tokens_done"] <= p["tokens_total"] == len(doc) for p in progress[:-1])
     ref = _run(_engine(tiny_llama_dir, "retrieval", ALL_BLOCKS), doc + q, max_tokens=4)
     assert last.token_ids == ref
-    assert [s["session_id"] for s in aeng.list_sessions()] == ["a"]
-    aeng.delete_session("a")
-    with pytest.raises(SessionNotFoundError):
-        aeng.get_session("a")
+    assert listed == ["a"]
