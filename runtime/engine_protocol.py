@@ -1,9 +1,8 @@
 """The engine contract the serving layer (deploy/) relies on, written down once.
 
 `AsyncLLMEngine` (runtime/async_engine.py) and the serving test double
-(tests/deploy/serving_fake_engine.py) both implement it; tests/runtime/test_engine_protocol.py runs
-one conformance suite against both. deploy/worker.py calls exactly these members, nothing found by
-`getattr`.
+(tests/deploy/serving_fake_engine.py) both implement it (a shared conformance test is still to
+be written). deploy/worker.py calls exactly these members, nothing found by `getattr`.
 
 Errors are the runtime's own (runtime/errors.py), mapped to gRPC codes in deploy/worker.py:
 InvalidRequestError -> INVALID_ARGUMENT, SessionNotFoundError -> NOT_FOUND, QueueFullError ->
