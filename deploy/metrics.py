@@ -43,6 +43,9 @@ TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75
                 10.0, 20.0, 40.0, 80.0, 160.0)
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2,
                0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
+# a shard lookup is one RPC: 100 us (same host) .. seconds (retry after a replica died)
+SHARD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                 2.5, 5.0, 10.0, 30.0)
 E2E_BUCKETS = (0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
                60.0, 120.0, 240.0, 480.0)
 
@@ -66,6 +69,11 @@ class ServingMetrics:
     kv_memory_bytes: object
     sessions_active: object
     blocks_retrieved: object
+    # memory shards (issue 17; deploy/remote_value_store.py records them, label = shard deployment name)
+    shard_lookup_seconds: object
+    shard_bytes: object
+    shard_failures: object
+    shard_replicas: object
 
     @classmethod
     def create(cls, registry=None) -> "ServingMetrics":
@@ -105,6 +113,15 @@ class ServingMetrics:
                                   ["model_name", "replica"], **g),
             blocks_retrieved=Counter(f"{PREFIX}blocks_retrieved", "KV memory blocks retrieved by attention.",
                                      ["model_name"], **kw),
+            shard_lookup_seconds=Histogram(f"{PREFIX}memory_shard_lookup_seconds", "Submit-to-answer time of one "
+                                           "layer-step lookup on one memory shard (retries included).",
+                                           ["shard"], buckets=SHARD_BUCKETS, **kw),
+            shard_bytes=Counter(f"{PREFIX}memory_shard_bytes", "Bytes moved to and from a memory shard "
+                                "(indices + weights sent, rows received).", ["shard"], **kw),
+            shard_failures=Counter(f"{PREFIX}memory_shard_failures", "Lookups that failed after the retry bound "
+                                   "(the request got UNAVAILABLE naming the shard).", ["shard"], **kw),
+            shard_replicas=Gauge(f"{PREFIX}memory_shard_replicas", "Running replicas of each memory shard "
+                                 "deployment (as last seen by this process).", ["shard", "replica"], **g),
         )
 
 

@@ -76,3 +76,45 @@ def test_multiprocess_merge_and_dead_gauges(tmp_path):
     finally:
         live.kill()
         live.wait(timeout=10)
+
+
+SHARD_WRITER = textwrap.dedent("""
+    import numpy as np, torch
+    from memserve.deploy.metrics import get_metrics
+    from memserve.deploy.remote_value_store import MemoryShardUnavailableError, RemoteValueStore
+
+    table = torch.arange(12.0).view(4, 3)
+    class Ok:  # handle-shaped: .lookup.remote(i, w).result(timeout_s=)
+        def __init__(self): self.lookup = self
+        def remote(self, i, w):
+            out = (table[torch.as_tensor(i).long()] * torch.as_tensor(w)[..., None]).sum(1).numpy()
+            return type("R", (), {"result": lambda self, timeout_s=None: out})()
+    class Down(Ok):
+        def remote(self, i, w):
+            def fail(self, timeout_s=None): raise TimeoutError("no replica")
+            return type("R", (), {"result": fail})()
+    m = get_metrics()
+    ok = RemoteValueStore("t", [Ok()], ["MemoryShard-t0-0of1"], "columns", 4, 3, metrics=m)
+    idx, w = torch.tensor([[0, 3]]), torch.tensor([[0.5, 0.5]])
+    assert torch.equal(ok.lookup(idx, w), torch.tensor([[4.5, 5.5, 6.5]]))
+    down = RemoteValueStore("t", [Down()], ["MemoryShard-t0-0of1x"], "columns", 4, 3, metrics=m,
+                            retry_timeout_s=0.3, call_timeout_s=0.1, backoff_s=0.05)
+    try:
+        down.lookup(idx, w)
+        raise SystemExit("expected MemoryShardUnavailableError")
+    except MemoryShardUnavailableError as e:
+        assert "MemoryShard-t0-0of1x" in str(e)
+""")
+
+
+def test_memory_shard_metrics_are_exported(tmp_path):
+    """RemoteValueStore(metrics=...) records latency, bytes and failures per shard (issue 17)."""
+    d = str(tmp_path)
+    subprocess.run([sys.executable, "-c", SHARD_WRITER], env={**os.environ, M.MULTIPROC_ENV: d}, check=True, timeout=60)
+    s = _samples(M.render(d))
+    ok, down = ("shard", "MemoryShard-t0-0of1"), ("shard", "MemoryShard-t0-0of1x")
+    assert s[("memserve:memory_shard_lookup_seconds_count", (ok,))] == 1
+    # sent: 2 int32 indices + 2 fp32 weights = 16 B; received: 3 fp32 = 12 B
+    assert s[("memserve:memory_shard_bytes_total", (ok,))] == 28
+    assert s[("memserve:memory_shard_failures_total", (down,))] == 1
+    assert ("memserve:memory_shard_failures_total", (ok,)) not in s
