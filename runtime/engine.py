@@ -37,8 +37,14 @@ class EngineArgs:
     # bf16 on CUDA
     dtype: str = "auto"
     # None | "int8": int8 linears (per-output-channel weight scales, dynamically quantized
-    # activations — runtime/quant.py says why not weight-only)
+    # activations — runtime/quant.py says why not weight-only) | "int4": int4 weight-only linears
+    # (runtime/quant_int4.py; GGUF Q4_0/Q4_1 codes kept as stored, bf16 activations) for calls of at
+    # most int4_max_tokens rows, a second copy (int4_large_kernel: "int8" | "fp32" | "none") for larger
+    # ones; int4_group: 32 (llama.cpp's Q4 group) | 64 | 128 | 256, dividing every input size
     quantization: str | None = None
+    int4_group: int = 32
+    int4_large_kernel: str = "int8"
+    int4_max_tokens: int = 4
     max_num_seqs: int = 16
     # token budget of one step; longer prompts are prefilled in chunks of at most this many tokens
     max_num_batched_tokens: int = 2048
@@ -79,8 +85,11 @@ class EngineArgs:
                 "dtype on CPU must be float32 (no bf16/fp16 matmul hardware here); use quantization='int8' to save memory"
         else:
             assert self.torch_dtype in (torch.bfloat16, torch.float16), "dtype on CUDA must be bf16 or fp16"
-        assert self.quantization in (None, "int8"), f"quantization must be None or 'int8', got {self.quantization!r}"
-        assert self.quantization is None or self.device == "cpu", "quantization='int8' (fbgemm int8 linears) is a CPU path; use bf16/fp16 on CUDA"
+        assert self.quantization in (None, "int8", "int4"), \
+            f"quantization must be None, 'int8' or 'int4', got {self.quantization!r}"
+        assert self.quantization is None or self.device == "cpu", \
+            f"quantization={self.quantization!r} (fbgemm int8 / torch int4 CPU linears) is a CPU path; use bf16/fp16 on CUDA"
+        self.int4_options()  # raises ValueError naming the int4_* field to change
         assert self.session_store is None or self.kv_memory != "off", "session_store needs kv_memory 'auto' or 'retrieval'"
         assert self.threads is None or self.threads >= 1, f"threads must be None or >= 1, got {self.threads!r}"
         assert self.max_num_seqs >= 1, "max_num_seqs must be >= 1"
@@ -95,6 +104,14 @@ class EngineArgs:
             "kv_memory_tier_bytes must be None or > 0"
         assert self.kv_memory_tier_policy in ("evict", "refuse"), \
             f"kv_memory_tier_policy must be 'evict' or 'refuse', got {self.kv_memory_tier_policy!r}"
+
+    def int4_options(self):
+        from .quant_int4 import Int4Options
+
+        try:
+            return Int4Options(self.int4_group, self.int4_large_kernel, self.int4_max_tokens)
+        except ValueError as e:
+            raise ValueError(f"{e} (EngineArgs.int4_group / int4_large_kernel / int4_max_tokens)") from None
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -170,7 +187,8 @@ class LLMEngine:
         dtype = args.torch_dtype
         # an engine that loaded the checkpoint itself owns its weights: let the model consume them
         self.model = Model(c, ckpt.weights, quantization=args.quantization, dtype=dtype, device=args.device,
-                           consume=not isinstance(model, Checkpoint))
+                           consume=not isinstance(model, Checkpoint), int4=args.int4_options(),
+                           q4_blocks=ckpt.q4_blocks)
 
         if args.num_kv_blocks is not None:
             num_blocks = args.num_kv_blocks

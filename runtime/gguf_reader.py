@@ -270,8 +270,11 @@ def dequantize_tensor(t: GGUFTensor, data: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.array(arr, dtype=np.float32, copy=True)).reshape(t.shape)
 
 
-def load_gguf(path, *, progress: bool = True) -> tuple[ModelConfig, dict[str, torch.Tensor], dict]:
-    """-> (config, fp32 weights with HF names, metadata) of a GGUF file."""
+def load_gguf(path, *, progress: bool = True, q4_blocks: dict | None = None
+              ) -> tuple[ModelConfig, dict[str, torch.Tensor], dict]:
+    """-> (config, fp32 weights with HF names, metadata) of a GGUF file. With `q4_blocks` (a dict), the
+    raw blocks of every Q4_0/Q4_1 matrix are put there too by HF name (quant_int4.GGUFQ4Blocks: views
+    of the memory map, no copy), for int4 linears that keep the file's codes."""
     f = open_gguf(path)
     md = f.metadata
     by_name = {t.name: t for t in f.tensors}
@@ -305,4 +308,14 @@ def load_gguf(path, *, progress: bool = True) -> tuple[ModelConfig, dict[str, to
         elif permute and name.endswith("k_proj.weight"):
             w = unpermute_rotary(w, config.num_key_value_heads)
         weights[name] = w
+        if q4_blocks is not None and t.qtype.name in ("Q4_0", "Q4_1") and len(t.shape) == 2:
+            from .quant_int4 import GGUFQ4Blocks
+
+            heads = None
+            if permute and name.endswith("q_proj.weight"):
+                heads = config.num_attention_heads
+            elif permute and name.endswith("k_proj.weight"):
+                heads = config.num_key_value_heads
+            q4_blocks[name] = GGUFQ4Blocks(t.qtype.name, data[t.offset:t.offset + t.nbytes],
+                                           (int(t.shape[0]), int(t.shape[1])), heads)
     return config, weights, md

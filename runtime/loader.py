@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -36,6 +36,8 @@ class Checkpoint:
     weights: dict[str, torch.Tensor]  # fp32; "lm_head.weight" absent when tied
     tokenizer: Tokenizer | None
     source: str  # resolved path of what was loaded
+    # GGUF Q4_0/Q4_1 matrices' raw blocks by HF name (memory-mapped views; int4 linears take their codes)
+    q4_blocks: dict = field(default_factory=dict)
 
 
 def default_gguf_path() -> Path:
@@ -61,15 +63,15 @@ def load_checkpoint(model: str = "default", *, progress: bool = True) -> Checkpo
         )
     if str(model) == "default":
         path = default_gguf_path()
-        config, weights, tokenizer = _load_gguf_file(path, progress)
-        return Checkpoint(config, weights, tokenizer, str(path))
+        config, weights, tokenizer, blocks = _load_gguf_file(path, progress)
+        return Checkpoint(config, weights, tokenizer, str(path), blocks)
     path = Path(model).expanduser()
     if path.is_dir():
         config, weights, tokenizer = _load_hf_dir(path, progress)
         return Checkpoint(config, weights, tokenizer, str(path.resolve()))
     if path.is_file() and path.suffix == ".gguf":
-        config, weights, tokenizer = _load_gguf_file(path, progress)
-        return Checkpoint(config, weights, tokenizer, str(path.resolve()))
+        config, weights, tokenizer, blocks = _load_gguf_file(path, progress)
+        return Checkpoint(config, weights, tokenizer, str(path.resolve()), blocks)
     if path.is_file():
         raise ModelNotFoundError(
             f"model {str(model)!r} is a file but not a .gguf file; supported: {SUPPORTED_FORMS}"
@@ -83,13 +85,14 @@ def load_checkpoint(model: str = "default", *, progress: bool = True) -> Checkpo
 def _load_gguf_file(path: Path, progress: bool):
     from .gguf_reader import load_gguf
 
-    config, weights, md = load_gguf(path, progress=progress)
+    blocks: dict = {}
+    config, weights, md = load_gguf(path, progress=progress, q4_blocks=blocks)
     try:
         tokenizer = Tokenizer.from_gguf_metadata(md) if "tokenizer.ggml.tokens" in md else None
     except ValueError as e:
         raise UnsupportedModelError(f"{path}: {e}") from e
     _check_weights(config, weights, str(path))
-    return config, weights, tokenizer
+    return config, weights, tokenizer, blocks
 
 
 # ---- HF directory ------------------------------------------------------------------------------------------

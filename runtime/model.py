@@ -46,10 +46,13 @@ class DecoderLayer:
 
 class Model:
     """Built from HF-named fp32 weights. `quantization="int8"` makes every linear (incl. the LM
-    head) int8 (runtime/quant.py); embeddings and norms stay fp32."""
+    head) int8 (runtime/quant.py), "int4" int4 with an optional int8/fp32 copy for many-row calls
+    (runtime/quant_int4.py; `int4`: its Int4Options, `q4_blocks`: GGUF Q4 blocks by HF name, whose
+    codes it keeps); embeddings and norms stay fp32."""
 
     def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], quantization: str | None = None,
-                 dtype: torch.dtype = torch.float32, device: str = "cpu", consume: bool = False):
+                 dtype: torch.dtype = torch.float32, device: str = "cpu", consume: bool = False,
+                 int4=None, q4_blocks: dict | None = None):
         """`consume=True` pops tensors out of `weights` as they are fused/quantized, so the loader's
         copy is freed layer by layer (peak RSS ~ one copy of the weights instead of two)."""
         self.config = c = config
@@ -62,6 +65,12 @@ class Model:
         def w(name, keep_dtype=False):
             t = weights.pop(name) if consume and name != "model.embed_tokens.weight" else weights[name]
             return t.to(device=device) if keep_dtype else t.to(device=device, dtype=dtype)
+
+        def lin(weight, bias, *names):
+            blocks = None
+            if quantization == "int4" and q4_blocks and all(n in q4_blocks for n in names):
+                blocks = [q4_blocks[n] for n in names]
+            return make_linear(weight, bias, quantization, int4=int4, blocks=blocks)
 
         mc = c.memory_layers
         self.lookup_stats = LookupStats()
@@ -80,18 +89,19 @@ class Model:
             gate_up = down = None
             if mem is None or not replace:
                 gate_up_w = torch.cat([w(p + "mlp.gate_proj.weight"), w(p + "mlp.up_proj.weight")])  # (2I, H)
-                gate_up = make_linear(gate_up_w, None, quantization)
-                down = make_linear(w(p + "mlp.down_proj.weight"), None, quantization)
+                gate_up = lin(gate_up_w, None, p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight")
+                down = lin(w(p + "mlp.down_proj.weight"), None, p + "mlp.down_proj.weight")
             self.layers.append(DecoderLayer(
                 input_norm=w(p + "input_layernorm.weight"),
                 post_norm=w(p + "post_attention_layernorm.weight"),
-                qkv=make_linear(qkv_w, qkv_b, quantization),
-                o=make_linear(w(p + "self_attn.o_proj.weight"), None, quantization),
+                qkv=lin(qkv_w, qkv_b, *(p + f"self_attn.{n}_proj.weight" for n in "qkv")),
+                o=lin(w(p + "self_attn.o_proj.weight"), None, p + "self_attn.o_proj.weight"),
                 ffn=FFN(gate_up, down, c.intermediate_size, mem, self.lookup_stats),
             ))
         self.final_norm = w("model.norm.weight")
         head = self.embed if c.tie_word_embeddings else w("lm_head.weight")
-        self.lm_head = make_linear(head, None, quantization) if quantization else Linear(head)
+        head_name = "model.embed_tokens.weight" if c.tie_word_embeddings else "lm_head.weight"
+        self.lm_head = lin(head, None, head_name) if quantization else Linear(head)
         self.intermediate_size = c.intermediate_size
 
     @property

@@ -119,9 +119,16 @@ def full_range_is_exact() -> bool:
     return packed is not None and bool((_LINEAR_DYNAMIC(torch.ones(1, 64), packed, False) == 64).all())
 
 
-def make_linear(weight: torch.Tensor, bias: torch.Tensor | None, quantization: str | None):
+def make_linear(weight: torch.Tensor, bias: torch.Tensor | None, quantization: str | None, *,
+                int4=None, blocks=None):
+    """`int4`: quant_int4.Int4Options (default ones when None); `blocks`: the GGUF Q4 blocks of the
+    weight's rows (int4 takes the file's codes from them instead of re-quantizing)."""
     if quantization is None:
         return Linear(weight, bias)
     if quantization == "int8":
         return Int8Linear(weight, bias)
-    raise ValueError(f"quantization must be None or 'int8', got {quantization!r}")
+    if quantization == "int4":
+        from .quant_int4 import Int4Options, make_int4_linear
+
+        return make_int4_linear(weight, bias, int4 or Int4Options(), blocks)
+    raise ValueError(f"quantization must be None, 'int8' or 'int4', got {quantization!r}")

@@ -149,7 +149,7 @@ def test_missing_model_and_bad_engine_args(tmp_path):
     with pytest.raises(AssertionError, match="float32"):
         EngineArgs(dtype="bfloat16")
     with pytest.raises(AssertionError, match="quantization"):
-        EngineArgs(quantization="int4")
+        EngineArgs(quantization="int3")
 
 
 def test_chat_and_generate_shapes(ckpt):
