@@ -10,9 +10,14 @@ from memserve.runtime import LLM, SamplingParams
 from memserve.runtime.engine import EngineArgs
 from memserve.runtime.loader import load_checkpoint
 from memserve.runtime.quant import Int8Linear, Linear
-from memserve.runtime.quant_int4 import (GGUFQ4Blocks, Int4Linear, Int4Options, codes_from_gguf,
-                                         make_int4_linear, quantize_int4_groups)
-
+from memserve.runtime.quant_int4 import (
+    GGUFQ4Blocks,
+    Int4Linear,
+    Int4Options,
+    codes_from_gguf,
+    make_int4_linear,
+    quantize_int4_groups,
+)
 from tiny_models import make_tiny_model, write_tiny_gguf
 
 torch.set_num_threads(1)
