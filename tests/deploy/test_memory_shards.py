@@ -180,6 +180,7 @@ def _running(serve, app, dep):
     return 0 if st is None else int(st.deployments[dep].replica_states.get("RUNNING", 0))
 
 
+@pytest.mark.slow  # waits for Serve to start/replace replicas: most of this module's minutes
 def test_scale_shard_replicas_1_2_1_under_load(serve_shards):
     from memserve.deploy.memory_shards import shard_deployment
 
@@ -211,6 +212,7 @@ def _replica_actors(ray, app):
             if a["name"].startswith(f"SERVE_REPLICA::{app}#")]
 
 
+@pytest.mark.slow  # waits for Serve to start/replace replicas: most of this module's minutes
 def test_killed_shard_replica_is_retried_with_identical_rows(serve_shards):
     ray = serve_shards["ray"]
     specs, _ = serve_shards["plans"]["columns"]
