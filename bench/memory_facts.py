@@ -1,0 +1,87 @@
+"""Fictional facts for the memorize demo (issue 16 item 3): things no pretrained model can know.
+
+Each fact is (subject, relation, answer): invented people, places, dates and codes built from random
+syllables, deterministic by seed. Every fact has TRAINING phrasings (statements fed to memorize) and
+DISTINCT held-out QUESTION phrasings (used only to measure recall); the two template sets share no
+template, and answers are unique across facts so exact-match recall is unambiguous.
+
+    python bench/memory_facts.py --n 100 --seed 0 --out facts.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+
+_SYL = ["ka", "lo", "mi", "ren", "tas", "vo", "qui", "zel", "dor", "fen", "gri", "hul", "jas", "nor",
+        "pim", "sar", "tov", "wex", "yul", "bra"]
+_MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September",
+           "October", "November", "December"]
+
+# relation -> (training statements, held-out questions); {s} = subject, {a} = answer
+RELATIONS = {
+    "city": (["{s} was born in the city of {a}.", "The birthplace of {s} is {a}.",
+              "{s} grew up in {a}, where they were born."],
+             ["In which city was {s} born?", "What is the name of the town where {s} came into the world?"]),
+    "date": (["{s} founded the guild on {a}.", "The guild of {s} dates from {a}.",
+              "On {a}, {s} founded a guild."],
+             ["When did {s} found the guild?", "On what date was the guild of {s} established?"]),
+    "code": (["The locker code of {s} is {a}.", "{s} keeps the locker shut with code {a}.",
+              "Code {a} opens the locker of {s}."],
+             ["What is the locker code of {s}?", "Which code opens the locker that {s} uses?"]),
+}
+
+
+def _name(rng: random.Random, parts: int) -> str:
+    return "".join(rng.choice(_SYL) for _ in range(parts)).capitalize()
+
+
+def make_facts(n: int, seed: int = 0) -> list[dict]:
+    """n facts, the same for the same (n, seed); subjects and answers unique."""
+    rng = random.Random(seed)
+    rels = list(RELATIONS)
+    subjects, answers, out = set(), set(), []
+    while len(out) < n:
+        s = f"{_name(rng, 2)} {_name(rng, 3)}"
+        rel = rels[len(out) % len(rels)]
+        if rel == "city":
+            a = _name(rng, 3)
+        elif rel == "date":
+            a = f"{rng.randint(1, 28)} {rng.choice(_MONTHS)} {rng.randint(1100, 1899)}"
+        else:
+            a = f"{rng.choice('BCDFGHJKLMNPQRSTVWXZ')}{rng.randint(1000, 9999)}"
+        if s in subjects or a in answers:
+            continue
+        subjects.add(s)
+        answers.add(a)
+        train, questions = RELATIONS[rel]
+        out.append({"id": len(out), "subject": s, "relation": rel, "answer": a,
+                    "train": [t.format(s=s, a=a) for t in train],
+                    "questions": [q.format(s=s) for q in questions]})
+    return out
+
+
+def write_jsonl(facts: list[dict], path) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for fa in facts:
+            f.write(json.dumps(fa) + "\n")
+
+
+def read_jsonl(path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=100)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="facts.jsonl")
+    a = ap.parse_args()
+    write_jsonl(make_facts(a.n, a.seed), a.out)
+    print(f"wrote {a.n} facts to {a.out}")
+
+
+if __name__ == "__main__":
+    main()
