@@ -10,8 +10,9 @@ sum of its halves' scores); final top-k; softmax over the k scores in fp32; flat
     pkm_topk_ref    brute force over all n_keys^2 sums in float64 (tests; small n_keys only)
     pkm_topk_torch  two-stage top-k in torch (CPU path)
     pkm_topk_triton sub-key scores by one batched matmul (cuBLAS is the right tool for a GEMM),
-                    then one Triton program per (token, head) for top-k / cartesian / top-k /
-                    softmax, using score|index packed into int64 keys for tl.topk.
+                    then Triton programs over tiles of (token, head) rows for top-k / cartesian /
+                    top-k / softmax, using score|index packed into int64 keys for tl.topk; any
+                    n_keys and knn (masked up to powers of two).
 """
 
 import torch
@@ -62,49 +63,60 @@ def pkm_topk_torch(q, keys, k):
     return flat.permute(1, 0, 2).reshape(T, H * k), w.permute(1, 0, 2).reshape(T, H * k)
 
 
+def _ordered(x):
+    """fp32 -> int32 with the same order (flip the magnitude bits of negatives); self-inverse."""
+    b = x.to(tl.int32, bitcast=True)
+    return b ^ ((b >> 31) & 0x7FFFFFFF)
+
+
+def _unordered(b):
+    return (b ^ ((b >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
+
+
 def _pkm_select_kernel(s_ptr, idx_ptr, w_ptr, T, H, N, k,
-                       N_P2: tl.constexpr, K_P2: tl.constexpr):
-    # program (t, h); s (H, 2, T, N) fp32 contiguous; outputs (T, H*k)
-    t = tl.program_id(0)
-    h = tl.program_id(1)
+                       N_P2: tl.constexpr, K_P2: tl.constexpr, ROWS: tl.constexpr):
+    # program = ROWS consecutive (token, head) rows r = t * H + h; s (H, 2, T, N) fp32 contiguous;
+    # outputs (T, H*k), row r's k columns at r * k. Several rows per program: tl.topk works along the
+    # last dim of a 2D tile, so a decode step's few tokens x heads take one program instead of T*H
+    # (and Triton's interpreter, which runs programs one by one, is ROWS times faster).
+    r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    rm = r < T * H
+    t = r // H
+    h = r % H
     n = tl.arange(0, N_P2)
-    nm = n < N
-    s1 = tl.load(s_ptr + ((h * 2 + 0) * T + t) * N + n, mask=nm, other=float("-inf"))
-    s2 = tl.load(s_ptr + ((h * 2 + 1) * T + t) * N + n, mask=nm, other=float("-inf"))
-    # order-preserving int32 image of fp32, packed above the index: one topk yields (score, index)
-    b1 = s1.to(tl.int32, bitcast=True)
-    b1 = b1 ^ ((b1 >> 31) & 0x7FFFFFFF)
-    b2 = s2.to(tl.int32, bitcast=True)
-    b2 = b2 ^ ((b2 >> 31) & 0x7FFFFFFF)
-    p1 = tl.topk((b1.to(tl.int64) << 32) | n.to(tl.int64), K_P2)  # (K_P2,) descending
-    p2 = tl.topk((b2.to(tl.int64) << 32) | n.to(tl.int64), K_P2)
+    m2 = rm[:, None] & (n < N)[None, :]
+    base1 = ((h * 2 + 0) * T + t) * N
+    base2 = ((h * 2 + 1) * T + t) * N
+    s1 = tl.load(s_ptr + base1[:, None] + n[None, :], mask=m2, other=float("-inf"))  # (ROWS, N_P2)
+    s2 = tl.load(s_ptr + base2[:, None] + n[None, :], mask=m2, other=float("-inf"))
+    # order-preserving int32 image of fp32 packed above the index: one topk yields (score, index)
+    nn = n.to(tl.int64)[None, :]
+    p1 = tl.topk((_ordered(s1).to(tl.int64) << 32) | nn, K_P2)  # (ROWS, K_P2) descending
+    p2 = tl.topk((_ordered(s2).to(tl.int64) << 32) | nn, K_P2)
     kk = tl.arange(0, K_P2)
-    c1 = (p1 >> 32).to(tl.int32)
-    c1 = (c1 ^ ((c1 >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
-    c2 = (p2 >> 32).to(tl.int32)
-    c2 = (c2 ^ ((c2 >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
-    c1 = tl.where(kk < k, c1, float("-inf"))  # k need not be a power of two
-    c2 = tl.where(kk < k, c2, float("-inf"))
-    i1 = (p1 & 0xFFFFFFFF).to(tl.int64)
-    i2 = (p2 & 0xFFFFFFFF).to(tl.int64)
-    cart = c1[:, None] + c2[None, :]  # (K_P2, K_P2)
-    flat = i1[:, None] * N + i2[None, :]  # < 2^31 for n_keys <= 46340
-    bc = cart.to(tl.int32, bitcast=True)
-    bc = bc ^ ((bc >> 31) & 0x7FFFFFFF)
-    packed = tl.reshape((bc.to(tl.int64) << 32) | flat, [K_P2 * K_P2])
-    top = tl.topk(packed, K_P2)  # (K_P2,)
-    cs = (top >> 32).to(tl.int32)
-    best = (cs ^ ((cs >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
-    best = tl.where(kk < k, best, float("-inf"))
-    e = tl.exp(best - tl.max(best, axis=0))
-    w = e / tl.sum(e, axis=0)
-    km = kk < k
-    off = t * H * k + h * k + kk
-    tl.store(idx_ptr + off, top & 0xFFFFFFFF, mask=km)
-    tl.store(w_ptr + off, w, mask=km)
+    km = (kk < k)[None, :]  # k need not be a power of two
+    c1 = tl.where(km, _unordered((p1 >> 32).to(tl.int32)), float("-inf"))
+    c2 = tl.where(km, _unordered((p2 >> 32).to(tl.int32)), float("-inf"))
+    i1 = p1 & 0xFFFFFFFF
+    i2 = p2 & 0xFFFFFFFF
+    cart = c1[:, :, None] + c2[:, None, :]  # (ROWS, K_P2, K_P2)
+    flat = i1[:, :, None] * N + i2[:, None, :]  # < 2^31 for n_keys <= 46340
+    packed = tl.reshape((_ordered(cart).to(tl.int64) << 32) | flat, [ROWS, K_P2 * K_P2])
+    top = tl.topk(packed, K_P2)  # (ROWS, K_P2)
+    best = tl.where(km, _unordered((top >> 32).to(tl.int32)), float("-inf"))
+    e = tl.exp(best - tl.max(best, axis=1)[:, None])
+    w = e / tl.sum(e, axis=1)[:, None]
+    off = r[:, None] * k + kk[None, :]
+    om = rm[:, None] & km
+    tl.store(idx_ptr + off, top & 0xFFFFFFFF, mask=om)
+    tl.store(w_ptr + off, w, mask=om)
 
 
 _select_jit = lazy_jit(_pkm_select_kernel)
+
+# Elements of the (ROWS, K_P2, K_P2) cartesian tile one program holds: 4096 int64 keys (32 KB) keeps
+# a program's working set in registers/shared memory on a GPU for knn <= 64 (ROWS = 1 at knn 64).
+_TILE_ELEMS = 4096
 
 
 def pkm_topk_triton(q, keys, k):
@@ -117,8 +129,10 @@ def pkm_topk_triton(q, keys, k):
     w = torch.empty(T, H * k, dtype=torch.float32, device=q.device)
     if T == 0:
         return idx, w
-    _select_jit()[(T, H)](s, idx, w, T, H, n, k, N_P2=triton.next_power_of_2(n),
-                          K_P2=max(2, triton.next_power_of_2(k)))
+    K_P2 = max(2, triton.next_power_of_2(k))
+    N_P2 = max(K_P2, triton.next_power_of_2(n))  # tl.topk needs k <= the dim (n_keys = 1)
+    rows = max(1, min(triton.next_power_of_2(T * H), _TILE_ELEMS // (K_P2 * K_P2), _TILE_ELEMS // N_P2))
+    _select_jit()[(triton.cdiv(T * H, rows),)](s, idx, w, T, H, n, k, N_P2=N_P2, K_P2=K_P2, ROWS=rows)
     return idx, w
 
 
