@@ -254,7 +254,14 @@ class MemServeIngress:
             self.metrics = get_metrics()
         self._init_http(cfg)
 
+    def _init_health(self, cfg: AppConfig) -> None:
+        from memserve.deploy.health import Health, serve_app_state
+
+        self.health = Health(lambda: self.core.client.call("model_info"), serve_app_state(cfg.app_name, ENGINE_DEPLOYMENT),
+                             probe_timeout_s=min(5.0, cfg.unavailable_timeout_s))
+
     def _init_http(self, cfg: AppConfig) -> None:
+        self._init_health(cfg)
         from memserve.deploy.openai_api import OpenAIServer
 
         def count(code: str) -> None:
@@ -315,6 +322,29 @@ class MemServeIngress:
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, grpc_context=None) -> pb.ModelInfo:
         return await self._unary(self.core.get_model_info, request, grpc_context)
+
+    # grpc.health.v1.Health (deploy/health.py): no API key needed, probes carry none
+    async def Check(self, request, grpc_context=None):
+        try:
+            return await self.health.check(request)
+        except BaseException as e:
+            self._fail(e, grpc_context)
+            raise
+
+    async def List(self, request, grpc_context=None):
+        try:
+            return await self.health.list(request)
+        except BaseException as e:
+            self._fail(e, grpc_context)
+            raise
+
+    async def Watch(self, request, grpc_context=None):
+        try:
+            async for msg in self.health.watch(request):
+                yield msg
+        except BaseException as e:
+            self._fail(e, grpc_context)
+            raise
 
 
 class MemServeDirect(MemServeEngine, MemServeIngress):
@@ -424,7 +454,10 @@ def init_ray(**kwargs):
 def grpc_options(port: int = 9000, request_timeout_s: float | None = None):
     from ray.serve.config import gRPCOptions
 
-    return gRPCOptions(port=port, grpc_servicer_functions=["memserve.deploy.memserve_pb2_grpc.add_MemServeServicer_to_server"],
+    from memserve.deploy.health import SERVICER_FN
+
+    return gRPCOptions(port=port, grpc_servicer_functions=["memserve.deploy.memserve_pb2_grpc.add_MemServeServicer_to_server",
+                                                           SERVICER_FN],
                        request_timeout_s=request_timeout_s)
 
 

@@ -65,7 +65,11 @@ def test_serve_config_args_are_a_valid_app_config():
     assert app["import_path"] == "memserve.deploy.app:app_builder"
     c = AppConfig(**app["args"])
     assert c.autoscaling_config["max_replicas"] >= c.autoscaling_config["min_replicas"]
-    assert cfg["grpc_options"]["grpc_servicer_functions"] == ["memserve.deploy.memserve_pb2_grpc.add_MemServeServicer_to_server"]
+    from memserve.deploy.app import grpc_options
+
+    assert cfg["grpc_options"]["grpc_servicer_functions"] == grpc_options().grpc_servicer_functions == [
+        "memserve.deploy.memserve_pb2_grpc.add_MemServeServicer_to_server",
+        "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server"]
 
 
 def test_app_config_rejects_bad_values():
