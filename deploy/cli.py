@@ -302,6 +302,15 @@ def cmd_bench(a: argparse.Namespace) -> int:
     return subprocess.call([sys.executable, str(script), *a.args], cwd=str(d.parent), env=env)
 
 
+def cmd_init_memory(a: argparse.Namespace) -> int:
+    from memserve.runtime.memory_layers_init import init_memory
+
+    out = init_memory(a.base, a.out, [int(x) for x in a.layers.split(",")], n_keys=a.n_keys, heads=a.heads,
+                      knn=a.knn, k_dim=a.k_dim, shared_values=a.shared, swilu=a.swilu, seed=a.seed)
+    print(f"memserve init-memory: wrote {out}")
+    return 0
+
+
 # ---- parser -------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -382,6 +391,19 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-bench", action="store_true", help="skip the bandwidth benchmark")
     c.add_argument("--no-engine", action="store_true", help="skip the engine decode figures")
     c.set_defaults(fn=cmd_selfcheck)
+
+    m = sub.add_parser("init-memory", help="write a 'parallel' memory-layer model from a dense base (output = base's)")
+    m.add_argument("--base", default="default", help="dense base: 'default', an HF dir or a .gguf (GGUF is dequantized)")
+    m.add_argument("--layers", required=True, help="comma-separated decoder layers, e.g. 8,16,24")
+    m.add_argument("--n-keys", type=int, default=256, help="sub-keys per half (n_keys**2 slots)")
+    m.add_argument("--heads", type=int, default=4)
+    m.add_argument("--knn", type=int, default=32)
+    m.add_argument("--k-dim", type=int, default=256)
+    m.add_argument("--shared", action=argparse.BooleanOptionalAction, default=True, help="one shared value table")
+    m.add_argument("--swilu", action=argparse.BooleanOptionalAction, default=True)
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--out", required=True)
+    m.set_defaults(fn=cmd_init_memory)
 
     b = sub.add_parser("bench", help="run bench/NAME.py from the source checkout")
     b.add_argument("name", help="e.g. serving")
