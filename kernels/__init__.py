@@ -5,12 +5,14 @@ Signatures and layouts: kernels/README.md."""
 from .block_scoring import (
     block_minmax,
     block_representatives,
+    score_block_reprs,
     score_blocks_infllm,
     score_blocks_quest,
     select_topk_blocks,
 )
 from .block_sparse_attention import block_sparse_decode_attention, block_sparse_decode_attention_ref
 from .embedding_bag import embedding_bag, embedding_bag_columns, embedding_bag_ref
+from .kv_memory_decode import kv_memory_decode_attention, kv_memory_decode_attention_ref
 from .kv_quant import QuantizedKV, dequantize_kv, quantize_kv
 from .merge import merge_attention
 from .paged_attention import paged_decode_attention, paged_decode_attention_ref
@@ -27,6 +29,8 @@ __all__ = [
     "embedding_bag",
     "embedding_bag_columns",
     "embedding_bag_ref",
+    "kv_memory_decode_attention",
+    "kv_memory_decode_attention_ref",
     "merge_attention",
     "paged_decode_attention",
     "paged_decode_attention_ref",
@@ -35,6 +39,7 @@ __all__ = [
     "prefill_attention",
     "prefill_attention_ref",
     "quantize_kv",
+    "score_block_reprs",
     "score_blocks_infllm",
     "score_blocks_quest",
     "select_topk_blocks",

@@ -30,6 +30,10 @@ __all__ = [
     "score_blocks_triton",
     "block_minmax",
     "block_representatives",
+    "score_block_reprs",
+    "score_block_reprs_ref",
+    "score_block_reprs_torch",
+    "score_block_reprs_triton",
 ]
 
 
@@ -214,3 +218,133 @@ def block_representatives(k_blocks, token_scores, topk=4):
     idx = token_scores.float().topk(kk, dim=1).indices  # (N, kk, H)
     sel = torch.gather(k_blocks.float(), 1, idx[..., None].expand(N, kk, H, D))  # (N, kk, H, D)
     return sel.mean(1)
+
+
+# ----------------------------------------------------------------------------- KV memory (ragged)
+# The retrieval KV memory (runtime/kv_memory) keeps each sequence's block metadata column-major,
+# reprs (Hkv, D, NB_b, R): "mean" R = 1 mean key, "max" R most-attended keys (score = their max),
+# "quest" R = 2 (per-channel min, max). One call scores every sequence of a step (ragged NB_b).
+REPR_MODES = ("mean", "max", "quest")
+
+
+def _check_reprs(q, reprs, mode):
+    check(q.dim() == 3, f"q must be (B, Hq, D), got {tuple(q.shape)}")
+    check(mode in REPR_MODES, f"mode must be one of {REPR_MODES}, got {mode!r}")
+    check(len(reprs) == q.shape[0], f"reprs: one tensor per sequence ({q.shape[0]}) expected")
+    for b, r in enumerate(reprs):
+        check(r.dim() == 4 and r.shape[1] == q.shape[2] and q.shape[1] % r.shape[0] == 0,
+              f"reprs[{b}] must be (Hkv, D, NB, R) with D = {q.shape[2]} and Hq a multiple of Hkv")
+        check(mode != "quest" or r.shape[3] == 2, f"reprs[{b}]: quest metadata has R = 2 (min, max)")
+
+
+def score_block_reprs_ref(q, reprs, mode):
+    """float64, explicit per (sequence, query head, block)."""
+    _check_reprs(q, reprs, mode)
+    out = []
+    for b, r in enumerate(reprs):
+        hkv, _, nb, _ = r.shape
+        g = q.shape[1] // hkv
+        rr = r.double().cpu()
+        s = torch.empty(q.shape[1], nb, dtype=torch.float64)
+        for i in range(q.shape[1]):
+            qi = q[b, i].double().cpu()
+            for n in range(nb):
+                x = rr[i // g, :, n]  # (D, R)
+                if mode == "quest":
+                    s[i, n] = torch.maximum(qi * x[:, 0], qi * x[:, 1]).sum()
+                else:
+                    s[i, n] = (qi @ x).max()
+        out.append(s)
+    return out
+
+
+def score_block_reprs_torch(q, reprs, mode):
+    """Per sequence: one bmm of the GQA group's query rows against its column-major reprs (no permuting
+    copy), max over R; Quest as q+ . max + q- . min. In q's dtype (the memory's own dtype)."""
+    _check_reprs(q, reprs, mode)
+    hq, d = q.shape[1:]
+    out = []
+    for b, r in enumerate(reprs):
+        hkv, _, nb, R = r.shape
+        g = hq // hkv
+        r = r.to(q.dtype)
+        qg = q[b].reshape(hkv, g, d)  # (Hkv, G, D)
+        if mode == "quest":
+            lo, hi = r[..., 0], r[..., 1]  # (Hkv, D, NB)
+            s = torch.bmm(qg.clamp_min(0), hi) + torch.bmm(qg.clamp_max(0), lo)
+        else:
+            s = torch.bmm(qg, r.reshape(hkv, d, nb * R)).view(hkv, g, nb, R).amax(-1)  # (Hkv, G, NB)
+        out.append(s.reshape(hq, nb))
+    return out
+
+
+def _score_reprs_kernel(q_ptr, sqb, sqh, rp_ptr, meta_ptr, o_ptr, sob, soh, Hkv, D, R,
+                        G: tl.constexpr, G_P2: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+                        DT: tl.constexpr, QUEST: tl.constexpr):
+    # program (b * Hkv + h, chunk of BLOCK_C blocks): the G query heads of KV head h of sequence b
+    # against its reprs, reached through a 64-bit base pointer; meta row b: [NB, head, d, block strides]
+    pid = tl.program_id(0)
+    b = pid // Hkv
+    h = pid % Hkv
+    nb = tl.load(meta_ptr + b * 4)
+    s0 = tl.load(meta_ptr + b * 4 + 1)
+    s1 = tl.load(meta_ptr + b * 4 + 2)
+    s2 = tl.load(meta_ptr + b * 4 + 3)
+    rp = tl.load(rp_ptr + b).to(tl.pointer_type(DT))
+    cc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    d = tl.arange(0, BLOCK_D)
+    g = tl.arange(0, G_P2)
+    gm = g < G
+    dm = d < D
+    cm = cc < nb
+    qv = tl.load(q_ptr + b * sqb + (h * G + g)[:, None] * sqh + d[None, :], mask=gm[:, None] & dm[None, :],
+                 other=0.0).to(tl.float32)  # (G_P2, BLOCK_D)
+    off = rp + h * s0 + d[:, None] * s1 + cc[None, :] * s2  # (BLOCK_D, BLOCK_C), + r
+    m2 = dm[:, None] & cm[None, :]
+    if QUEST:
+        lo = tl.load(off, mask=m2, other=0.0).to(tl.float32)
+        hi = tl.load(off + 1, mask=m2, other=0.0).to(tl.float32)
+        s = tl.sum(tl.maximum(qv[:, :, None] * lo[None, :, :], qv[:, :, None] * hi[None, :, :]), axis=1)
+    else:
+        s = tl.full([G_P2, BLOCK_C], float("-inf"), tl.float32)
+        for r in range(0, R):
+            x = tl.load(off + r, mask=m2, other=0.0).to(tl.float32)
+            s = tl.maximum(s, tl.sum(qv[:, :, None] * x[None, :, :], axis=1))
+    tl.store(o_ptr + b * sob + (h * G + g)[:, None] * soh + cc[None, :], s, mask=gm[:, None] & cm[None, :])
+
+
+_score_reprs_jit = lazy_jit(_score_reprs_kernel)
+
+
+def score_block_reprs_triton(q, reprs, mode):
+    """One launch for every sequence: fp32 (Hq, NB_b) views of a (B, Hq, max NB) buffer."""
+    _check_reprs(q, reprs, mode)
+    check(q.stride(2) == 1, "q head_dim must be contiguous")
+    B, Hq, D = q.shape
+    nbmax = max([r.shape[2] for r in reprs] + [1])
+    out = torch.empty(B, Hq, nbmax, dtype=torch.float32, device=q.device)
+    if B:
+        hkv, R, dt = reprs[0].shape[0], reprs[0].shape[3], reprs[0].dtype
+        for b, r in enumerate(reprs):
+            check(r.shape[0] == hkv and r.shape[3] == R and r.dtype == dt, "every sequence: same Hkv, R, dtype")
+            check(r.stride(3) == 1 or R == 1, f"reprs[{b}]: R must be the contiguous dim")
+        check(dt in (torch.float32, torch.float16, torch.bfloat16), f"reprs dtype {dt}")
+        meta = torch.tensor([[r.shape[2], r.stride(0), r.stride(1), r.stride(2)] for r in reprs],
+                            dtype=torch.int64).to(q.device)
+        ptrs = torch.tensor([r.data_ptr() for r in reprs], dtype=torch.int64).to(q.device)
+        G = Hq // hkv
+        BLOCK_C = min(32, triton.next_power_of_2(nbmax))
+        tdt = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[dt]
+        _score_reprs_jit()[(B * hkv, triton.cdiv(nbmax, BLOCK_C))](
+            q, q.stride(0), q.stride(1), ptrs, meta, out, out.stride(0), out.stride(1), hkv, D, R,
+            G=G, G_P2=max(2, triton.next_power_of_2(G)), BLOCK_C=BLOCK_C, BLOCK_D=triton.next_power_of_2(D),
+            DT=tdt, QUEST=mode == "quest")
+    return [out[b, :, : r.shape[2]] for b, r in enumerate(reprs)]
+
+
+def score_block_reprs(q, reprs, mode):
+    """Per-query-head block scores of a ragged batch: q (B, Hq, D) (the query the memory blocks are
+    attended with), reprs B tensors (Hkv, D, NB_b, R) -> B tensors (Hq, NB_b). CUDA -> Triton, else torch."""
+    if use_triton(q, *reprs[:1]):
+        return score_block_reprs_triton(q, reprs, mode)
+    return score_block_reprs_torch(q, reprs, mode)

@@ -3,20 +3,10 @@ memory appends to, without per-step concatenation or page-faulting fresh buffers
 
 from __future__ import annotations
 
-import threading
-
 import torch
+from memserve.kernels._common import workspace
 
-_WORKSPACE = threading.local()
-
-
-def _workspace(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A flat scratch buffer reused across calls (per thread, dtype and device), grown on demand."""
-    bufs = _WORKSPACE.__dict__.setdefault("bufs", {})
-    buf = bufs.get((dtype, device))
-    if buf is None or buf.numel() < numel:
-        buf = bufs[(dtype, device)] = torch.empty(numel, dtype=dtype, device=device)
-    return buf[:numel]
+_workspace = workspace  # the kernels' scratch buffer (one per thread, dtype and device)
 
 
 class _Rows:

@@ -262,3 +262,34 @@ def test_embedding_bag_triton(dtype, E, K):
     torch.testing.assert_close(torch.cat(parts, 1), out, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(unweighted.double(), embedding_bag_ref(table, idx, None, out_dtype=torch.float64),
                                atol=1e-4, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- KV memory (ragged batches)
+def test_kv_memory_decode_triton():
+    from memserve.kernels.kv_memory_decode import (
+        kv_memory_decode_attention_ref,
+        kv_memory_decode_attention_triton,
+    )
+    from test_kv_memory_kernels import ragged_memory_batch
+
+    args = ragged_memory_batch(hq=9, hkv=3, d=24)
+    with poisoned_outputs():
+        out, lse, rec = kv_memory_decode_attention_triton(*args, scale=0.3, tile=8)
+    ro, rl, rr = kv_memory_decode_attention_ref(*args, scale=0.3)
+    torch.testing.assert_close(out.double(), ro, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse.double(), rl, rtol=1e-5, atol=1e-5)
+    for a, b in zip(rec, rr):
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-6)
+
+
+def test_score_block_reprs_triton():
+    from memserve.kernels.block_scoring import score_block_reprs_ref, score_block_reprs_triton
+
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(3, 9, 24, generator=g)
+    for mode, R in (("mean", 1), ("max", 4), ("quest", 2)):
+        reprs = [torch.randn(3, 24, nb + 3, R, generator=g)[:, :, 1 : 1 + nb] for nb in (5, 1, 40)]
+        if mode == "quest":
+            reprs = [torch.stack((r.amin(-1), r.amax(-1)), -1) for r in reprs]
+        for a, b in zip(score_block_reprs_triton(q, reprs, mode), score_block_reprs_ref(q, reprs, mode)):
+            torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
