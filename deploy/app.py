@@ -452,9 +452,8 @@ def init_ray(**kwargs):
 
 
 def grpc_options(port: int = 9000, request_timeout_s: float | None = None):
-    from ray.serve.config import gRPCOptions
-
     from memserve.deploy.health import SERVICER_FN
+    from ray.serve.config import gRPCOptions
 
     return gRPCOptions(port=port, grpc_servicer_functions=["memserve.deploy.memserve_pb2_grpc.add_MemServeServicer_to_server",
                                                            SERVICER_FN],

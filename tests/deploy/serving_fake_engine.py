@@ -14,7 +14,12 @@ import time
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
-from memserve.runtime.errors import InvalidRequestError, QueueFullError, SessionNotFoundError, SessionsUnsupportedError
+from memserve.runtime.errors import (
+    InvalidRequestError,
+    QueueFullError,
+    SessionNotFoundError,
+    SessionsUnsupportedError,
+)
 
 
 @dataclass(slots=True)
