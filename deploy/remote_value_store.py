@@ -26,18 +26,20 @@ import time
 
 import numpy as np
 import torch
+from memserve.runtime.errors import DependencyUnavailableError
 from memserve.runtime.memory_layers import ValueStore
 
 log = logging.getLogger("memserve.deploy")
 _INT32_MAX = 2**31 - 1
 
 
-class MemoryShardUnavailableError(RuntimeError):
-    """A memory shard did not answer within the retry bound (mapped to gRPC UNAVAILABLE)."""
+class MemoryShardUnavailableError(DependencyUnavailableError):
+    """A memory shard did not answer within the retry bound (gRPC UNAVAILABLE naming the shard: the
+    worker maps the runtime base class, raw or as the cause of the engine's EngineStepError)."""
 
     def __init__(self, shard: str, waited_s: float, cause: BaseException | None):
         self.shard = shard
-        super().__init__(f"memory shard {shard} unavailable: no answer within {waited_s:.1f} s "
+        super().__init__(shard, f"memory shard {shard} unavailable: no answer within {waited_s:.1f} s "
                          f"(last error: {type(cause).__name__ if cause else 'timeout'}: {cause}); "
                          f"check `serve status` for deployment {shard}")
 

@@ -25,6 +25,7 @@ from typing import Any
 from memserve.runtime.engine_protocol import ServingEngine
 from memserve.runtime.errors import (
     DataLossError,
+    DependencyUnavailableError,
     EngineStepError,
     InvalidRequestError,
     QueueFullError,
@@ -49,6 +50,11 @@ def error_of(exc: BaseException) -> dict | None:
         return error("INVALID_ARGUMENT", str(exc))
     if isinstance(exc, DataLossError):
         return error("DATA_LOSS", str(exc))
+    cause = exc.__cause__ if isinstance(exc, EngineStepError) else exc
+    if isinstance(cause, DependencyUnavailableError):
+        # e.g. a memory shard that stayed down: name it (never INTERNAL, never a zero row)
+        msg = str(cause) if cause.dependency in str(cause) else f"{cause.dependency} unavailable: {cause}"
+        return error("UNAVAILABLE", f"{msg}; retry the request")
     if isinstance(exc, EngineStepError):
         return error("UNAVAILABLE", f"{exc}; retry the request")
     if isinstance(exc, SessionNotFoundError):

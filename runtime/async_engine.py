@@ -249,7 +249,9 @@ class AsyncLLMEngine:
                 failed = [rid for rid in self.engine.last_step_ids if rid in self.engine.requests]
                 for rid in failed or list(self.engine.requests):  # failed outside the forward: all of them
                     self.engine.abort_request(rid)  # frees its KV blocks
-                    self._deliver(rid, EngineStepError(f"engine step failed: {type(e).__name__}: {e}"))
+                    err = EngineStepError(f"engine step failed: {type(e).__name__}: {e}")
+                    err.__cause__ = e  # deploy/worker.py reads a DependencyUnavailableError's name from it
+                    self._deliver(rid, err)
                 continue
             self.consecutive_errors = 0
             for out in outputs:

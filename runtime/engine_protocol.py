@@ -6,7 +6,8 @@ be written). deploy/worker.py calls exactly these members, nothing found by `get
 
 Errors are the runtime's own (runtime/errors.py), mapped to gRPC codes in deploy/worker.py:
 InvalidRequestError -> INVALID_ARGUMENT, SessionNotFoundError -> NOT_FOUND, QueueFullError ->
-RESOURCE_EXHAUSTED, DataLossError -> DATA_LOSS, EngineStepError -> UNAVAILABLE,
+RESOURCE_EXHAUSTED, DataLossError -> DATA_LOSS, EngineStepError -> UNAVAILABLE (DependencyUnavailableError,
+raw or as its __cause__, e.g. a memory shard that stayed down -> UNAVAILABLE naming it),
 SessionsUnsupportedError -> UNIMPLEMENTED.
 """
 

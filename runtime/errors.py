@@ -55,6 +55,17 @@ class EngineStepError(MemServeError, RuntimeError):
     on another replica, can succeed); the other requests of the engine were not affected."""
 
 
+class DependencyUnavailableError(MemServeError, RuntimeError):
+    """A part the model forward reads from outside this process (e.g. a memory shard, deploy/
+    remote_value_store.py) did not answer within its retry bound (gRPC UNAVAILABLE). `dependency`
+    names it, and the message says so, so the operator knows which deployment to look at. The serving
+    layer maps it by this base class, so runtime/ needs no Ray or deploy import."""
+
+    def __init__(self, dependency: str, message: str):
+        super().__init__(message)
+        self.dependency = dependency
+
+
 class SessionsUnsupportedError(InvalidRequestError):
     """This engine runs without the KV memory, so it has no sessions (gRPC UNIMPLEMENTED)."""
 
