@@ -44,17 +44,28 @@ class Health:
         self.probe_timeout_s, self.cache_s, self.watch_period_s = probe_timeout_s, cache_s, watch_period_s
         self.draining = False  # set by the owner when it knows it is going away
         self._cached: tuple[float, int, str] | None = None
-        self._lock = asyncio.Lock()
+        # One probe in flight at a time (concurrent Check/Watch calls share it). No asyncio.Lock:
+        # a lock binds to the first loop it is contended on and then raises RuntimeError on any
+        # other loop, which Serve's proxy sends as INTERNAL (found by tests/deploy/test_fuzz.py
+        # when it ran one event loop per batch). The in-flight task is per loop instead.
+        self._inflight: asyncio.Task | None = None
 
     async def status(self) -> tuple[int, str]:
         """(SERVING | NOT_SERVING, why) with a short cache so probes do not load the engines."""
-        async with self._lock:
-            now = time.monotonic()
-            if self._cached is not None and now - self._cached[0] < self.cache_s:
-                return self._cached[1], self._cached[2]
-            st, why = await self._compute()
-            self._cached = (time.monotonic(), st, why)
-            return st, why
+        if self._cached is not None and time.monotonic() - self._cached[0] < self.cache_s:
+            return self._cached[1], self._cached[2]
+        loop = asyncio.get_running_loop()
+        task = self._inflight
+        if task is None or task.done() or task.get_loop() is not loop:
+            task = self._inflight = loop.create_task(self._refresh())
+        # shield: a caller that leaves (a Watch's deadline, a cancelled probe) does not cancel the
+        # probe the other callers wait for
+        return await asyncio.shield(task)
+
+    async def _refresh(self) -> tuple[int, str]:
+        st, why = await self._compute()
+        self._cached = (time.monotonic(), st, why)
+        return st, why
 
     async def _compute(self) -> tuple[int, str]:
         if self.draining:

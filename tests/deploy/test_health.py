@@ -55,3 +55,47 @@ def test_watch_sends_current_then_changes():
         await agen.aclose()
         return first, second
     assert asyncio.run(go()) == (SERVING, NOT_SERVING)
+
+
+def test_servicer_answers_from_two_event_loops():
+    """Concurrent probes on one loop, then on another: nothing in Health binds to the first loop
+    (an asyncio.Lock did, and the second loop's calls raised RuntimeError -> INTERNAL)."""
+    calls = []
+
+    async def slow_probe():
+        calls.append(1)
+        await asyncio.sleep(0.02)  # long enough that the concurrent checks below overlap
+        return {"healthy": True}
+
+    h = Health(slow_probe, None, cache_s=0.0)
+
+    async def burst():
+        reqs = [h.check(health_pb2.HealthCheckRequest(service="")) for _ in range(5)]
+        return [r.status for r in await asyncio.gather(*reqs)]
+
+    for _ in range(2):  # two asyncio.run = two event loops
+        assert asyncio.run(burst()) == [SERVING] * 5
+    assert len(calls) == 2  # one shared probe per burst, not one per call
+
+
+def test_caller_leaving_does_not_cancel_the_shared_probe():
+    started, release = [], None
+
+    async def probe():
+        started.append(1)
+        await release.wait()
+        return {"healthy": True}
+
+    h = Health(probe, None, cache_s=0.0)
+
+    async def go():
+        nonlocal release
+        release = asyncio.Event()
+        leaver = asyncio.ensure_future(h.status())
+        stayer = asyncio.ensure_future(h.status())
+        await asyncio.sleep(0.01)
+        leaver.cancel()  # e.g. a Watch whose deadline passed
+        await asyncio.sleep(0.01)
+        release.set()
+        return await asyncio.wait_for(stayer, 2)
+    assert asyncio.run(go()) == (SERVING, "ok") and len(started) == 1
