@@ -82,10 +82,10 @@ class Recorder:
         return ((bp < b) & (bp + bs > a)).nonzero().flatten().tolist()
 
     def _record(self, lm, q_glob):
-        from memserve.scheduler.kv_policy import block_scores
+        from memserve.kernels import score_block_reprs
 
         pol = lm.cfg.policy
-        s = block_scores(q_glob.mean(0), lm.reprs.get().to(q_glob.dtype), pol.repr_mode)  # (Hq, NB)
+        s = score_block_reprs(q_glob.mean(0)[None], [lm.reprs.get().to(q_glob.dtype)], pol.repr_mode)[0]  # (Hq, NB)
         g = s.shape[0] // lm.hkv
         agg = s.reshape(lm.hkv, g, -1).sum(1)  # (Hkv, NB): what kv_head selection ranks
         blocks = self._needle_blocks(lm)

@@ -2,7 +2,8 @@
 under a byte budget, and the compression setting. Pure tensor logic, no model state.
 
 Selection (InfLLM, Xiao et al. 2024): a block's score is the query (averaged over the prefill chunk,
-or the single decode query) against its representative(s); the top-k blocks are attended.
+or the single decode query) against its representative(s) -- math, so it lives in
+`memserve.kernels.score_block_reprs` (Triton on CUDA, torch elsewhere); the top-k blocks are attended.
 InfLLM shares one selection across all heads of a layer; here the granularity is a choice:
   "shared"  -- one top-k per layer (the InfLLM baseline; query summed over every head),
   "kv_head" -- one top-k per KV head (query summed over its GQA group; blocks are gathered per KV head),
@@ -62,26 +63,6 @@ class RetrievalPolicy:
         if layer in self.dense_layers:
             return num_blocks
         return min(num_blocks, dict(self.layer_topk).get(layer, self.topk) if self.layer_topk else self.topk)
-
-
-def block_scores(q: torch.Tensor, reprs: torch.Tensor, repr_mode: str) -> torch.Tensor:
-    """Per-query-head block scores (Hq, NB).
-
-    q: (Hq, D) query (already rotated the way memory keys are attended, averaged over a chunk).
-    reprs: (Hkv, D, NB, R), column-major -- "mean": R=1 mean key; "max": R keys, score is the max
-    over them; "quest": R=2 (channel-wise min, max), score = sum_i max(q_i*min_i, q_i*max_i) (Quest
-    upper bound).
-    """
-    hq, d = q.shape
-    hkv, _, nb, r = reprs.shape
-    g = hq // hkv
-    qg = q.reshape(hkv, g, d)  # (Hkv, G, D)
-    if repr_mode == "quest":
-        lo, hi = reprs[..., 0], reprs[..., 1]  # (Hkv, D, NB)
-        s = torch.maximum(qg[..., None] * lo[:, None], qg[..., None] * hi[:, None]).sum(2)  # (Hkv, G, NB)
-    else:
-        s = torch.bmm(qg, reprs.reshape(hkv, d, nb * r)).view(hkv, g, nb, r).amax(-1)  # (Hkv, G, NB)
-    return s.reshape(hq, nb)
 
 
 def select_blocks(

@@ -1,10 +1,11 @@
-"""The KV memory's working set: which blocks a step attends (selection through scheduler.kv_policy),
+"""The KV memory's working set: which blocks a step attends (scores through memserve.kernels, selection through scheduler.kv_policy),
 decode's slots of picked blocks in front of the window, and the LRU device cache of dequantized blocks."""
 
 from __future__ import annotations
 
 import torch
-from memserve.scheduler.kv_policy import block_scores, select_blocks
+from memserve.kernels import score_block_reprs
+from memserve.scheduler.kv_policy import select_blocks
 
 
 class WorkingSetMixin:
@@ -25,7 +26,7 @@ class WorkingSetMixin:
             self.dec_age += 1
             return self._decode_blocks()
         nb = self.num_blocks
-        scores = block_scores(q_glob.mean(0), self.reprs.get().to(q_glob.dtype), pol.repr_mode)  # (Hq, NB)
+        scores = score_block_reprs(q_glob.mean(0)[None], [self.reprs.get().to(q_glob.dtype)], pol.repr_mode)[0]  # (Hq, NB)
         if self.record_scores:  # probes (bench/kv_memory_probe.py) read the last step's block scores
             self.last_scores = scores
         extra = None

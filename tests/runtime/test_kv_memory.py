@@ -117,10 +117,10 @@ def test_needle_block_is_selected():
     mem = KVLayerStore(cfg, 0, HKV, D)
     # prefill all but the last token so that the needle gets attention scores, then decode
     _run(mem, q[:-1], k[:-1], v[:-1], [50], inv, D**-0.5)
-    from memserve.scheduler.kv_policy import block_scores
+    from memserve.kernels import score_block_reprs
 
     qg = rotate(q[-1:], torch.tensor([64]), inv)[0]
-    scores = block_scores(qg, mem.reprs.get(), "max")
+    scores = score_block_reprs(qg[None], [mem.reprs.get()], "max")[0]
     needle_block = int(((mem.block_pos.get() <= needle_pos) & (mem.block_pos.get() + bs > needle_pos)).nonzero())
     assert scores.argmax(1).eq(needle_block).all()
 

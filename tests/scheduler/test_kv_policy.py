@@ -1,7 +1,12 @@
-"""KV-memory policy: block scoring, top-k selection per granularity, eviction order."""
+"""KV-memory policy: top-k selection per granularity, eviction order (and the block-scoring op it ranks by)."""
 
 import torch
-from memserve.scheduler.kv_policy import RetrievalPolicy, block_scores, blocks_to_evict, select_blocks
+from memserve.kernels import score_block_reprs
+from memserve.scheduler.kv_policy import RetrievalPolicy, blocks_to_evict, select_blocks
+
+
+def block_scores(q, reprs, mode):
+    return score_block_reprs(q[None], [reprs], mode)[0]
 
 
 def test_block_scores_match_explicit_loops():
