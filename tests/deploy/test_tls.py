@@ -1,0 +1,258 @@
+"""TLS termination in front of memserve's gRPC (issue 20 item 5): Serve's gRPC proxy has no TLS option
+(ray issue #34103), so a real nginx (Debian's package) terminates TLS and `grpc_pass`es to the
+plaintext port — the setup deploy/README.md ("TLS") documents.
+
+Here: a self-signed CA and a server certificate made with openssl, nginx as this user with its own
+prefix / pid / temp dirs, a plaintext memserve gRPC server without Ray (deploy/local_grpc.py: the
+same IngressCore as Serve's ingress) over a tiny random-weight model, and real grpc clients:
+through TLS the tokens equal the direct ones; status codes, details and metadata (API keys) cross
+nginx; a client cancel through nginx frees the request's KV blocks; plaintext to the TLS port and a
+client trusting another CA both fail."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from memserve.deploy import memserve_pb2 as pb
+from memserve.deploy import memserve_pb2_grpc as pb_grpc
+from memserve.deploy.auth import ApiKeys, parse_keys
+from memserve.deploy.ingress import IngressCore
+from memserve.deploy.local_grpc import start_server
+from memserve.deploy.worker import EngineWorker
+from serving_testlib import LocalClient, free_port, wait_for
+
+NGINX, OPENSSL = shutil.which("nginx") or "/usr/sbin/nginx", shutil.which("openssl")
+pytestmark = pytest.mark.skipif(not (os.path.exists(NGINX) and OPENSSL),
+                                reason="needs the nginx and openssl binaries (Debian packages nginx, openssl; "
+                                       ".ci/run installs them)")
+
+KEY = "t" * 20 + "-tls-tenant-key"
+CALL_S = 20  # bound on every RPC in this file
+
+
+def _openssl(*args, cwd):
+    subprocess.run([OPENSSL, *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+def make_ca(d: Path, name: str) -> tuple[Path, Path]:
+    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+             "-keyout", f"{name}.key", "-out", f"{name}.crt", "-days", "2", "-subj", f"/CN={name}", cwd=d)
+    return d / f"{name}.crt", d / f"{name}.key"
+
+
+def make_server_cert(d: Path, ca: str) -> tuple[Path, Path]:
+    """A server certificate for localhost / 127.0.0.1 signed by CA `ca`."""
+    (d / "san.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n")
+    _openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", "server.key",
+             "-out", "server.csr", "-subj", "/CN=localhost", cwd=d)
+    _openssl("x509", "-req", "-in", "server.csr", "-CA", f"{ca}.crt", "-CAkey", f"{ca}.key", "-CAcreateserial",
+             "-out", "server.crt", "-days", "2", "-extfile", "san.ext", cwd=d)
+    return d / "server.crt", d / "server.key"
+
+
+NGINX_CONF = """\
+# as in deploy/README.md ("TLS"), plus what running as a non-root user in a temp dir needs
+user {user};
+worker_processes 1;
+pid {d}/nginx.pid;
+lock_file {d}/nginx.lock;
+error_log {d}/error.log info;
+events {{ worker_connections 256; }}
+http {{
+  access_log off;
+  client_body_temp_path {d}/body;  proxy_temp_path {d}/proxy;  fastcgi_temp_path {d}/fastcgi;
+  uwsgi_temp_path {d}/uwsgi;  scgi_temp_path {d}/scgi;
+  server {{
+    listen 127.0.0.1:{tls_port} ssl http2;
+    ssl_certificate {cert};
+    ssl_certificate_key {key};
+    ssl_protocols TLSv1.2 TLSv1.3;
+    client_max_body_size 64m;    # = memserve's max_request_bytes (nginx's 1m default would 413 big ingests)
+    grpc_read_timeout 3600s;     # a long generation / ingest streams far longer than the 60 s default
+    grpc_send_timeout 3600s;
+    location / {{
+      grpc_pass grpc://127.0.0.1:{upstream_port};
+    }}
+  }}
+}}
+"""
+
+
+@contextlib.contextmanager
+def nginx_tls(d: Path, cert: Path, key: Path, upstream_port: int):
+    """nginx terminating TLS on a free loopback port in front of 127.0.0.1:upstream_port; yields the port."""
+    tls_port = free_port()
+    for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
+        (d / sub).mkdir(exist_ok=True)
+    conf = d / "nginx.conf"
+    conf.write_text(NGINX_CONF.format(user=pwd.getpwuid(os.geteuid()).pw_name, d=d, tls_port=tls_port, cert=cert,
+                                      key=key, upstream_port=upstream_port))
+    subprocess.run([NGINX, "-t", "-p", str(d), "-c", str(conf), "-e", str(d / "error.log")], check=True,
+                   capture_output=True, timeout=30)
+    proc = subprocess.Popen([NGINX, "-p", str(d), "-c", str(conf), "-e", str(d / "error.log"), "-g", "daemon off;"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        def listening():
+            if proc.poll() is not None:
+                raise AssertionError(f"nginx exited: {proc.stderr.read().decode()[-2000:]}")
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", tls_port), 1):
+                return True
+            return False
+
+        wait_for(listening, 20, "nginx to listen")
+        yield tls_port
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+class ServerThread:
+    """The Ray-free memserve gRPC server on its own event loop in a thread (the clients are sync)."""
+
+    def __init__(self, core: IngressCore):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.server, self.port = self.run(start_server(core))
+
+    def run(self, coro, timeout=CALL_S):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self):
+        self.run(self.server.stop(1))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def stack(tiny_llama_dir, tmp_path_factory):
+    from memserve.runtime.async_engine import AsyncLLMEngine
+
+    d = tmp_path_factory.mktemp("tls")
+    ca_crt, _ = make_ca(d, "ca")
+    other_ca, _ = make_ca(d, "other-ca")
+    cert, key = make_server_cert(d, "ca")
+    engine = AsyncLLMEngine(str(tiny_llama_dir), progress=False, num_kv_blocks=128, block_size=4, max_waiting=8)
+    worker = EngineWorker(engine, model_name="tiny", replica="r0")
+    core = IngressCore(LocalClient(worker), unavailable_timeout_s=5.0, keys=ApiKeys(parse_keys(f"tls {KEY}\n")))
+    srv = ServerThread(core)
+    try:
+        with nginx_tls(d, cert, key, srv.port) as tls_port:
+            yield {"engine": engine, "direct": f"127.0.0.1:{srv.port}", "tls": f"localhost:{tls_port}",
+                   "ca": ca_crt.read_bytes(), "other_ca": other_ca.read_bytes(), "dir": d}
+    finally:
+        srv.stop()
+        engine.shutdown()
+
+
+def stub(channel):
+    return pb_grpc.MemServeStub(channel)
+
+
+def tls_channel(s, ca_key="ca"):
+    return grpc.secure_channel(s["tls"], grpc.ssl_channel_credentials(root_certificates=s[ca_key]))
+
+
+AUTH = (("authorization", f"Bearer {KEY}"),)
+
+
+def generate(channel, req, metadata=AUTH):
+    msgs = list(stub(channel).Generate(req, metadata=metadata, timeout=CALL_S))
+    return [t for m in msgs for t in m.token_ids], "".join(m.text for m in msgs), msgs[-1]
+
+
+def test_tls_stream_gives_the_direct_tokens(stack):
+    req = pb.GenerateRequest(prompt="The river carried the lantern past the quiet meadow",
+                             sampling=pb.SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True))
+    with grpc.insecure_channel(stack["direct"]) as ch:
+        direct = generate(ch, req)
+    with tls_channel(stack) as ch:
+        via_tls = generate(ch, req)
+        info = stub(ch).GetModelInfo(pb.GetModelInfoRequest(), metadata=AUTH, timeout=CALL_S)
+    assert len(direct[0]) == 24 and direct[2].finish_reason == "length"
+    assert via_tls[0] == direct[0] and via_tls[1] == direct[1]
+    assert (via_tls[2].usage.prompt_tokens, via_tls[2].usage.completion_tokens) == \
+        (direct[2].usage.prompt_tokens, direct[2].usage.completion_tokens)
+    assert info.vocab_size == 49152
+
+
+def test_status_codes_details_and_metadata_cross_nginx(stack):
+    with tls_channel(stack) as ch:
+        with pytest.raises(grpc.RpcError) as ei:
+            generate(ch, pb.GenerateRequest(prompt="x"), metadata=(("authorization", "Bearer wrong-key-wrong-key-x"),))
+        assert ei.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert ei.value.details().startswith("authorization:")
+        with pytest.raises(grpc.RpcError) as ei:
+            generate(ch, pb.GenerateRequest(prompt="x", sampling=pb.SamplingParams(top_p=1.5)))
+        assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "top_p: must be in (0, 1]" in ei.value.details()
+        with pytest.raises(grpc.RpcError) as ei:
+            stub(ch).GetSession(pb.GetSessionRequest(session_id="nope"), metadata=AUTH, timeout=CALL_S)
+        assert ei.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_session_ingest_then_generate_through_tls(stack):
+    doc = "Copper harbor signal: the password is violet glacier. " * 4
+    with tls_channel(stack) as ch:
+        prog = list(stub(ch).Ingest(pb.IngestRequest(session_id="tls-doc", text=doc), metadata=AUTH, timeout=CALL_S))
+        assert prog[-1].done and prog[-1].tokens_done == prog[-1].tokens_total > 0
+        info = stub(ch).GetSession(pb.GetSessionRequest(session_id="tls-doc"), metadata=AUTH, timeout=CALL_S)
+        assert info.num_tokens == prog[-1].tokens_total
+        req = pb.GenerateRequest(prompt=" The password is", session_id="tls-doc",
+                                 sampling=pb.SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True))
+        ids, _, last = generate(ch, req)
+        assert len(ids) == 6 and last.finish_reason == "length"
+        stub(ch).DeleteSession(pb.DeleteSessionRequest(session_id="tls-doc"), metadata=AUTH, timeout=CALL_S)
+
+
+def test_cancel_through_nginx_frees_kv_blocks(stack):
+    engine = stack["engine"]
+    free0 = engine.stats().num_free_blocks
+    req = pb.GenerateRequest(prompt="Story of the copper engine and the summer paper",
+                             sampling=pb.SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True))
+    with tls_channel(stack) as ch:
+        call = stub(ch).Generate(req, metadata=AUTH, timeout=CALL_S)
+        got = 0
+        for m in call:
+            got += len(m.token_ids)
+            if got >= 3:
+                break
+        assert engine.stats().num_free_blocks < free0  # the request holds blocks while it streams
+        call.cancel()
+    # nginx resets the upstream stream; the server's handler is cancelled and aborts the request
+    wait_for(lambda: engine.stats().num_free_blocks == free0, 15, "KV blocks back to baseline after cancel")
+    assert engine.stats().num_running == 0
+
+
+def test_plaintext_client_to_tls_port_fails(stack):
+    with grpc.insecure_channel(stack["tls"].replace("localhost", "127.0.0.1")) as ch:
+        t0 = time.time()
+        with pytest.raises(grpc.RpcError) as ei:
+            stub(ch).GetModelInfo(pb.GetModelInfoRequest(), metadata=AUTH, timeout=5)
+    # nginx answers cleartext HTTP/2 on its TLS port with an HTTP/1.x 400; grpc reports the port unusable
+    assert ei.value.code() == grpc.StatusCode.UNAVAILABLE, ei.value
+    assert "HTTP/2" in ei.value.details() or "http1" in ei.value.details().lower(), ei.value.details()
+    assert time.time() - t0 < 10
+
+
+def test_client_trusting_another_ca_fails(stack):
+    with tls_channel(stack, "other_ca") as ch:
+        with pytest.raises(grpc.RpcError) as ei:
+            stub(ch).GetModelInfo(pb.GetModelInfoRequest(), metadata=AUTH, timeout=5)
+    assert ei.value.code() == grpc.StatusCode.UNAVAILABLE, ei.value
+    assert "CERTIFICATE_VERIFY_FAILED" in ei.value.details(), ei.value.details()
