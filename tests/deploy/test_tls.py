@@ -3,8 +3,9 @@
 plaintext port — the setup deploy/README.md ("TLS") documents.
 
 Here: a self-signed CA and a server certificate made with openssl, nginx as this user with its own
-prefix / pid / temp dirs, a plaintext memserve gRPC server without Ray (deploy/local_grpc.py: the
-same IngressCore as Serve's ingress) over a tiny random-weight model, and real grpc clients:
+prefix / pid / temp dirs, a plaintext memserve gRPC server without Ray (grpc_local.py: a grpc.aio
+server answering with MemServeIngress's methods, as Serve's proxy does) over a tiny random-weight
+model, and real grpc clients:
 through TLS the tokens equal the direct ones; status codes, details and metadata (API keys) cross
 nginx; a client cancel through nginx frees the request's KV blocks; plaintext to the TLS port and a
 client trusting another CA both fail."""
@@ -24,11 +25,10 @@ from pathlib import Path
 
 import grpc
 import pytest
+from grpc_local import make_ingress, start_server
 from memserve.deploy import memserve_pb2 as pb
 from memserve.deploy import memserve_pb2_grpc as pb_grpc
 from memserve.deploy.auth import ApiKeys, parse_keys
-from memserve.deploy.ingress import IngressCore
-from memserve.deploy.local_grpc import start_server
 from memserve.deploy.worker import EngineWorker
 from serving_testlib import LocalClient, free_port, wait_for
 
@@ -124,11 +124,11 @@ def nginx_tls(d: Path, cert: Path, key: Path, upstream_port: int):
 class ServerThread:
     """The Ray-free memserve gRPC server on its own event loop in a thread (the clients are sync)."""
 
-    def __init__(self, core: IngressCore):
+    def __init__(self, ingress):
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
-        self.server, self.port = self.run(start_server(core))
+        self.server, self.addr = self.run(start_server(ingress))
 
     def run(self, coro, timeout=CALL_S):
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
@@ -149,11 +149,11 @@ def stack(tiny_llama_dir, tmp_path_factory):
     cert, key = make_server_cert(d, "ca")
     engine = AsyncLLMEngine(str(tiny_llama_dir), progress=False, num_kv_blocks=128, block_size=4, max_waiting=8)
     worker = EngineWorker(engine, model_name="tiny", replica="r0")
-    core = IngressCore(LocalClient(worker), unavailable_timeout_s=5.0, keys=ApiKeys(parse_keys(f"tls {KEY}\n")))
-    srv = ServerThread(core)
+    ingress = make_ingress(LocalClient(worker), unavailable_timeout_s=5.0, keys=ApiKeys(parse_keys(f"tls {KEY}\n")))
+    srv = ServerThread(ingress)
     try:
-        with nginx_tls(d, cert, key, srv.port) as tls_port:
-            yield {"engine": engine, "direct": f"127.0.0.1:{srv.port}", "tls": f"localhost:{tls_port}",
+        with nginx_tls(d, cert, key, int(srv.addr.rsplit(":", 1)[1])) as tls_port:
+            yield {"engine": engine, "direct": srv.addr, "tls": f"localhost:{tls_port}",
                    "ca": ca_crt.read_bytes(), "other_ca": other_ca.read_bytes(), "dir": d}
     finally:
         srv.stop()
