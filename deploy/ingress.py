@@ -310,15 +310,11 @@ class IngressCore:
 
     async def get_session(self, request: pb.GetSessionRequest, tenant: str = L.DEFAULT_TENANT) -> pb.SessionInfo:
         res = await self._session_call("get_session", request.session_id, tenant)
-        r = res.get("result") or {}
-        r = r if isinstance(r, dict) else {}
-        nbytes = r.get("memory_bytes", r.get("bytes", 0)) or 0
-        if isinstance(nbytes, dict):  # per-tier bytes
-            nbytes = sum(int(v) for v in nbytes.values())
-        self.book.add(tenant, request.session_id, int(nbytes))
-        state = r.get("state") or ("busy" if r.get("busy") else "idle")
-        return pb.SessionInfo(session_id=request.session_id, num_tokens=int(r.get("num_tokens", 0) or 0),
-                              memory_bytes=int(nbytes), state=str(state), replica=str(res.get("replica", "")))
+        r = res["result"]  # ServingEngine.get_session's info (runtime/engine_protocol.py)
+        nbytes = sum(int(v) for v in r["bytes"].values())  # per tier
+        self.book.add(tenant, request.session_id, nbytes)
+        return pb.SessionInfo(session_id=request.session_id, num_tokens=int(r["num_tokens"]), memory_bytes=nbytes,
+                              state="busy" if r["busy"] else "idle", replica=str(res.get("replica", "")))
 
     async def delete_session(self, request: pb.DeleteSessionRequest, tenant: str = L.DEFAULT_TENANT) -> pb.DeleteSessionResponse:
         res = await self._session_call("delete_session", request.session_id, tenant)

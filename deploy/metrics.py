@@ -181,13 +181,13 @@ class RequestRecorder:
 
 
 def set_engine_gauges(m: ServingMetrics, model_name: str, replica: str, stats) -> None:
-    """Copy an EngineStats snapshot into the gauges of this replica."""
-    m.num_running.labels(model_name, replica).set(getattr(stats, "num_running", 0))
-    m.num_waiting.labels(model_name, replica).set(getattr(stats, "num_waiting", 0))
-    m.kv_cache_usage.labels(model_name, replica).set(getattr(stats, "kv_cache_usage_perc", 0.0))
-    m.kv_free_blocks.labels(model_name, replica).set(getattr(stats, "num_free_blocks", 0))
-    m.sessions_active.labels(model_name, replica).set(getattr(stats, "sessions_active", 0) or 0)
-    for tier, nbytes in (getattr(stats, "kv_memory_bytes", None) or {}).items():
+    """Copy an EngineStats snapshot (runtime/engine_protocol.StatsLike) into the gauges of this replica."""
+    m.num_running.labels(model_name, replica).set(stats.num_running)
+    m.num_waiting.labels(model_name, replica).set(stats.num_waiting)
+    m.kv_cache_usage.labels(model_name, replica).set(stats.kv_cache_usage_perc)
+    m.kv_free_blocks.labels(model_name, replica).set(stats.num_free_blocks)
+    m.sessions_active.labels(model_name, replica).set(stats.sessions_active)
+    for tier, nbytes in stats.kv_memory_bytes.items():
         m.kv_memory_bytes.labels(model_name, replica, str(tier)).set(nbytes)
 
 

@@ -175,7 +175,6 @@ class EngineWorker:
                 await agen.aclose()
 
     # ---- sessions -----------------------------------------------------------------------------
-    _SESSION_CALLS = ("get_session", "delete_session")
 
     async def ingest(self, session_id: str, data: str | list[int]) -> AsyncIterator[dict]:
         yield {"accepted": self.replica}
@@ -189,9 +188,10 @@ class EngineWorker:
             yield mapped
 
     async def call_session(self, name: str, session_id: str) -> dict:
-        assert name in self._SESSION_CALLS, f"not a session call: {name!r}"
+        calls = {"get_session": self.engine.get_session, "delete_session": self.engine.delete_session}
+        assert name in calls, f"not a session call: {name!r}"
         try:
-            res = await getattr(self.engine, name)(session_id)
+            res = await calls[name](session_id)
         except Exception as e:  # noqa: BLE001
             mapped = error_of(e)
             if mapped is None:
@@ -201,10 +201,7 @@ class EngineWorker:
 
     async def resident_sessions(self) -> list[str]:
         """Session ids in this replica's RAM (routing stats); [] when the engine has no sessions."""
-        try:
-            return list(await self.engine.resident_sessions())
-        except SessionsUnsupportedError:
-            return []
+        return list(await self.engine.resident_sessions())
 
     # ---- info / stats -------------------------------------------------------------------------
     def model_info(self) -> dict:
@@ -224,7 +221,7 @@ class EngineWorker:
 
         stats = self.engine.stats()
         set_engine_gauges(self.metrics, self.model_name, self.replica, stats)
-        total = int(getattr(stats, "blocks_retrieved_total", 0) or 0)
+        total = int(stats.blocks_retrieved_total)
         counter = self.metrics.blocks_retrieved.labels(self.model_name)  # exported at 0 before any retrieval
         if total > self._blocks_retrieved_seen:
             counter.inc(total - self._blocks_retrieved_seen)
@@ -233,14 +230,14 @@ class EngineWorker:
 
 def _usage(out) -> dict:
     return {"prompt_tokens": len(out.prompt_token_ids or []), "completion_tokens": len(out.token_ids or []),
-            "cached_tokens": int(getattr(out, "num_cached_tokens", 0) or 0)}
+            "cached_tokens": int(out.num_cached_tokens)}
 
 
 def _queue_time(out) -> float | None:
-    m = getattr(out, "metrics", None)
+    m = out.metrics
     if m is None:
         return None
-    a, s = getattr(m, "arrival_time", None), getattr(m, "first_scheduled_time", None)
+    a, s = m.arrival_time, m.first_scheduled_time
     return (s - a) if (a is not None and s is not None) else None
 
 

@@ -174,7 +174,10 @@ class AsyncLLMEngine:
 
     def shutdown(self) -> None:
         """Stop the engine thread. Before it stops, running requests are aborted (their sessions keep
-        what was computed) and every session not yet in the snapshot store is written: a drain."""
+        what was computed) and every session not yet in the snapshot store is written: a drain.
+        Idempotent (Serve's replica teardown and a test may both call it)."""
+        if self._stopped:
+            return
         done = threading.Event()
         self._cmds.put(("drain", done))
         self._ensure_thread()

@@ -229,6 +229,8 @@ class LLMEngine:
         if not isinstance(params, SamplingParams):
             raise InvalidRequestError("sampling_params", f"expected SamplingParams, got {type(params).__name__}")
         params.validate()
+        if session_id is not None and self.memory is None:
+            self._sessions()  # SessionsUnsupportedError: a session would be silently ignored otherwise
         if request_id in self.requests:
             raise InvalidRequestError("request_id", f"request {request_id!r} is already running")
         text = None

@@ -1,8 +1,9 @@
 """The engine contract the serving layer (deploy/) relies on, written down once.
 
 `AsyncLLMEngine` (runtime/async_engine.py) and the serving test double
-(tests/deploy/serving_fake_engine.py) both implement it (a shared conformance test is still to
-be written). deploy/worker.py calls exactly these members, nothing found by `getattr`.
+(tests/deploy/serving_fake_engine.py) both implement it; tests/runtime/test_engine_protocol.py runs
+one conformance module against both (signatures, streams, abort, queue bound, sessions, stats,
+failing steps and health, drain) and checks that deploy/ calls only these members on an engine.
 
 Errors are the runtime's own (runtime/errors.py), mapped to gRPC codes in deploy/worker.py:
 InvalidRequestError -> INVALID_ARGUMENT, SessionNotFoundError -> NOT_FOUND, QueueFullError ->
@@ -32,6 +33,20 @@ class OutputLike(Protocol):
 
 
 @runtime_checkable
+class StatsLike(Protocol):
+    """What `stats()` returns (runtime/engine.EngineStats has more); read by deploy/metrics.py."""
+
+    num_running: int
+    num_waiting: int
+    kv_cache_usage_perc: float  # 0..1 of the KV pool
+    num_free_blocks: int
+    num_total_blocks: int
+    kv_memory_bytes: dict[str, int]  # tier ("device", "memory", ...) -> bytes in use
+    sessions_active: int  # sessions in this replica's RAM
+    blocks_retrieved_total: int
+
+
+@runtime_checkable
 class ServingEngine(Protocol):
     """An async engine one serving replica owns. Every session method runs on the engine's own
     thread (one owner of engine state); none blocks the event loop for a step."""
@@ -42,20 +57,30 @@ class ServingEngine(Protocol):
 
     def generate(self, prompt: str | list[int], params: Any, request_id: str,
                  session_id: str | None = None) -> AsyncIterator[OutputLike]:
-        """Bad input raises at the first `__anext__`; closing the iterator aborts the request and
-        frees its KV blocks. On a session, continues from (and afterwards updates) its memory."""
+        """Bad input raises InvalidRequestError at the first `__anext__` (creating the iterator never
+        raises); a full waiting queue QueueFullError. Closing the iterator aborts the request and frees
+        its KV blocks. On a session, continues from (and afterwards updates) its memory; an unknown
+        session is opened (the test double's open_unknown_sessions=False answers SessionNotFoundError
+        instead, to expose misrouting); a session with a running request -> InvalidRequestError
+        (field session_id); an engine without sessions -> SessionsUnsupportedError. A failing step
+        raises EngineStepError in the streams of that step's requests only."""
         ...
 
     async def abort(self, request_id: str) -> None:
-        """Idempotent; unknown ids are ignored."""
+        """The request's stream ends with an output whose finish_reason is "abort". Idempotent;
+        unknown ids are ignored."""
         ...
 
     def ingest(self, session_id: str, prompt: str | list[int]) -> AsyncIterator[dict]:
-        """Progress dicts {"tokens_done", "tokens_total"}; the last has "done": True."""
+        """Appends the document to the session (opened if unknown). Progress dicts {"tokens_done",
+        "tokens_total"} counting the session's tokens; the last has "done": True and tokens_done ==
+        tokens_total."""
         ...
 
     async def get_session(self, session_id: str) -> dict:
-        """{"session_id", "num_tokens", "bytes", ...}; SessionNotFoundError if unknown."""
+        """{"session_id": str, "num_tokens": int, "bytes": {tier: int}, "busy": bool, ...};
+        SessionNotFoundError if unknown. Every session method: SessionsUnsupportedError without
+        sessions."""
         ...
 
     async def delete_session(self, session_id: str) -> None:
@@ -67,17 +92,20 @@ class ServingEngine(Protocol):
         ...
 
     async def resident_sessions(self) -> list[str]:
-        """Ids of the sessions held in this replica's RAM (affinity routing prefers their holder)."""
+        """Ids of the sessions held in this replica's RAM (affinity routing prefers their holder); []
+        when the engine has no sessions."""
         ...
 
-    def stats(self) -> Any:
-        """EngineStats-like (num_running, num_waiting, kv_cache_usage_perc, num_free_blocks,
-        num_total_blocks, kv_memory_bytes, sessions_active, blocks_retrieved_total). Raises when the
-        engine is unhealthy: the replica's health check."""
+    def stats(self) -> StatsLike:
+        """Raises (RuntimeError) when the engine is unhealthy -- its loop died, or its last 3 steps
+        failed: the replica's health check."""
         ...
 
-    def model_info(self) -> dict: ...
+    def model_info(self) -> dict:
+        """{"name", "vocab_size", "max_model_len", "block_size", ...} (GetModelInfo)."""
+        ...
 
     def shutdown(self) -> None:
-        """Drain: abort what runs, snapshot sessions, stop the engine thread."""
+        """Drain: what runs ends with finish_reason "abort", sessions are snapshotted (with a store),
+        the engine stops. Idempotent."""
         ...

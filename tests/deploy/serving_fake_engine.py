@@ -4,7 +4,13 @@ layer without a model, in addition to — never instead of — the real end-to-e
 Deterministic: token i of a request is (sum(prompt ids) + 7 * i) % vocab; text is "<id>". It keeps a
 block pool (one block per 4 tokens) so cancellation leaks are visible, a bounded waiting queue
 (QueueFullError), and optional sessions. It implements runtime/engine_protocol.ServingEngine, checked by
-tests/runtime/test_engine_protocol.py together with the real AsyncLLMEngine.
+tests/runtime/test_engine_protocol.py together with the real AsyncLLMEngine (the same test module
+runs against both, so the double cannot drift from the engine).
+
+One deliberate difference, off in that conformance test: by default (open_unknown_sessions=False) a
+Generate on a session the double does not hold is NOT_FOUND instead of opening it, so the serving
+tests see a request routed to the wrong replica. `fail_steps(n)` makes the next n token steps raise,
+as a failing model forward does in AsyncLLMEngine.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from dataclasses import dataclass, field
 from types import SimpleNamespace
 
 from memserve.runtime.errors import (
+    EngineStepError,
     InvalidRequestError,
     QueueFullError,
     SessionNotFoundError,
@@ -81,7 +88,7 @@ class FakeAsyncEngine:
     tokenizer = FakeTokenizer()
 
     def __init__(self, model="fake", *, max_waiting=4, max_running=2, num_blocks=64, step_s=0.002,
-                 vocab_size=100, sessions=True, **_):
+                 vocab_size=100, sessions=True, open_unknown_sessions=False, **_):
         self.max_waiting, self.max_running = max_waiting, max_running
         self.num_total_blocks = self.free_blocks = num_blocks
         self.step_s, self.vocab_size = step_s, vocab_size
@@ -90,6 +97,11 @@ class FakeAsyncEngine:
         self.aborted: list[str] = []
         self.blocks_retrieved_total = 0
         self._sessions: dict[str, int] | None = {} if sessions else None
+        self.open_unknown_sessions = open_unknown_sessions
+        self._busy: set[str] = set()  # sessions with a running request
+        self._abort: set[str] = set()  # request ids asked to stop (their stream ends with "abort")
+        self._fail = 0  # token steps still to fail (fail_steps)
+        self.consecutive_errors = 0
 
     def _need_sessions(self):
         if self._sessions is None:
@@ -99,24 +111,59 @@ class FakeAsyncEngine:
     def _ids(self, prompt):
         return list(prompt) if isinstance(prompt, list) else [ord(c) % self.vocab_size for c in prompt]
 
+    def fail_steps(self, n: int) -> None:
+        self._fail = n
+
+    def _check_prompt(self, prompt, request_id):
+        if request_id in self.running or request_id in self.waiting:
+            raise InvalidRequestError("request_id", f"request {request_id!r} is already running")
+        if isinstance(prompt, list):
+            bad = [t for t in prompt if not (isinstance(t, int) and 0 <= t < self.vocab_size)]
+            if bad:
+                raise InvalidRequestError("prompt", f"token ids must be in [0, {self.vocab_size}), got {bad[:5]}")
+        elif not isinstance(prompt, str):
+            raise InvalidRequestError("prompt", f"must be a string or a list of token ids, got {type(prompt).__name__}")
+        if not prompt:
+            raise InvalidRequestError("prompt", "is empty")
+
     async def generate(self, prompt, params, request_id, session_id=None):
-        if session_id is not None and self._sessions is not None and session_id not in self._sessions:
-            raise SessionNotFoundError(session_id)
+        self._check_prompt(prompt, request_id)
+        cached = 0
+        if session_id is not None:
+            sessions = self._need_sessions()
+            if session_id not in sessions and not self.open_unknown_sessions:
+                raise SessionNotFoundError(session_id)
+            if session_id in self._busy:
+                raise InvalidRequestError("session_id", f"session {session_id!r} already has a running request")
+            cached = sessions.get(session_id, 0)
         if len(self.waiting) >= self.max_waiting:
             raise QueueFullError(f"waiting queue full ({self.max_waiting})")
         ids = self._ids(prompt)
+        if session_id is not None:
+            self._busy.add(session_id)
+            self._sessions[session_id] = cached
         metrics = SimpleNamespace(arrival_time=time.monotonic(), first_scheduled_time=None)  # as RequestOutput.metrics
         self.waiting.append(request_id)
         blocks = 0
         try:
-            while len(self.running) >= self.max_running:
+            while len(self.running) >= self.max_running and request_id not in self._abort:
                 await asyncio.sleep(self.step_s)
             self.waiting.remove(request_id)
             self.running.add(request_id)
             metrics.first_scheduled_time = time.monotonic()
+            blocks = -(-len(ids) // 4)  # the prompt's blocks, taken at admission like a prefill
+            self.free_blocks -= blocks
             out_ids, text = [], ""
             for i in range(params.max_tokens):
                 await asyncio.sleep(self.step_s)
+                if request_id in self._abort:
+                    yield FakeOutput(request_id, ids, list(out_ids), text, [], "", "abort", cached, metrics)
+                    return
+                if self._fail > 0:
+                    self._fail -= 1
+                    self.consecutive_errors += 1
+                    raise EngineStepError("engine step failed: injected (test double)")
+                self.consecutive_errors = 0
                 if (len(ids) + i) % 4 == 0:
                     self.free_blocks -= 1
                     blocks += 1
@@ -127,8 +174,11 @@ class FakeAsyncEngine:
                 fin = "length" if i == params.max_tokens - 1 else None
                 if session_id is not None:
                     self.blocks_retrieved_total += 1  # a session's decode step reads its KV memory
-                yield FakeOutput(request_id, ids, list(out_ids), text, [tok], piece, fin, metrics=metrics)
+                    self._sessions[session_id] = cached + len(ids) + len(out_ids)  # the session grows
+                yield FakeOutput(request_id, ids, list(out_ids), text, [tok], piece, fin, cached, metrics)
         finally:
+            self._abort.discard(request_id)
+            self._busy.discard(session_id)
             if request_id in self.waiting:
                 self.waiting.remove(request_id)
             if request_id in self.running:
@@ -137,8 +187,12 @@ class FakeAsyncEngine:
 
     async def abort(self, request_id):
         self.aborted.append(request_id)
+        if request_id in self.running or request_id in self.waiting:
+            self._abort.add(request_id)
 
     def stats(self):
+        if self.consecutive_errors >= 3:  # AsyncLLMEngine's UNHEALTHY_AFTER
+            raise RuntimeError(f"the last {self.consecutive_errors} engine steps failed (test double)")
         used = self.num_total_blocks - self.free_blocks
         return FakeStats(len(self.running), len(self.waiting), used / self.num_total_blocks, self.free_blocks,
                          self.num_total_blocks, {"device": used * 1024, "memory": 4096 * len(self._sessions or {})}, len(self._sessions or {}), self.blocks_retrieved_total)
@@ -147,10 +201,10 @@ class FakeAsyncEngine:
         return {"name": "fake", "architecture": "FakeForCausalLM", "vocab_size": self.vocab_size,
                 "max_model_len": 2048, "block_size": 4}
 
-    async def ingest(self, session_id, data):
-        self._need_sessions()
-        n = len(self._ids(data))
-        for done in range(0, n, 8):
+    async def ingest(self, session_id, prompt):
+        start = self._need_sessions().get(session_id, 0)  # a document is appended to the session
+        n = start + len(self._ids(prompt))
+        for done in range(start, n, 8):
             await asyncio.sleep(0)
             yield {"tokens_done": done, "tokens_total": n}
         self._sessions[session_id] = n
@@ -159,8 +213,8 @@ class FakeAsyncEngine:
     async def get_session(self, session_id):
         if session_id not in self._need_sessions():
             raise SessionNotFoundError(session_id)
-        return {"session_id": session_id, "num_tokens": self._sessions[session_id], "memory_bytes": 4096,
-                "bytes": 4096, "state": "active"}
+        return {"session_id": session_id, "num_tokens": self._sessions[session_id],
+                "bytes": {"device": 0, "memory": 4096}, "busy": session_id in self._busy}
 
     async def delete_session(self, session_id):
         if session_id not in self._need_sessions():
@@ -171,7 +225,8 @@ class FakeAsyncEngine:
         return [await self.get_session(s) for s in self._need_sessions()]
 
     async def resident_sessions(self):
-        return list(self._need_sessions())
+        return list(self._sessions or ())
 
     def shutdown(self):
-        pass
+        # the drain: what runs ends with finish_reason "abort" (no store: sessions stay in RAM)
+        self._abort.update(self.running, self.waiting)
