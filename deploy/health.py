@@ -9,9 +9,11 @@ servicer object Serve passes is a mock, the methods below are what answers.
 
 Status, for service "" (the server) and "memserve.v1.MemServe":
 - NOT_SERVING while the application drains (Serve reports it DELETING / failed / unhealthy), while
-  no engine replica is RUNNING, or when no engine replica answers `model_info` within
-  `probe_timeout_s` (unhealthy: the engine loop died, every replica is gone) or one reports
-  itself draining / unhealthy;
+  no engine replica is RUNNING, when the owner marks this ingress `draining`, or when the engine
+  probe fails: the probe is the engine worker's `model_info`, which calls the typed engine
+  protocol's health signal `ServingEngine.stats()` (runtime/engine_protocol.py: it raises when the
+  engine is unhealthy, i.e. its loop died or its last steps failed), so an unhealthy engine, no
+  answer within `probe_timeout_s`, or no replica at all is NOT_SERVING with the engine's reason;
 - SERVING otherwise. Any other service name: NOT_FOUND (Check) / SERVICE_UNKNOWN (Watch), as the
   protocol asks.
 Health RPCs need no API key (probes carry none); they reveal nothing but these states.
@@ -34,7 +36,8 @@ SERVICE_UNKNOWN = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
 
 
 class Health:
-    """`probe()` -> the engine's model_info dict (raises / times out when unhealthy);
+    """`probe()` -> answers when an engine replica is healthy, raises / times out when not (the
+    worker's model_info: ServingEngine.stats() raises for an unhealthy engine);
     `app_state()` -> None when serving, else why not (from Serve's status; None outside Serve)."""
 
     def __init__(self, probe: Callable[[], Awaitable[dict]], app_state: Callable[[], Awaitable[str | None]] | None = None,
@@ -76,14 +79,9 @@ class Health:
                 if why:
                     return NOT_SERVING, why
         try:
-            info = await asyncio.wait_for(self.probe(), self.probe_timeout_s)
+            await asyncio.wait_for(self.probe(), self.probe_timeout_s)
         except Exception as e:  # noqa: BLE001 - any failure to answer is "not serving"
             return NOT_SERVING, f"engine probe failed: {type(e).__name__}: {e}"[:200]
-        info = info if isinstance(info, dict) else {}
-        if info.get("draining"):
-            return NOT_SERVING, "engine replica draining"
-        if info.get("healthy") is False:
-            return NOT_SERVING, "engine replica unhealthy"
         return SERVING, "ok"
 
     async def check(self, request: health_pb2.HealthCheckRequest) -> health_pb2.HealthCheckResponse:

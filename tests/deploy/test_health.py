@@ -1,15 +1,22 @@
-"""grpc.health.v1 answers of deploy/health.py over the engine worker + test double (no Ray):
-SERVING, NOT_SERVING when draining / the engine reports unhealthy / the probe fails, NOT_FOUND for
-an unknown service, Watch sends the current status then each change."""
+"""grpc.health.v1 answers of deploy/health.py (no Ray): over the engine worker + test double
+(SERVING, NOT_SERVING when draining / the engine's stats() raises / the probe fails, NOT_FOUND for
+an unknown service, Watch sends the current status then each change), loop safety, and over a real
+gRPC channel with a real AsyncLLMEngine whose forward fails (the typed protocol's health signal)."""
 
 import asyncio
 
+import grpc
 import pytest
-from grpc_health.v1 import health_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_local import make_ingress, start_server
+from memserve.deploy import memserve_pb2 as pb
+from memserve.deploy import memserve_pb2_grpc as pbg
 from memserve.deploy.health import NOT_SERVING, SERVING, Health
 from memserve.deploy.ingress import RpcError
 from memserve.deploy.worker import EngineWorker
+from memserve.runtime.async_engine import UNHEALTHY_AFTER, AsyncLLMEngine
 from serving_fake_engine import FakeAsyncEngine, FakeSampling
+from serving_testlib import LocalClient
 
 
 def make():
@@ -17,11 +24,11 @@ def make():
     state = {"healthy": True}
 
     async def probe():
-        info = worker.model_info()
+        if not state["healthy"]:  # what ServingEngine.stats() does for an unhealthy engine
+            raise RuntimeError("the last 3 engine steps failed (model forward); replace this replica")
         if state.get("raise"):
             raise RuntimeError("engine loop died")
-        info["healthy"] = state["healthy"]
-        return info
+        return worker.model_info()
     return Health(probe, None, cache_s=0.0, watch_period_s=0.01), state
 
 
@@ -99,3 +106,56 @@ def test_caller_leaving_does_not_cancel_the_shared_probe():
         release.set()
         return await asyncio.wait_for(stayer, 2)
     assert asyncio.run(go()) == (SERVING, "ok") and len(started) == 1
+
+
+def test_real_engine_failing_forward_flips_health_over_grpc(tiny_llama_dir):
+    """Check and Watch over a real channel follow AsyncLLMEngine's health (stats() raises after
+    UNHEALTHY_AFTER failing steps in a row; one good step makes it healthy again)."""
+    eng = AsyncLLMEngine(str(tiny_llama_dir), progress=False, num_kv_blocks=64)
+    real, fail = eng.engine.model.forward, {"on": False}
+
+    def forward(*a, **k):
+        if fail["on"]:
+            raise RuntimeError("injected forward failure")
+        return real(*a, **k)
+
+    eng.engine.model.forward = forward
+    ing = make_ingress(LocalClient(EngineWorker(eng, model_name="tiny", replica="r0")), unavailable_timeout_s=10.0)
+    req = pb.GenerateRequest(prompt_token_ids=[1, 2, 3], sampling=pb.SamplingParams(max_tokens=2, temperature=0.0))
+
+    async def go():
+        server, addr = await start_server(ing)
+        seen = []
+        try:
+            async with grpc.aio.insecure_channel(addr) as ch:
+                stub, health = pbg.MemServeStub(ch), health_pb2_grpc.HealthStub(ch)
+
+                async def check():
+                    return (await health.Check(health_pb2.HealthCheckRequest(), timeout=10)).status
+
+                watch = health.Watch(health_pb2.HealthCheckRequest(service="memserve.v1.MemServe"), timeout=60)
+                seen.append(("check", await check()))
+                seen.append(("watch", (await watch.read()).status))
+                fail["on"] = True
+                for _ in range(UNHEALTHY_AFTER):
+                    with pytest.raises(grpc.aio.AioRpcError) as ei:
+                        _ = [m async for m in stub.Generate(req, timeout=10)]
+                    assert ei.value.code() == grpc.StatusCode.UNAVAILABLE, ei.value
+                seen.append(("check", await check()))
+                seen.append(("watch", (await watch.read()).status))
+                fail["on"] = False
+                msgs = [m async for m in stub.Generate(req, timeout=10)]  # a good step: healthy again
+                assert msgs[-1].finish_reason == "length"
+                seen.append(("check", await check()))
+                seen.append(("watch", (await watch.read()).status))
+                watch.cancel()
+        finally:
+            await server.stop(0)
+        return seen
+
+    try:
+        seen = asyncio.run(go())
+    finally:
+        eng.shutdown()
+    assert seen == [("check", SERVING), ("watch", SERVING), ("check", NOT_SERVING), ("watch", NOT_SERVING),
+                    ("check", SERVING), ("watch", SERVING)]
