@@ -193,8 +193,11 @@ def main(argv=None):
             hay_end = full.index(content) + sample.meta["haystack_span"][1]
             n_body = len(tok.encode(full[:hay_end])) - 1
             assert ids[:n_body] == tok.encode(full[:hay_end])[:n_body]
+            # policy fields added later are left out of the key at their default, so that states saved
+            # before they existed are still found
+            cfg_repr = repr(base).replace(", unselected='drop'", "")
             key = hashlib.md5(json.dumps([a.family, a.task, L, depth, seed, a.compression, a.kv_config,
-                                          repr(base)]).encode()).hexdigest()[:10]
+                                          cfg_repr]).encode()).hexdigest()[:10]
             snap = Path(a.snapshots) / f"{a.family}_{a.length}_{key}.pt"
             print(f"# {a.family} {len(ids)} tok depth {depth} seed {seed} needle tokens {span} body {n_body} "
                   f"answer {sample.answers}", flush=True)
@@ -209,11 +212,21 @@ def main(argv=None):
                     print(f"# body prefilled in {time.time() - t0:.0f} s -> {snap}", flush=True)
                 states = torch.load(snap)
                 for var in a.variants:
-                    cfg = with_policy(base, json.loads(var))
+                    over = json.loads(var)
+                    exact = over.pop("_exact_reprs", False)
+                    cfg = with_policy(base, over)
                     mem = SequenceKVMemory(cfg, c.num_hidden_layers, c.num_key_value_heads, c.head_dim)
                     for lm, st in zip(mem.layers, states):
                         lm.load_state({k: v.clone() for k, v in st.items()})
                         lm.hq = c.num_attention_heads
+                        if exact:  # replay only: every stored key of a block is a representative (score =
+                            # exact max q.k over the block, int4 keys) -- the ceiling of a re-ranking stage
+                            from memserve.runtime.kv_memory.buffers import _Rows
+
+                            kb, _ = lm._load_blocks(torch.arange(lm.num_blocks))  # (NB, Hkv, bs, D)
+                            lm.reprs = _Rows(dim=2)
+                            lm.reprs.append(kb.to(lm.wv.buf.dtype).permute(1, 3, 0, 2), spare=8)
+                            lm._representatives = lambda kb, sc: kb  # blocks packed during the replay too
                     rec = Recorder(mem, span)
                     p = n_body
                     rec.begin("tail")

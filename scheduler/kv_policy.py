@@ -20,6 +20,7 @@ import torch
 
 GRANULARITIES = ("shared", "kv_head", "q_head")
 REPR_MODES = ("mean", "max", "quest")
+UNSELECTED = ("drop", "centroid")
 
 
 @dataclass(slots=True)
@@ -51,6 +52,16 @@ class RetrievalPolicy:
     next_blocks: int = 1
     dense_layers: tuple[int, ...] = ()  # layers that attend to every block
     layer_topk: tuple[tuple[int, int], ...] = ()  # ((layer, k), ...) overrides of topk
+    # what the blocks a step does not select contribute: "drop" (InfLLM: nothing) or "centroid" -- each
+    # unselected block is one more column of the softmax, its mean key (logit + log(block_size), so a block
+    # whose keys score alike keeps about its full softmax mass) with its mean value. Layers whose block
+    # scores are flat (SmolLM2-135M layers 2-10 on varied text) then still see ~the whole context
+    unselected: str = "drop"
+    # second stage: the `rerank` best blocks by representative (per selection unit) are re-scored by the
+    # exact max q.k over all of their stored keys, and the top-k is taken among them (0: off; >= the
+    # number of blocks: every block scored exactly). A needle token that received little attention while
+    # in the window is not among its block's representatives; its exact key still matches the question
+    rerank: int = 0
 
     def __post_init__(self):
         assert self.reselect_every >= 1, "reselect_every must be >= 1"
@@ -58,11 +69,29 @@ class RetrievalPolicy:
         assert self.next_blocks >= 0, "next_blocks must be >= 0"
         assert self.granularity in GRANULARITIES, f"granularity must be one of {GRANULARITIES}"
         assert self.repr_mode in REPR_MODES, f"repr_mode must be one of {REPR_MODES}"
+        assert self.unselected in UNSELECTED, f"unselected must be one of {UNSELECTED}"
+        assert self.rerank >= 0, "rerank must be >= 0 (0: off)"
 
     def topk_for(self, layer: int, num_blocks: int) -> int:
         if layer in self.dense_layers:
             return num_blocks
         return min(num_blocks, dict(self.layer_topk).get(layer, self.topk) if self.layer_topk else self.topk)
+
+
+def rerank_candidates(scores: torch.Tensor, n: int, granularity: str, num_kv_heads: int) -> torch.Tensor:
+    """(Hkv, NB) bool: per KV head, the blocks among the best `n` of some selection unit of it (the
+    candidates a second stage re-scores exactly)."""
+    hq, nb = scores.shape
+    g = hq // num_kv_heads
+    if granularity == "shared":
+        agg = scores.sum(0, keepdim=True)
+    elif granularity == "kv_head":
+        agg = scores.reshape(num_kv_heads, g, nb).sum(1)
+    else:
+        agg = scores
+    cand = torch.zeros(agg.shape, dtype=torch.bool, device=scores.device)
+    cand.scatter_(1, agg.topk(min(n, nb), dim=1).indices, True)
+    return cand.expand(num_kv_heads, nb) if granularity == "shared" else cand.view(num_kv_heads, -1, nb).any(1)
 
 
 def select_blocks(

@@ -71,11 +71,16 @@ class AttentionMixin:
             assert q_glob is not None  # blocks exist only once every query is engaged
             k_sel, v_sel, pad = self._retrieve(q_glob)
             parts.append((k_sel, v_sel))
+        cdt = torch.promote_types(q.dtype, torch.float32)  # logits and softmax in fp32 at least
+        cent, nc = None, 0  # unselected="centroid": [centroid columns] go first
+        if cfg.policy.unselected == "centroid" and self.num_blocks:
+            cent = self._unselected_part(cdt)
+            parts.insert(0, (cent[0][:, None], cent[1][:, None]))
+            nc = cent[0].shape[-1]
         if plan.f_end:
             parts.append((wk[:, None, :, : plan.f_end], wv[:, None, : plan.f_end]))
         parts.append((wkr[:, None, :, plan.l0 :], wv[:, None, plan.l0 :]))
         qh_g = heads(q_glob) if q_glob is not None else None
-        cdt = torch.promote_types(q.dtype, torch.float32)  # logits and softmax in fp32 at least
         if cdt != q.dtype:
             q_loc, qh_g = q_loc.to(cdt), qh_g.to(cdt) if qh_g is not None else None
             parts = [(kk.to(cdt), vv.to(cdt)) for kk, vv in parts]
@@ -93,7 +98,9 @@ class AttentionMixin:
         off_f = n_all - n_loc - plan.f_end  # where the far window columns start
         lg4 = lg.view(hkv, g, t, n_all)
         if pad is not None:  # heads that picked fewer blocks than others (padding)
-            lg4[..., :off_f].add_(pad)
+            lg4[..., nc:off_f].add_(pad)
+        if cent is not None:
+            lg4[..., :nc].add_(cent[2])
         if plan.bias_f is not None:
             lg4[..., off_f : off_f + plan.f_end].add_(plan.bias_f)
         if plan.bias_l is not None:
@@ -137,19 +144,28 @@ class AttentionMixin:
         if self._uses_blocks():
             pad = self._retrieve(rot[:1, :hq])[2]  # the blocks sit in the front regions (may reallocate them)
             m = self.wkeys.front
+        cent = None  # unselected="centroid": columns [... | centroids (nc)] after the window
+        if self.cfg.policy.unselected == "centroid" and self.num_blocks:
+            cent = self._unselected_part(q.dtype)
+        nc = cent[0].shape[-1] if cent is not None else 0
         # columns [blocks (m) | far window (f) | local window]: keys without RoPE for the first two parts
         keys, start = self.wkeys.with_front(), self.wkeys.front - m
         n_all = m + self.wkeys.n
-        lg = _workspace(hkv * g * n_all, q.dtype, q.device).view(hkv, g, n_all)
+        lg = _workspace(hkv * g * (n_all + nc), q.dtype, q.device).view(hkv, g, n_all + nc)
         q_glob, q_loc = rot[0, :hq].view(hkv, g, d), rot[1, :hq].view(hkv, g, d)
         if m + f:
             torch.bmm(q_glob, keys[0, :, :, start : start + m + f], out=lg[..., : m + f])
             if pad is not None:
                 lg[..., :m].add_(pad[:, :, 0])
-        torch.bmm(q_loc, keys[1, :, :, start + m + f :], out=lg[..., m + f :])
+        torch.bmm(q_loc, keys[1, :, :, start + m + f :], out=lg[..., m + f : n_all])
+        if cent is not None:
+            torch.bmm(q_glob, cent[0], out=lg[..., n_all:])
+            lg[..., n_all:].add_(cent[2][:, :, 0])
         p = torch.ops.aten._softmax.out(lg, -1, False, out=lg)
-        out = torch.bmm(p, self.wv.with_front()[:, start:])  # (Hkv, G, D)
-        self.wscore.get().add_(p[..., m:].sum(1).T)  # attention each window key received
+        out = torch.bmm(p[..., :n_all], self.wv.with_front()[:, start:])  # (Hkv, G, D)
+        if cent is not None:
+            out.add_(torch.bmm(p[..., n_all:], cent[1]))
+        self.wscore.get().add_(p[..., m:n_all].sum(1).T)  # attention each window key received
         self._advance(1)
         return out.view(1, hq, d)
 

@@ -15,3 +15,9 @@ def block_representatives(kb: torch.Tensor, sc: torch.Tensor, mode: str, repr_to
     top = sc.topk(repr_topk, dim=-1).indices  # (nf, Hkv, r)
     keys = kb.gather(2, top[..., None].expand(-1, -1, -1, kb.shape[-1]))  # (nf, Hkv, r, D)
     return keys.mean(2, keepdim=True) if mode == "mean" else keys
+
+
+def block_centroids(kb: torch.Tensor, vb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean key (Hkv, D, nf) column-major and mean value (Hkv, nf, D) of blocks kb / vb (nf, Hkv, bs, D):
+    what an unselected block contributes under RetrievalPolicy(unselected="centroid")."""
+    return kb.mean(2).permute(1, 2, 0), vb.mean(2).transpose(0, 1)

@@ -14,7 +14,7 @@ class SnapshotMixin:
     """Snapshot methods of KVLayerStore (state lives in store.py)."""
 
     def _row_fields(self):
-        return [(n, getattr(self, n)) for n in ("wscore", "reprs", "block_pos", "sel_count")]
+        return [(n, getattr(self, n)) for n in ("wscore", "reprs", "block_pos", "sel_count", "cent_k", "cent_v")]
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """Everything needed to restore this layer bit-exactly (the LRU cache is rebuilt on demand)."""
@@ -63,3 +63,4 @@ class SnapshotMixin:
             self.wv.append(st["wv"].transpose(0, 1), spare=st["wv"].shape[0] // 4)
         self.n_tokens = int(st["n_tokens"][0])
         self.cache_k = self.cache_v = self.cache_ids = self.cache_used = None
+        self.sel_rows = None

@@ -12,7 +12,7 @@ from .buffers import _Rows
 from .config import KVMemoryConfig
 from .positions import _PlanCache
 from .quant import QuantizedBlocks, dequantize, dequantize_block_heads, quantize
-from .representatives import block_representatives
+from .representatives import block_centroids, block_representatives
 from .snapshots import _PARTS, _STORE_FIELDS, SnapshotMixin
 from .working_set import WorkingSetMixin
 
@@ -44,6 +44,9 @@ class KVLayerStore(AttentionMixin, WorkingSetMixin, SnapshotMixin):
         self.store = {f: _Rows() for f in _STORE_FIELDS}  # memory tier, rows = blocks (quant.py)
         self.reprs = _Rows(dim=2)  # (Hkv, D, NB, R) column-major: scoring is one bmm, no permuting copy
         self.block_pos = _Rows()  # (NB,) first position of each block
+        # unselected="centroid": per block and KV head its mean key (Hkv, D, NB) and mean value (Hkv, NB, D)
+        self.cent_k, self.cent_v = _Rows(dim=2), _Rows(dim=1)
+        self.sel_rows: torch.Tensor | None = None  # (Hkv or Hq, NB) bool: the blocks the last selection picked
         self.sel_count = _Rows()  # (NB,) how often each block was selected (eviction by importance)
         self.sticky: torch.Tensor | None = None  # (Hq, NB) bool: last prefill chunk's selection
         # decode working set: the picked blocks in slots of `block_size` columns, one row of slots per
@@ -120,6 +123,10 @@ class KVLayerStore(AttentionMixin, WorkingSetMixin, SnapshotMixin):
         vb = self.wv.get()[:, n_s : n_s + n].reshape(hkv, nf, bs, d).transpose(0, 1)  # (nf, Hkv, bs, D)
         sc = self.wscore.get()[n_s : n_s + n].reshape(nf, bs, hkv).transpose(1, 2)  # (nf, Hkv, bs)
         self.reprs.append(self._representatives(kb, sc).permute(1, 3, 0, 2))
+        if cfg.policy.unselected == "centroid" and self.cent_k.n == self.num_blocks:
+            ck_, cv_ = block_centroids(kb, vb)  # from the full-precision keys, before compression
+            self.cent_k.append(ck_)
+            self.cent_v.append(cv_)
         ck, cv = cfg.kinds(self.layer)
         top = sc.topk(max(cfg.exact_keys, cfg.exact_values), dim=-1).indices  # most-attended tokens first
         kq = quantize(kb, ck, per_channel=True, group=cfg.key_group, exact_idx=top[..., : cfg.exact_keys])
@@ -156,6 +163,10 @@ class KVLayerStore(AttentionMixin, WorkingSetMixin, SnapshotMixin):
         keep_idx = keep.nonzero().squeeze(1)
         for r in (*self.store.values(), self.reprs, self.block_pos, self.sel_count):
             r.keep(keep_idx)
+        for r in (self.cent_k, self.cent_v):
+            if r.n == nb:
+                r.keep(keep_idx)
+        self.sel_rows = None
         if self.sticky is not None:
             self.sticky = self.sticky[:, keep_idx[keep_idx < self.sticky.shape[1]]]
         self.cache_k = self.cache_v = self.cache_ids = self.cache_used = None  # ids changed: refill

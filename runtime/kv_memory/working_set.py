@@ -3,9 +3,15 @@ decode's slots of picked blocks in front of the window, and the LRU device cache
 
 from __future__ import annotations
 
+import math
+
 import torch
 from memserve.kernels import score_block_reprs
-from memserve.scheduler.kv_policy import select_blocks
+from memserve.scheduler.kv_policy import rerank_candidates, select_blocks
+
+from .buffers import _Rows
+from .quant import dequantize_block_heads
+from .representatives import block_centroids
 
 
 class WorkingSetMixin:
@@ -27,6 +33,8 @@ class WorkingSetMixin:
             return self._decode_blocks()
         nb = self.num_blocks
         scores = score_block_reprs(q_glob.mean(0)[None], [self.reprs.get().to(q_glob.dtype)], pol.repr_mode)[0]  # (Hq, NB)
+        if pol.rerank:
+            scores = self._rerank(q_glob.mean(0), scores, max(pol.rerank, pol.topk_for(self.layer, nb)))
         if self.record_scores:  # probes (bench/kv_memory_probe.py) read the last step's block scores
             self.last_scores = scores
         extra = None
@@ -37,6 +45,7 @@ class WorkingSetMixin:
                                          pol.next_blocks)
         if t > 1 and pol.sticky:
             self.sticky = mask
+        self.sel_rows = mask if pol.granularity == "q_head" else mask.view(self.hkv, -1, nb)[:, 0]
         counts = mask.sum(0)
         self.sel_count.buf[:nb].add_(counts)
         self.selected_total += int(counts.sum())
@@ -48,6 +57,55 @@ class WorkingSetMixin:
         self._refill(mask)
         self.dec_age = 1
         return self._decode_blocks()
+
+    def _rerank(self, q: torch.Tensor, scores: torch.Tensor, n: int) -> torch.Tensor:
+        """Scores (Hq, NB) of the second stage: for each KV head's candidates (the best n by representative),
+        every query head of its group scores the block by the exact max q.k over the block's stored keys
+        (dequantized for those (block, head) pairs only); other blocks get -inf. q (Hq, D)."""
+        hkv, nb = self.hkv, self.num_blocks
+        g = q.shape[0] // hkv
+        cand = rerank_candidates(scores, n, self.cfg.policy.granularity, hkv)  # (Hkv, NB)
+        heads, blocks = cand.nonzero(as_tuple=True)
+        kb = dequantize_block_heads(self._stored()[0], blocks, heads, per_channel=True,
+                                    group=self.cfg.key_group)  # (n, bs, D) keys only
+        qg = q.view(hkv, g, -1)[heads].to(kb.dtype)  # (n, G, D)
+        exact = torch.bmm(qg, kb.transpose(1, 2)).amax(-1)  # (n, G)
+        out = torch.full((hkv, g, nb), float("-inf"), dtype=scores.dtype, device=scores.device)
+        out[heads, :, blocks] = exact.to(scores.dtype)
+        return out.view(hkv * g, nb)
+
+    def _selected_rows(self) -> torch.Tensor | None:
+        """(Hkv or Hq, NB) bool: the blocks this step attends exactly (None: none, top-k 0)."""
+        nb = self.num_blocks
+        if not self._uses_blocks():
+            return None
+        if self.sel_rows is not None and self.sel_rows.shape[1] == nb:
+            return self.sel_rows
+        slots = self.dec_slots  # restored from a snapshot mid-decode: the slots are the selection
+        sel = torch.zeros((slots.shape[0], nb + 1), dtype=torch.bool, device=slots.device)
+        sel.scatter_(1, torch.where(slots >= 0, slots, nb), True)
+        self.sel_rows = sel[:, :nb]
+        return self.sel_rows
+
+    def _unselected_part(self, dtype: torch.dtype):
+        """RetrievalPolicy(unselected="centroid"): every block's mean key (Hkv, D, NB) and mean value
+        (Hkv, NB, D), and an additive (Hkv, 1 or G, 1, NB) logit term: log(block_size) where this step did
+        not select the block (exp(q.mean_k) * block_size stands for the sum of its block_size terms), -inf
+        where it did (its exact keys are attended). Call after `_retrieve`."""
+        nb, hkv = self.num_blocks, self.hkv
+        if self.cent_k.n != nb:  # a snapshot without centroids (or the option turned on later): from the tier
+            kb, vb = self._load_blocks(torch.arange(nb, device=self.wv.buf.device))
+            ck, cv = block_centroids(kb.to(self.wv.buf.dtype), vb.to(self.wv.buf.dtype))
+            self.cent_k, self.cent_v = _Rows(dim=2), _Rows(dim=1)
+            self.cent_k.append(ck, spare=nb // 4)
+            self.cent_v.append(cv, spare=nb // 4)
+        sel = self._selected_rows()
+        dev = self.wv.buf.device
+        bias = torch.full((hkv, 1, 1, nb), math.log(self.cfg.block_size), dtype=dtype, device=dev)
+        if sel is not None:
+            bias = bias.expand(hkv, sel.shape[0] // hkv, 1, nb).masked_fill(
+                sel.view(hkv, -1, 1, nb), float("-inf"))
+        return self.cent_k.get(), self.cent_v.get(), bias
 
     def _decode_blocks(self):
         """The decode working set as `_retrieve` returns blocks (views of the front regions)."""
