@@ -306,7 +306,8 @@ def cmd_init_memory(a: argparse.Namespace) -> int:
     from memserve.runtime.memory_layers_init import init_memory
 
     out = init_memory(a.base, a.out, [int(x) for x in a.layers.split(",")], n_keys=a.n_keys, heads=a.heads,
-                      knn=a.knn, k_dim=a.k_dim, shared_values=a.shared, swilu=a.swilu, seed=a.seed)
+                      knn=a.knn, k_dim=a.k_dim, shared_values=a.shared, swilu=a.swilu, seed=a.seed,
+                      values_dtype=a.values_dtype)
     print(f"memserve init-memory: wrote {out}")
     return 0
 
@@ -402,6 +403,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--shared", action=argparse.BooleanOptionalAction, default=True, help="one shared value table")
     m.add_argument("--swilu", action=argparse.BooleanOptionalAction, default=True)
     m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--values-dtype", default="float32", choices=["float32", "bfloat16", "float16", "int8"],
+                   help="value table storage; int8 = int8 rows + per-row fp32 scales (…values.scales)")
     m.add_argument("--out", required=True)
     m.set_defaults(fn=cmd_init_memory)
 

@@ -29,6 +29,12 @@ page (resident = the whole table); a contiguous per-shard file makes resident = 
 code single-path.) The shard memory-maps its file (pages come in as rows are read), so start-up
 reads nothing and resident memory is bounded by the slice; measured in tests/deploy/test_memory_shards.py.
 The files are written by streaming row chunks, so a table larger than RAM can be sharded.
+
+int8 tables (I8 rows + per-row `…values.scales`, runtime/ffn.py): every shard also gets a
+`table<t>-shard<s>-scales.safetensors` holding the scales of the rows it serves (columns: all rows,
+since each row's scale applies to every column; rows: rows [r0, r1)), and dequantizes in its bag.
+A columns shard multiplies each pair's weight by the same scale as the local store, so it stays
+bit-exact with it.
 """
 
 from __future__ import annotations
@@ -41,7 +47,7 @@ from pathlib import Path
 
 import numpy as np
 from memserve.runtime import memory_layers_loader as st  # safetensors headers and memory maps
-from memserve.runtime.ffn import is_values_name
+from memserve.runtime.ffn import is_scales_name, is_values_name, scales_name
 
 LAYOUTS = ("columns", "rows")
 SHARD_DIR = "memory_shards"
@@ -73,14 +79,33 @@ def mmap_tensor(path: str | Path, name: str):
 
 
 def find_value_tables(model_dir: str | Path) -> dict[str, dict]:
-    """{tensor name: {"file", "dtype", "shape"}} of every value table in the checkpoint's safetensors."""
-    out = {}
+    """{tensor name: {"file", "dtype", "shape"[, "scales_file"]}} of every value table in the checkpoint's
+    safetensors ("scales_file": where an int8 table's per-row scales are)."""
+    out, scales = {}, {}
     for f in sorted(Path(model_dir).glob("*.safetensors")):
         header, _ = st.safetensors_header(f)
         for name, h in header.items():
             if is_values_name(name):
                 out[name] = {"file": str(f), "dtype": h["dtype"], "shape": list(h["shape"])}
+            elif is_scales_name(name):
+                scales[name] = str(f)
+    for name, info in out.items():
+        if scales_name(name) in scales:
+            info["scales_file"] = scales[scales_name(name)]
+        elif info["dtype"] == "I8":
+            raise ValueError(f"{model_dir}: int8 value table {name} has no {scales_name(name)} tensor")
     return out
+
+
+def _write_scales(path: Path, name: str, scales, b: int, e: int) -> None:
+    """Rows [b, e) of a per-row scales vector as a one-tensor F32 safetensors file (small: 4 bytes a row)."""
+    data = np.ascontiguousarray(scales[b:e], dtype=np.float32).tobytes()
+    hdr = json.dumps({name: {"dtype": "F32", "shape": [e - b], "data_offsets": [0, len(data)]}}).encode()
+    hdr += b" " * (-len(hdr) % 8)
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(hdr)) + hdr + data)
+    os.replace(tmp, path)
 
 
 def _write_safetensors(path: Path, name: str, src, dtype: str, layout: str, b: int, e: int) -> None:
@@ -121,12 +146,17 @@ def shard_memory(model_dir: str | Path, shards: int, layout: str = "columns") ->
         np_dtype = st.SAFETENSORS_DTYPES[h["dtype"]][0]
         src = np.memmap(info["file"], dtype=np_dtype, mode="r", offset=base + h["data_offsets"][0], shape=tuple(h["shape"]))
         rows, cols = src.shape
+        scales = mmap_tensor(info["scales_file"], scales_name(name)).numpy() if "scales_file" in info else None
         parts = split(rows if layout == "rows" else cols, shards)
         files = []
         for s, (b, e) in enumerate(parts):
             fname = f"table{t}-shard{s}.safetensors"
             _write_safetensors(out / fname, name, src, h["dtype"], layout, b, e)
             files.append({"file": fname, "begin": b, "end": e})
+            if scales is not None:
+                files[-1]["scales_file"] = f"table{t}-shard{s}-scales.safetensors"
+                _write_scales(out / files[-1]["scales_file"], scales_name(name), scales,
+                              *((b, e) if layout == "rows" else (0, rows)))
         manifest["tables"][name] = {"rows": rows, "dim": cols, "dtype": h["dtype"], "index": t, "shards": files}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return out
@@ -146,6 +176,7 @@ class ShardSpec:
     dtype: str
     path: str
     name: str
+    scales_path: str = ""  # int8 tables: this shard's per-row scales file
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -162,7 +193,8 @@ def load_specs(model_dir: str | Path, shards: int, layout: str) -> dict[str, lis
     for name, t in m["tables"].items():
         out[name] = [ShardSpec(table=name, index=s, layout=layout, begin=f["begin"], end=f["end"], rows=t["rows"],
                                dim=t["dim"], dtype=t["dtype"], path=str(d / f["file"]),
-                               name=f"{DEPLOYMENT_PREFIX}-t{t['index']}-{s}of{shards}")
+                               name=f"{DEPLOYMENT_PREFIX}-t{t['index']}-{s}of{shards}",
+                               scales_path=str(d / f["scales_file"]) if "scales_file" in f else "")
                      for s, f in enumerate(t["shards"])]
     return out
 
@@ -196,6 +228,8 @@ class MemoryShard:
         self._bag = embedding_bag
         self._torch = torch
         self.table = mmap_tensor(self.spec.path, self.spec.table)
+        sp = self.spec.scales_path
+        self.scales = mmap_tensor(sp, scales_name(self.spec.table)) if sp else None
         self.lookups = 0
 
     def lookup(self, indices, weights):
@@ -213,7 +247,7 @@ class MemoryShard:
             # other shards' slots: weight exactly 0 on a valid local row (adding +0.0 leaves the sum unchanged)
             idx = torch.where(mine, idx - s.begin, torch.zeros_like(idx))
             w = torch.where(mine, w, torch.zeros_like(w))
-        return self._bag(self.table, idx, w, out_dtype=torch.float32).numpy()
+        return self._bag(self.table, idx, w, out_dtype=torch.float32, scales=self.scales).numpy()
 
     def info(self) -> dict:
         """What this replica holds and how much of it is resident (for tests, GetModelInfo, the bench)."""
@@ -224,7 +258,8 @@ class MemoryShard:
         except (OSError, StopIteration):
             pass
         return {**self.spec.to_dict(), "pid": os.getpid(), "lookups": self.lookups,
-                "slice_bytes": self.table.numel() * self.table.element_size(),
+                "slice_bytes": self.table.numel() * self.table.element_size()
+                + (0 if self.scales is None else self.scales.numel() * 4),
                 "mapped_rss_bytes": mapped_rss_bytes(os.path.realpath(self.spec.path)), "rss_bytes": rss}
 
     def check_health(self):

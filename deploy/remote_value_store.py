@@ -135,10 +135,11 @@ class RemoteValueStore(ValueStore):
     @classmethod
     def from_specs(cls, specs: list, handles: list, **kw) -> RemoteValueStore:
         s0 = specs[0]
-        itemsize = {"F32": 4, "F16": 2, "BF16": 2}.get(s0.dtype, 4)
-        dtype = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}.get(s0.dtype, s0.dtype)
+        itemsize = {"F32": 4, "F16": 2, "BF16": 2, "I8": 1}.get(s0.dtype, 4)
+        dtype = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "I8": "int8"}.get(s0.dtype, s0.dtype)
+        scales = s0.rows * 4 if s0.dtype == "I8" else 0  # int8: + per-row fp32 scales
         return cls(s0.table, handles, [s.name for s in specs], s0.layout, s0.rows, s0.dim, dtype=dtype,
-                   table_bytes=s0.rows * s0.dim * itemsize, **kw)
+                   table_bytes=s0.rows * s0.dim * itemsize + scales, **kw)
 
     # ---- ValueStore -----------------------------------------------------------------------------
     def submit(self, indices: torch.Tensor, weights: torch.Tensor) -> RemoteLookup:

@@ -11,7 +11,7 @@ from .block_scoring import (
     select_topk_blocks,
 )
 from .block_sparse_attention import block_sparse_decode_attention, block_sparse_decode_attention_ref
-from .embedding_bag import embedding_bag, embedding_bag_columns, embedding_bag_ref
+from .embedding_bag import embedding_bag, embedding_bag_columns, embedding_bag_ref, quantize_rows_int8
 from .kv_memory_decode import kv_memory_decode_attention, kv_memory_decode_attention_ref
 from .kv_quant import QuantizedKV, dequantize_kv, quantize_kv
 from .merge import merge_attention
@@ -39,6 +39,7 @@ __all__ = [
     "prefill_attention",
     "prefill_attention_ref",
     "quantize_kv",
+    "quantize_rows_int8",
     "score_block_reprs",
     "score_blocks_infllm",
     "score_blocks_quest",

@@ -13,6 +13,10 @@ Tensor names (the public checkpoint contract, config.json `memory_layers`):
     model.layers.{i}.memory.keys (heads, 2, n_keys, k_dim/2)
     model.layers.{i}.memory.value_proj.weight (hidden, v_dim)   optional: absent = identity (v_dim == hidden)
     model.layers.{i}.memory.swilu_proj.weight (v_dim, hidden)   when swilu
+int8 value tables: the table tensor above stored as I8 (n_keys**2, v_dim) plus its per-row scales
+    model.memory_values.scales | model.layers.{i}.memory.values.scales             (n_keys**2,) F32
+    (row r = weight[r] * scales[r]; symmetric, scale = max|row| / 127; `memserve init-memory
+    --values-dtype int8` writes them; a scales tensor next to a float table is an error)
 """
 
 from __future__ import annotations
@@ -35,6 +39,15 @@ def is_values_name(name: str) -> bool:
     return name == SHARED_VALUES or (name.startswith("model.layers.") and name.endswith(".memory.values.weight"))
 
 
+def scales_name(values: str) -> str:
+    """The per-row scales tensor of an int8 value table `values` (…values.weight -> …values.scales)."""
+    return values.removesuffix(".weight") + ".scales"
+
+
+def is_scales_name(name: str) -> bool:
+    return name.endswith(".scales") and is_values_name(name.removesuffix(".scales") + ".weight")
+
+
 def memory_weight_shapes(cfg: MemoryLayersConfig, hidden: int, layer: int) -> dict[str, tuple[int, ...]]:
     """Required memory tensors of one layer (value_proj and query bias are optional; see loader)."""
     p = f"model.layers.{layer}.memory."
@@ -50,7 +63,8 @@ def memory_weight_shapes(cfg: MemoryLayersConfig, hidden: int, layer: int) -> di
 
 def optional_memory_shapes(cfg: MemoryLayersConfig, hidden: int, layer: int) -> dict[str, tuple[int, ...]]:
     p = f"model.layers.{layer}.memory."
-    return {p + "query_proj.bias": (cfg.heads * cfg.k_dim,), p + "value_proj.weight": (hidden, cfg.v_dim)}
+    return {p + "query_proj.bias": (cfg.heads * cfg.k_dim,), p + "value_proj.weight": (hidden, cfg.v_dim),
+            scales_name(values_name(cfg, layer)): (cfg.num_slots,)}
 
 
 class LookupStats:
@@ -101,7 +115,9 @@ def build_memory_layers(cfg: MemoryLayersConfig, hidden: int, w, has) -> tuple[d
     for i in cfg.layers:
         vname = values_name(cfg, i)
         if vname not in stores:
-            stores[vname] = TensorValueStore(w(vname, keep_dtype=True))
+            sname = scales_name(vname)
+            stores[vname] = TensorValueStore(w(vname, keep_dtype=True),
+                                             w(sname, keep_dtype=True) if has(sname) else None)
         p = f"model.layers.{i}.memory."
         layers[i] = MemoryLayer(
             cfg, w(p + "query_proj.weight"), w(p + "query_proj.bias") if has(p + "query_proj.bias") else None,

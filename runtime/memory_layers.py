@@ -103,18 +103,20 @@ class ValueStore:
 
 
 class TensorValueStore(ValueStore):
-    """An in-process (rows, v_dim) table (fp32/bf16/fp16; a memory-mapped tensor works unchanged)."""
+    """An in-process (rows, v_dim) table (fp32/bf16/fp16, or int8 with per-row fp32 `scales` (rows,),
+    dequantized inside the bag; a memory-mapped tensor works unchanged)."""
 
-    def __init__(self, table: torch.Tensor):
-        self.table = table
+    def __init__(self, table: torch.Tensor, scales: torch.Tensor | None = None):
+        self.table, self.scales = table, scales
         self.num_rows, self.dim = table.shape
 
     def lookup(self, indices, weights):
-        return embedding_bag(self.table, indices, weights, out_dtype=torch.float32)
+        return embedding_bag(self.table, indices, weights, out_dtype=torch.float32, scales=self.scales)
 
     @property
     def nbytes(self) -> int:
-        return self.table.numel() * self.table.element_size()
+        n = self.table.numel() * self.table.element_size()
+        return n + (0 if self.scales is None else self.scales.numel() * self.scales.element_size())
 
     @property
     def dtype(self) -> str:

@@ -4,6 +4,8 @@ The base is loaded with the normal loader (a GGUF base, e.g. "default", is dequa
 written model holds those fp weights, not the GGUF's quantized blocks). Memory params are random
 except value_proj, which is ZERO: the memory output is exactly 0, MLP + 0 = MLP bit for bit, so the
 new model's logits and greedy output equal the base's until `memorize` trains it.
+`values_dtype` stores the value table(s) as float32 / bfloat16 / float16, or int8 rows + per-row
+fp32 scales (`…values.scales`, see runtime/ffn.py).
 """
 
 from __future__ import annotations
@@ -13,10 +15,12 @@ from pathlib import Path
 
 import torch
 
-from .ffn import values_name
+from ..kernels import quantize_rows_int8
+from .ffn import scales_name, values_name
 from .loader import load_checkpoint
 from .memory_layers import MemoryLayersConfig
 
+VALUES_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int8": torch.int8}
 _ARCH_TYPE = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
 
 
@@ -36,8 +40,11 @@ def hf_config_dict(c) -> dict:
 
 def init_memory(base: str, out: str, layers: list[int], n_keys: int = 256, heads: int = 4, knn: int = 32,
                 k_dim: int = 256, v_dim: int | None = None, shared_values: bool = True, swilu: bool = True,
-                seed: int = 0, progress: bool = True) -> Path:
+                seed: int = 0, progress: bool = True, values_dtype: str = "float32") -> Path:
     from safetensors.torch import save_file
+
+    if values_dtype not in VALUES_DTYPES:
+        raise ValueError(f"values dtype {values_dtype!r}: expected one of {sorted(VALUES_DTYPES)}")
 
     ck = load_checkpoint(base, progress=progress)
     c = ck.config
@@ -59,7 +66,11 @@ def init_memory(base: str, out: str, layers: list[int], n_keys: int = 256, heads
             state[p + "swilu_proj.weight"] = torch.randn(mc.v_dim, hidden, generator=g) / hidden ** 0.5
         vn = values_name(mc, i)
         if vn not in tables:
-            tables[vn] = torch.randn(mc.num_slots, mc.v_dim, generator=g) / mc.v_dim ** 0.5
+            t = torch.randn(mc.num_slots, mc.v_dim, generator=g) / mc.v_dim ** 0.5
+            if values_dtype == "int8":
+                tables[vn], tables[scales_name(vn)] = quantize_rows_int8(t)
+            else:
+                tables[vn] = t.to(VALUES_DTYPES[values_dtype])
     outp = Path(out)
     outp.mkdir(parents=True, exist_ok=True)
     files = {"model-00001-of-00002.safetensors": state, "model-00002-of-00002.safetensors": tables}

@@ -3,7 +3,8 @@
 A value table (n_keys**2 rows) can be many GB, so it is never read into RAM at load: its byte range
 is located in the safetensors header (8-byte little-endian header length, JSON header with
 `data_offsets` relative to the end of the header) and mapped copy-on-write with numpy.memmap. Pages
-are read on first touch by a lookup; the table keeps its stored dtype (fp32 / bf16 / fp16).
+are read on first touch by a lookup; the table keeps its stored dtype (fp32 / bf16 / fp16 / int8; an
+int8 table's per-row `…values.scales` are mapped the same way, see runtime/ffn.py).
 """
 
 from __future__ import annotations
@@ -17,13 +18,21 @@ import torch
 
 from .config import ModelConfig
 from .errors import UnsupportedModelError
-from .ffn import is_values_name, memory_weight_shapes, optional_memory_shapes
+from .ffn import (
+    is_scales_name,
+    is_values_name,
+    memory_weight_shapes,
+    optional_memory_shapes,
+    scales_name,
+    values_name,
+)
 
 # safetensors dtype -> (numpy dtype to map the bytes as, torch dtype to view them as)
 SAFETENSORS_DTYPES = {
     "F32": (np.float32, torch.float32),
     "F16": (np.float16, torch.float16),
     "BF16": (np.uint16, torch.bfloat16),  # numpy has no bfloat16: map 16-bit words, view as bf16
+    "I8": (np.int8, torch.int8),  # int8 value tables (with per-row scales)
 }
 
 
@@ -57,7 +66,7 @@ def read_safetensors_file(f: Path, weights: dict[str, torch.Tensor]) -> None:
     from safetensors import safe_open
 
     header, data_start = safetensors_header(f)
-    tables = [n for n in header if is_values_name(n)]
+    tables = [n for n in header if is_values_name(n) or is_scales_name(n)]
     for n in tables:
         weights[n] = mmap_tensor(f, n, header[n], data_start)
     if len(tables) == len(header):
@@ -104,6 +113,17 @@ def check_memory_weights(c: ModelConfig, weights: dict[str, torch.Tensor], sourc
             why = f": rows must be n_keys**2 = {mc.n_keys}**2 = {mc.num_slots}"
         raise UnsupportedModelError(f"{source}: memory tensor {name} has shape {got}; expected {shape}{why} "
                                     f"({cfg_txt})")
+    for vname in sorted({values_name(mc, i) for i in mc.layers}):
+        sname = scales_name(vname)
+        is_int8 = weights[vname].dtype == torch.int8
+        if is_int8 and sname not in weights:
+            raise UnsupportedModelError(f"{source}: value table {vname} is int8 but its per-row scales {sname} are "
+                                        f"missing; expected shape {(mc.num_slots,)} float32")
+        if not is_int8 and sname in weights:
+            raise UnsupportedModelError(f"{source}: {sname} given but {vname} is {weights[vname].dtype}; per-row "
+                                        "scales go with an int8 (I8) table only")
+        if is_int8 and not weights[sname].is_floating_point():
+            raise UnsupportedModelError(f"{source}: {sname} is {weights[sname].dtype}; expected float32")
     if mc.v_dim != c.hidden_size:
         for i in mc.layers:
             vp = f"model.layers.{i}.memory.value_proj.weight"

@@ -272,7 +272,8 @@ def make_tiny_memory_model(tmp_dir, mode: str = "parallel", shared_values: bool 
     The dense tensors go to model-00001-of-00002.safetensors, the value table(s) to their own
     model-00002-of-00002.safetensors (+ model.safetensors.index.json), as a real memory model would
     store them to be memory-mapped alone. `memory` overrides MEMORY_DEFAULTS (layers, n_keys, heads,
-    knn, k_dim, v_dim); `value_proj=False` forces v_dim = hidden (identity). "replace" drops the memory
+    knn, k_dim, v_dim); `value_proj=False` forces v_dim = hidden (identity); `table_dtype=torch.int8`
+    writes int8 rows + per-row scales. "replace" drops the memory
     layers' mlp.* tensors. Weights are seeded random with std chosen so the memory output is of the
     order of the MLP's (a dropped memory changes greedy tokens)."""
     from safetensors.torch import load_file, save_file
@@ -308,7 +309,13 @@ def make_tiny_memory_model(tmp_dir, mode: str = "parallel", shared_values: bool 
             state[p + "memory.swilu_proj.weight"] = r(vd, hidden, std=0.3)
         name = "model.memory_values.weight" if shared_values else p + "memory.values.weight"
         if name not in tables:
-            tables[name] = r(n * n, vd, std=1.0).to(table_dtype)
+            t = r(n * n, vd, std=1.0)
+            if table_dtype == torch.int8:  # int8 rows + per-row scales (…values.scales)
+                from memserve.kernels import quantize_rows_int8
+
+                tables[name], tables[name.removesuffix(".weight") + ".scales"] = quantize_rows_int8(t)
+            else:
+                tables[name] = t.to(table_dtype)
     files = {"model-00001-of-00002.safetensors": state, "model-00002-of-00002.safetensors": tables}
     weight_map = {}
     for fname, tensors in files.items():

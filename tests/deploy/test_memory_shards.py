@@ -84,6 +84,38 @@ def test_in_process_shards_match_local_store(table_dir, layout, P):
     assert store.index_dtype == np.int32 and store.bytes_sent == 3 * P * (7 * 64 * 8)
 
 
+@pytest.mark.parametrize("layout", ["columns", "rows"])
+def test_int8_table_shards_carry_scales(tmp_path, layout):
+    """An I8 table + per-row scales: each shard gets its rows' scales and dequantizes in its bag; the
+    sharded store equals the local int8 store (columns bit-exact) and the float64 bag of q * scale."""
+    from memserve.kernels import quantize_rows_int8
+    from safetensors.torch import save_file
+
+    q, sc = quantize_rows_int8(torch.randn(ROWS, DIM, generator=torch.Generator().manual_seed(4)))
+    save_file({TABLE: q, "model.memory_values.scales": sc}, str(tmp_path / "model-00002-of-00002.safetensors"))
+    shard_memory(tmp_path, 2, layout)
+    specs = load_specs(tmp_path, 2, layout)[TABLE]
+    assert all(s.dtype == "I8" and s.scales_path for s in specs)
+    shards = [MemoryShard(s.to_dict()) for s in specs]
+    rows_held = [s.scales.shape[0] for s in shards]
+    assert rows_held == ([ROWS, ROWS] if layout == "columns" else [e - b for b, e in split(ROWS, 2)])
+    store = RemoteValueStore.from_specs(specs, [_InProc(s) for s in shards])
+    assert store.dtype == "int8" and store.nbytes == ROWS * DIM + ROWS * 4
+    local = TensorValueStore(q, sc)
+    idx, w = _step(5)
+    out, ref = store.submit(idx, w).result(), local.lookup(idx, w)
+    f64 = ((q.double() * sc.double()[:, None])[idx] * w.double()[..., None]).sum(1)
+    assert torch.allclose(out.double(), f64, rtol=1e-5, atol=1e-5)
+    if layout == "columns":
+        assert torch.equal(out, ref)
+    else:
+        assert (out - ref).abs().max().item() <= 1e-5
+    (tmp_path / "model-00002-of-00002.safetensors").unlink()
+    save_file({TABLE: q}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match="int8 value table .* has no model.memory_values.scales"):
+        shard_memory(tmp_path, 2, layout)
+
+
 def test_shard_file_errors(tmp_path):
     from safetensors.torch import save_file
 

@@ -328,6 +328,40 @@ def test_embedding_bag_and_column_slices(dtype, E):
                                atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.parametrize("E", [576, 7])
+def test_embedding_bag_int8_rows_dequantized_in_the_bag(E):
+    """int8 table + per-row scales vs the float64 bag of the dequantized rows (q * scale): the same
+    sum, so only fp32 accumulation error; and vs the fp32 table: the quantization error, bounded by
+    half a step per element (scale / 2 per row) times sum|w|."""
+    from memserve.kernels import quantize_rows_int8
+
+    g = torch.Generator().manual_seed(0)
+    table = torch.randn(300, E, generator=g) * torch.rand(300, 1, generator=g)  # rows of different ranges
+    table[5] = 0  # an all-zero row: scale 0
+    q, s = quantize_rows_int8(table)
+    assert q.dtype == torch.int8 and s.shape == (300,) and s[5] == 0 and int(q.abs().max()) == 127
+    idx = torch.randint(0, 300, (6, 33), generator=g)
+    idx[:, 1] = idx[:, 0]
+    idx[0, 2] = 5
+    w = torch.rand(6, 33, generator=g)
+    deq = q.double() * s.double()[:, None]
+    ref = embedding_bag_ref(deq, idx, w, out_dtype=torch.float64)
+    assert torch.equal(embedding_bag_ref(q, idx, w, out_dtype=torch.float64, scales=s), ref)
+    out = embedding_bag(q, idx, w, scales=s)
+    assert out.dtype == torch.float32
+    absum = embedding_bag_ref(deq.abs(), idx, w, out_dtype=torch.float64).max().item()
+    assert (out.double() - ref).abs().max().item() <= 2 * 33 * torch.finfo(torch.float32).eps * absum
+    half_step = (w * s[idx] / 2).sum(1, keepdim=True).double()  # per token: sum_k w_k * scale_k / 2
+    assert ((out.double() - embedding_bag_ref(table, idx, w, out_dtype=torch.float64)).abs() <= half_step + 1e-6).all()
+    cuts = [0, 1, E // 2, E]
+    parts = [embedding_bag_columns(q, idx, w, a, b, scales=s) for a, b in zip(cuts, cuts[1:])]
+    torch.testing.assert_close(torch.cat(parts, 1), out, atol=1e-5, rtol=1e-6)
+    with pytest.raises(ValueError, match="int8 table needs per-row scales"):
+        embedding_bag(q, idx, w)
+    with pytest.raises(ValueError, match="scales must be float"):
+        embedding_bag(q, idx, w, scales=s[:10])
+
+
 @pytest.mark.parametrize("layout", ["runs", "scattered", "runs_with_pad"])
 @pytest.mark.parametrize("B", [1, 2])
 @pytest.mark.parametrize("quant", [None, 4])

@@ -264,6 +264,24 @@ def test_embedding_bag_triton(dtype, E, K):
                                atol=1e-4, rtol=1e-5)
 
 
+def test_embedding_bag_triton_int8_scales():
+    from memserve.kernels import quantize_rows_int8
+
+    table = torch.randn(64, 40) * torch.rand(64, 1)
+    q, s = quantize_rows_int8(table)
+    idx = torch.randint(0, 64, (3, 9))
+    idx[:, 1] = idx[:, 0]
+    w = torch.rand(3, 9)
+    ref = embedding_bag_ref(q, idx, w, out_dtype=torch.float64, scales=s)
+    with poisoned_outputs():
+        out = embedding_bag_triton(q, idx, w, scales=s)
+        parts = [embedding_bag_triton(q, idx, w, c0=a, c1=b, scales=s) for a, b in [(0, 13), (13, 40)]]
+    assert out.dtype == torch.float32
+    absum = embedding_bag_ref(q.abs(), idx, w, out_dtype=torch.float64, scales=s).max().item()
+    assert (out.double() - ref).abs().max().item() <= 2 * 9 * torch.finfo(torch.float32).eps * absum
+    torch.testing.assert_close(torch.cat(parts, 1), out, atol=1e-6, rtol=1e-6)
+
+
 # ----------------------------------------------------------------------------- KV memory (ragged batches)
 def test_kv_memory_decode_triton():
     from memserve.kernels.kv_memory_decode import (

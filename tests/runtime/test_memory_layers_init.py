@@ -38,3 +38,22 @@ def test_init_memory_cli_writes_contract(tmp_path):
     assert sorted(tables) == ["model.layers.0.memory.values.weight", "model.layers.2.memory.values.weight"]
     dense = load_file(str(out / "model-00001-of-00002.safetensors"))
     assert not dense["model.layers.0.memory.value_proj.weight"].any()
+
+
+def test_init_memory_cli_int8_values(tmp_path):
+    import torch
+    from memserve.deploy.cli import main
+    from safetensors.torch import load_file
+
+    base = make_tiny_model(tmp_path / "base", "llama")
+    out = tmp_path / "mem8"
+    assert main(["init-memory", "--base", str(base), "--layers", "1", "--n-keys", "8", "--heads", "2",
+                 "--knn", "4", "--k-dim", "16", "--values-dtype", "int8", "--out", str(out)]) == 0
+    tables = load_file(str(out / "model-00002-of-00002.safetensors"))
+    assert tables["model.memory_values.weight"].dtype == torch.int8
+    assert tables["model.memory_values.scales"].shape == (64,)
+    sp = SamplingParams(max_tokens=6, temperature=0.0)
+    m = LLM(str(out))
+    assert m.engine.model_info()["memory_layers"]["table_dtype"] == "int8"
+    a = LLM(str(base)).generate(["Hello there"], sp, use_tqdm=False)
+    assert m.generate(["Hello there"], sp, use_tqdm=False)[0].outputs[0].token_ids == a[0].outputs[0].token_ids

@@ -42,7 +42,11 @@ class RefMemory(torch.nn.Module):
         d = lambda n: None if n not in st else st[n].double()  # noqa: E731
         self.qw, self.qb, self.keys = d(p + "query_proj.weight"), d(p + "query_proj.bias"), d(p + "keys")
         self.vp, self.sp = d(p + "value_proj.weight"), d(p + "swilu_proj.weight")
-        self.values = d("model.memory_values.weight" if cfg["shared_values"] else p + "values.weight")
+        vname = "model.memory_values.weight" if cfg["shared_values"] else p + "values.weight"
+        self.values = d(vname)
+        scales = d(vname.removesuffix(".weight") + ".scales")
+        if scales is not None:  # int8 table: row r = q[r] * scales[r]
+            self.values = self.values * scales[:, None]
 
     def forward(self, x):  # x (B, T, hidden) float64: the post-attention-normed input
         c = self.cfg
@@ -235,6 +239,56 @@ def test_bad_checkpoint_names_tensor_and_shape(tmp_path, case, match):
         load_checkpoint(str(d), progress=False)
 
 
+@pytest.mark.parametrize("mode, shared", [("parallel", False), ("replace", True)])
+def test_int8_table_logits_match_float64_reference_of_dequantized_rows(tmp_path, mode, shared):
+    """int8 rows + per-row scales, dequantized in the bag: the model equals the float64 reference
+    built from q * scale (what the checkpoint holds) within 1e-4, greedy identical."""
+    d = make_tiny_memory_model(tmp_path / "m", mode=mode, shared_values=shared, table_dtype=torch.int8, seed=3)
+    ref = reference_model(d)
+    llm = LLM(str(d), progress=False, num_kv_blocks=64)
+    ids = torch.randint(3, 49152, (17,), generator=torch.Generator().manual_seed(1)).tolist()
+    from memserve.runtime.attention import AttentionMetadata
+
+    eng = llm.engine
+    table = eng.allocator.allocate("x", len(ids))
+    meta = AttentionMetadata.build(["x"], [len(ids)], [0], [table], eng.allocator.block_size)
+    got = eng.model.forward(torch.tensor(ids), meta, eng.attn, None).double()
+    eng.allocator.free("x")
+    with torch.no_grad():
+        want = ref(torch.tensor([ids])).logits[0]
+    assert rel_err(got, want) <= 1e-4
+    out = llm.generate([ids[:6]], SamplingParams(max_tokens=5, **GREEDY), use_tqdm=False)[0].token_ids
+    want_ids = list(ids[:6])
+    with torch.no_grad():
+        for _ in range(5):
+            want_ids.append(int(ref(torch.tensor([want_ids])).logits[0, -1].argmax()))
+    assert out == want_ids[6:]
+
+
+@pytest.mark.parametrize("case, match", [
+    ("no_scales", r"model\.memory_values\.weight is int8 but its per-row scales model\.memory_values\.scales are "
+                  r"missing; expected shape \(64,\)"),
+    ("bad_scales", r"model\.memory_values\.scales has shape \(60,\); expected \(64,\)"),
+    ("scales_on_float", r"model\.memory_values\.scales given but model\.memory_values\.weight is torch\.float32"),
+])
+def test_bad_int8_table_names_scales(tmp_path, case, match):
+    d = make_tiny_memory_model(tmp_path / "m", table_dtype=torch.int8, with_tokenizer=False)
+
+    def edit(st):
+        if "model.memory_values.scales" not in st:
+            return
+        if case == "no_scales":
+            del st["model.memory_values.scales"]
+        elif case == "bad_scales":
+            st["model.memory_values.scales"] = torch.ones(60)
+        else:
+            st["model.memory_values.weight"] = st["model.memory_values.weight"].float()
+
+    _rewrite(d, edit)
+    with pytest.raises(UnsupportedModelError, match=match):
+        load_checkpoint(str(d), progress=False)
+
+
 def test_replace_mode_with_mlp_tensors_is_rejected(tmp_path):
     d = make_tiny_memory_model(tmp_path / "m", mode="parallel", with_tokenizer=False)
     cfg = json.loads((d / "config.json").read_text())
@@ -244,7 +298,7 @@ def test_replace_mode_with_mlp_tensors_is_rejected(tmp_path):
         load_checkpoint(str(d), progress=False)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.int8])
 def test_value_table_keeps_stored_dtype_memory_mapped(tmp_path, dtype):
     d = make_tiny_memory_model(tmp_path / "m", table_dtype=dtype, with_tokenizer=False)
     ck = load_checkpoint(str(d), progress=False)
@@ -253,7 +307,11 @@ def test_value_table_keeps_stored_dtype_memory_mapped(tmp_path, dtype):
     ref = _state(d)["model.memory_values.weight"]
     assert torch.equal(t, ref)
     llm = LLM(ck, progress=False, num_kv_blocks=16)
-    assert llm.engine.model.value_stores()["model.memory_values.weight"].table.dtype == dtype
+    store = llm.engine.model.value_stores()["model.memory_values.weight"]
+    assert store.table.dtype == dtype
+    if dtype == torch.int8:
+        assert torch.equal(store.scales, _state(d)["model.memory_values.scales"]) and store.scales.dtype == torch.float32
+        assert store.nbytes == 64 * 48 + 64 * 4 and store.dtype == "int8"
     assert len(llm.generate([[1, 2, 3]], SamplingParams(max_tokens=3, **GREEDY), use_tqdm=False)[0].token_ids) == 3
 
 

@@ -1,8 +1,8 @@
 """Memory-layer models through the Triton kernels (issue 16): the tiny memory model's logits with the
 product-key top-k and the embedding bag dispatched to `pkm_topk_triton` / `embedding_bag_triton`
 (run by Triton's interpreter on CPU, TRITON_INTERPRET=1) equal the float64 reference of
-test_memory_model.py within 1e-4, for replace/parallel x shared/unshared x swilu on/off; greedy tokens
-identical.
+test_memory_model.py within 1e-4, for replace/parallel x shared/unshared x swilu on/off and one int8
+table; greedy tokens identical.
 
 The dispatch is forced by replacing the `use_triton` rule in the two kernel modules (CPU tensors
 would go to torch otherwise); a counter checks that every memory read really went through Triton.
@@ -26,6 +26,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 FAST = ["parallel-unshared-noswilu"]  # parallel MLP + memory, per-layer tables, identity value_proj
 CASE = "test_logits_through_triton_match_float64_reference"
 ALL = [f"{m}-{s}-{w}" for m in ("replace", "parallel") for s in ("shared", "unshared") for w in ("swilu", "noswilu")]
+ALL.append("replace-shared-swilu-int8")  # int8 rows + per-row scales: the bag kernel's in-bag dequant
 
 
 def _run_in_interpreter(ids):
@@ -43,7 +44,7 @@ def test_memory_model_triton_fast_case_in_interpreter():
     _run_in_interpreter(FAST)
 
 
-@pytest.mark.slow  # ~55 s CPU
+@pytest.mark.slow  # ~60 s CPU
 @pytest.mark.skipif(INTERPRET, reason="this session runs the cases directly")
 def test_memory_model_triton_other_cases_in_interpreter():
     _run_in_interpreter([i for i in ALL if i not in FAST])
@@ -84,13 +85,15 @@ if INTERPRET:
         monkeypatch.setattr(bag_mod, "embedding_bag_triton", bag)
         return calls
 
-    @pytest.mark.parametrize("combo", COMBOS, ids=lambda c: f"{c[0]}-{'shared' if c[1] else 'unshared'}-"
-                                                         f"{'swilu' if c[2] else 'noswilu'}")
+    @pytest.mark.parametrize("combo", COMBOS + [("replace", True, True, torch.int8)],
+                             ids=lambda c: f"{c[0]}-{'shared' if c[1] else 'unshared'}-{'swilu' if c[2] else 'noswilu'}"
+                                           + ("-int8" if len(c) > 3 else ""))
     def test_logits_through_triton_match_float64_reference(tmp_path, forced_triton, combo):
         from memserve.runtime.attention import AttentionMetadata
 
-        mode, shared, swilu = combo
+        mode, shared, swilu, *table_dtype = combo
         d = make_tiny_memory_model(tmp_path / "m", mode=mode, shared_values=shared, swilu=swilu,
+                                   table_dtype=(table_dtype or [torch.float32])[0],
                                    value_proj=not (not shared and not swilu), seed=3,
                                    n_keys=12, knn=3, v_dim=40)  # n_keys, knn, v_dim: not powers of two
         ref = reference_model(d)
