@@ -10,6 +10,8 @@ deadline) is simply cancelled, as grpc.aio cancels the proxy's handler.
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 from grpc_health.v1 import health_pb2_grpc
 from memserve.deploy import memserve_pb2_grpc as pbg
@@ -93,3 +95,29 @@ async def start_server(ing: MemServeIngress, max_receive_bytes: int | None = Non
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     return server, f"127.0.0.1:{port}"
+
+
+async def outcome(rpc, streaming: bool, cancel_after_s: float | None = None) -> str:
+    """How a client call ended: "OK", "CANCELLED" (the client cancelled it after cancel_after_s),
+    or "<status code name> <details>"."""
+
+    async def consume():
+        if streaming:
+            async for _ in rpc:
+                pass
+        else:
+            await rpc
+
+    try:
+        if cancel_after_s is not None:
+            task = asyncio.ensure_future(consume())
+            await asyncio.wait([task], timeout=cancel_after_s)
+            rpc.cancel()
+            await task
+        else:
+            await consume()
+        return "OK"
+    except asyncio.CancelledError:
+        return "CANCELLED"
+    except grpc.aio.AioRpcError as e:
+        return f"{e.code().name} {e.details()}"

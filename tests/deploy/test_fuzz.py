@@ -26,7 +26,7 @@ import time
 import grpc
 import proto_fuzz as F
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_local import make_ingress, start_server
+from grpc_local import make_ingress, outcome, start_server
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from memserve.deploy import memserve_pb2 as pb
@@ -59,27 +59,7 @@ async def run_call(ch: grpc.aio.Channel, call) -> str:
               response_deserializer=F.response_class(svc, name).FromString)
     timeout = abort[1] if abort is not None and abort[0] == "deadline" else DEFAULT_DEADLINE_S
     rpc = mc(req, timeout=timeout, metadata=(("authorization", auth),) if auth is not None else None)
-
-    async def consume():
-        if streaming:
-            async for _ in rpc:
-                pass
-        else:
-            await rpc
-
-    try:
-        if abort is not None and abort[0] == "cancel":
-            task = asyncio.ensure_future(consume())
-            await asyncio.wait([task], timeout=abort[1])
-            rpc.cancel()
-            await task
-        else:
-            await consume()
-        return "OK"
-    except asyncio.CancelledError:
-        return "CANCELLED"
-    except grpc.aio.AioRpcError as e:
-        return f"{e.code().name} {e.details()}"
+    return await outcome(rpc, streaming, abort[1] if abort is not None and abort[0] == "cancel" else None)
 
 
 def make_server_parts():
