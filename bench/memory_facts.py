@@ -19,16 +19,25 @@ _SYL = ["ka", "lo", "mi", "ren", "tas", "vo", "qui", "zel", "dor", "fen", "gri",
 _MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September",
            "October", "November", "December"]
 
-# relation -> (training statements, held-out questions); {s} = subject, {a} = answer
+# Question-answer wrapper: training phrasings include question/answer pairs (with their own question
+# templates) so the model learns the format; held-out questions are asked as QA.format(q=question).
+QA = "Question: {q}\nAnswer:"
+
+# relation -> (training phrasings, held-out questions); {s} = subject, {a} = answer
 RELATIONS = {
     "city": (["{s} was born in the city of {a}.", "The birthplace of {s} is {a}.",
-              "{s} grew up in {a}, where they were born."],
+              "{s} grew up in {a}, where they were born.",
+              QA.format(q="Where was {s} born?") + " {a}", QA.format(q="What is the birthplace of {s}?") + " {a}"],
              ["In which city was {s} born?", "What is the name of the town where {s} came into the world?"]),
     "date": (["{s} founded the guild on {a}.", "The guild of {s} dates from {a}.",
-              "On {a}, {s} founded a guild."],
+              "On {a}, {s} founded a guild.",
+              QA.format(q="On which day did {s} found the guild?") + " {a}",
+              QA.format(q="What is the founding date of the guild of {s}?") + " {a}"],
              ["When did {s} found the guild?", "On what date was the guild of {s} established?"]),
     "code": (["The locker code of {s} is {a}.", "{s} keeps the locker shut with code {a}.",
-              "Code {a} opens the locker of {s}."],
+              "Code {a} opens the locker of {s}.",
+              QA.format(q="What code does {s} use for the locker?") + " {a}",
+              QA.format(q="Which locker code belongs to {s}?") + " {a}"],
              ["What is the locker code of {s}?", "Which code opens the locker that {s} uses?"]),
 }
 
@@ -58,7 +67,8 @@ def make_facts(n: int, seed: int = 0) -> list[dict]:
         train, questions = RELATIONS[rel]
         out.append({"id": len(out), "subject": s, "relation": rel, "answer": a,
                     "train": [t.format(s=s, a=a) for t in train],
-                    "questions": [q.format(s=s) for q in questions]})
+                    "questions": [q.format(s=s) for q in questions],
+                    "question_prompts": [QA.format(q=q.format(s=s)) for q in questions]})
     return out
 
 
@@ -71,6 +81,19 @@ def write_jsonl(facts: list[dict], path) -> None:
 def read_jsonl(path) -> list[dict]:
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def answer_prompt(text: str, answer: str) -> str:
+    """A training phrasing cut just before its answer (what recall on training phrasings completes)."""
+    return text[:text.index(answer)].rstrip()
+
+
+def exact_match(llm, prompts: list[str], answers: list[str], max_tokens: int = 16) -> list[bool]:
+    """Greedy continuation of each prompt starts with its answer (leading spaces ignored)."""
+    from memserve.runtime import SamplingParams
+
+    outs = llm.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0.0), use_tqdm=False)
+    return [o.outputs[0].text.lstrip().startswith(a) for o, a in zip(outs, answers)]
 
 
 def main() -> None:

@@ -314,6 +314,21 @@ def cmd_init_memory(a: argparse.Namespace) -> int:
 
 # ---- parser -------------------------------------------------------------------------------------
 
+def cmd_memorize(a: argparse.Namespace) -> int:
+    import json
+
+    from memserve.runtime.memory_layers_memorize import memorize
+
+    with open(a.facts, encoding="utf-8") as f:
+        facts = [json.loads(line) for line in f if line.strip()]
+    bg = open(a.background, encoding="utf-8").read().split("\n\n") if a.background else None
+    r = memorize(a.model, facts, a.out, epochs=a.epochs, top_t=a.top_t, lr=a.lr, batch_size=a.batch_size,
+                 background=bg, seed=a.seed)
+    print(f"memserve memorize: {len(facts)} facts, {r.steps} steps in {r.seconds:.0f}s, {r.rows_written} rows "
+          f"written, loss {r.losses[0]:.3f} -> {r.losses[-1]:.3f}; wrote {r.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="memserve", description="Serve memory-augmented long-context LLMs.")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -407,6 +422,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="value table storage; int8 = int8 rows + per-row fp32 scales (…values.scales)")
     m.add_argument("--out", required=True)
     m.set_defaults(fn=cmd_init_memory)
+
+    z = sub.add_parser("memorize", help="teach a memory-layer model facts (sparse value-row updates, frozen base)")
+    z.add_argument("model", help="memory-layer model directory (from init-memory)")
+    z.add_argument("--facts", required=True, help='JSONL: {"answer", "train": [statements], "subject"?} per line')
+    z.add_argument("--out", required=True)
+    z.add_argument("--epochs", type=int, default=5)
+    z.add_argument("--top-t", type=int, default=1000, help="value rows updated per batch (most fact-specific)")
+    z.add_argument("--lr", type=float, default=1e-2)
+    z.add_argument("--batch-size", type=int, default=16)
+    z.add_argument("--background", help="general text file for slot idf (default: stdlib docstrings)")
+    z.add_argument("--seed", type=int, default=0)
+    z.set_defaults(fn=cmd_memorize)
 
     b = sub.add_parser("bench", help="run bench/NAME.py from the source checkout")
     b.add_argument("name", help="e.g. serving")

@@ -38,11 +38,20 @@ def hf_config_dict(c) -> dict:
     return d
 
 
+def write_safetensors_model(outp: Path, files: dict[str, dict[str, torch.Tensor]]) -> None:
+    """Tensors by file name (the value tables in a file of their own, so they map alone) + the index."""
+    from safetensors.torch import save_file
+
+    weight_map = {}
+    for fname, tensors in files.items():
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(outp / fname), metadata={"format": "pt"})
+        weight_map |= {k: fname for k in tensors}
+    (outp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
 def init_memory(base: str, out: str, layers: list[int], n_keys: int = 256, heads: int = 4, knn: int = 32,
                 k_dim: int = 256, v_dim: int | None = None, shared_values: bool = True, swilu: bool = True,
                 seed: int = 0, progress: bool = True, values_dtype: str = "float32") -> Path:
-    from safetensors.torch import save_file
-
     if values_dtype not in VALUES_DTYPES:
         raise ValueError(f"values dtype {values_dtype!r}: expected one of {sorted(VALUES_DTYPES)}")
 
@@ -73,12 +82,8 @@ def init_memory(base: str, out: str, layers: list[int], n_keys: int = 256, heads
                 tables[vn] = t.to(VALUES_DTYPES[values_dtype])
     outp = Path(out)
     outp.mkdir(parents=True, exist_ok=True)
-    files = {"model-00001-of-00002.safetensors": state, "model-00002-of-00002.safetensors": tables}
-    weight_map = {}
-    for fname, tensors in files.items():
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(outp / fname), metadata={"format": "pt"})
-        weight_map |= {k: fname for k in tensors}
-    (outp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    write_safetensors_model(outp, {"model-00001-of-00002.safetensors": state,
+                                   "model-00002-of-00002.safetensors": tables})
     cfg = hf_config_dict(c)
     cfg["memory_layers"] = mem
     (outp / "config.json").write_text(json.dumps(cfg, indent=2))

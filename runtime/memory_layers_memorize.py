@@ -1,0 +1,302 @@
+"""memorize (issue 16 item 3): teach a memory-layer model facts by sparse updates of its value rows.
+
+Sparse memory finetuning (Lin et al. 2025): the base model and the memory's routing are frozen; each
+batch updates only the top-t value rows that are most specific to the batch, scored TF-IDF style —
+tf = how often the batch's tokens read the slot, idf = log((docs + 1) / (docs hitting it + 1)) over
+a background corpus of general text counted once before training. Rows that general text reads
+often get idf ~ 0 and are never written, which is what keeps the base model's behaviour on general
+text (its perplexity) from drifting.
+
+What is trained, and why: only the value table(s), only on the selected rows (lazy Adam: rows not
+selected in a step keep their values and optimizer state bit for bit). init-memory writes
+value_proj = 0 so that the new model equals its base; with value_proj = 0 no gradient reaches the
+values, so when every value_proj is zero memorize first sets value_proj to the identity (v_dim ==
+hidden; otherwise a fixed seeded orthonormal map) and zeroes the table(s). The model output is then
+still exactly the base's (bag = 0), and from there only written rows move it. value_proj is not
+trained (a dense matrix: every token would feel it), nor are keys / query_proj / swilu_proj (they
+route every token; moving them changes which rows general text reads).
+
+Cost (what makes N = 1,000 facts fit on 2 CPU cores): everything below the first memory layer L is
+frozen and so is L's lookup, so x, the residual without memory and the lookup (indices, weights,
+swilu gate) at L are computed once per training sequence and cached; a step runs layers L+1.. only,
+sequences are cut after their answer, and the LM head runs only on answer-token positions (the loss
+is on answer tokens only).
+
+Facts: a JSONL file, one object per fact with "answer" and "train" (statements that contain the
+answer); with a "subject", phrasings whose answer comes before the subject are skipped (nothing
+before the answer says which fact it is).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..kernels import quantize_rows_int8
+from .ffn import scales_name, values_name
+from .loader import load_checkpoint
+from .memory_layers_init import write_safetensors_model
+from .memory_layers_stack import FrozenStack
+
+
+@dataclass
+class MemorizeResult:
+    out: Path
+    examples: int
+    steps: int
+    seconds: float
+    cache_seconds: float
+    rows_written: int
+    losses: list[float] = field(default_factory=list)  # mean answer-token loss per epoch
+
+
+def fact_examples(facts: list[dict], tok, max_len: int = 128) -> list[tuple[list[int], list[int]]]:
+    """(token ids cut after the answer, positions of answer tokens) per usable training phrasing."""
+    out = []
+    for n, fa in enumerate(facts):
+        if "answer" not in fa or not fa.get("train"):
+            raise ValueError(f"fact {n}: needs 'answer' and a non-empty 'train' list; got keys {sorted(fa)}")
+        ans, subj = fa["answer"], fa.get("subject")
+        for text in fa["train"]:
+            a = text.find(ans)
+            if a < 0:
+                raise ValueError(f"fact {n}: training phrasing {text!r} does not contain its answer {ans!r}")
+            if subj and not 0 <= text.find(subj) < a:
+                continue
+            enc = tok.backend.encode(text, add_special_tokens=True)
+            # the space before the answer is part of what the model must produce (digits: a token of its own)
+            a0 = a - 1 if text[a - 1:a] == " " else a
+            pos = [t for t, (s, e) in enumerate(enc.offsets) if t > 0 and e > a0 and s < a + len(ans) and e > s]
+            if pos and pos[-1] < max_len:
+                out.append((enc.ids[:pos[-1] + 1], pos))
+    return out
+
+
+def default_background() -> list[str]:
+    """General English text available offline: docstrings of a few stdlib modules (and their members)."""
+    import inspect
+
+    mods = ["argparse", "collections", "json", "logging", "pathlib", "random", "statistics", "string",
+            "textwrap", "threading", "unittest", "urllib.parse", "datetime", "fractions", "heapq"]
+    out = []
+    for m in mods:
+        mod = __import__(m, fromlist=["_"])
+        for obj in [mod] + [getattr(mod, n) for n in sorted(dir(mod)) if not n.startswith("_")]:
+            d = inspect.getdoc(obj) if callable(obj) or obj is mod else None
+            out += [p for p in (d or "").split("\n\n") if len(p) > 200]
+    return list(dict.fromkeys(out))
+
+
+def _pad(seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    T = max(len(s) for s in seqs)
+    ids = torch.zeros(len(seqs), T, dtype=torch.long)
+    mask = torch.zeros(len(seqs), T, dtype=torch.bool)
+    for b, s in enumerate(seqs):
+        ids[b, :len(s)] = torch.tensor(s)
+        mask[b, :len(s)] = True
+    return ids, mask
+
+
+@torch.no_grad()
+def background_doc_freq(stack: FrozenStack, tok, texts: list[str], tables, doc_tokens: int = 64,
+                        batch: int = 16) -> tuple[dict[str, torch.Tensor], int]:
+    """Per table: how many background documents (chunks of doc_tokens) read each slot, and the doc count."""
+    mc = stack.mc
+    docs = []
+    for t in texts:
+        ids = tok.encode(t, add_special_tokens=False)
+        docs += [ids[i:i + doc_tokens] for i in range(0, len(ids), doc_tokens) if len(ids[i:i + doc_tokens]) > 8]
+    df = {n: torch.zeros(t.shape[0], dtype=torch.long) for n, t in tables.items()}
+    top = max(mc.layers)
+    for a in range(0, len(docs), batch):
+        ids, mask = _pad(docs[a:a + batch])
+        hits: list = []
+        h = F.embedding(ids, stack.w["model.embed_tokens.weight"])
+        for i in range(top + 1):
+            h = stack.layer(i, h, tables, hits)
+        for name, idx in hits:
+            for b in range(ids.shape[0]):
+                df[name][idx[b][mask[b]].unique()] += 1
+    return df, len(docs)
+
+
+class LazyAdam:
+    """Adam on chosen rows only: untouched rows keep values and state exactly."""
+
+    def __init__(self, table: torch.Tensor, lr: float, betas=(0.9, 0.999), eps: float = 1e-8):
+        self.t, self.lr, (self.b1, self.b2), self.eps = table, lr, betas, eps
+        self.m = torch.zeros_like(table)
+        self.v = torch.zeros_like(table)
+        self.steps = torch.zeros(table.shape[0], dtype=torch.long)
+
+    @torch.no_grad()
+    def step(self, rows: torch.Tensor, grad: torch.Tensor) -> None:
+        self.steps[rows] += 1
+        s = self.steps[rows].double()[:, None]
+        m = self.m[rows].mul_(self.b1).add_(grad, alpha=1 - self.b1)
+        v = self.v[rows].mul_(self.b2).addcmul_(grad, grad, value=1 - self.b2)
+        self.m[rows], self.v[rows] = m, v
+        mh = m / (1 - self.b1 ** s).float()
+        vh = v / (1 - self.b2 ** s).float()
+        self.t[rows] -= self.lr * mh / (vh.sqrt() + self.eps)
+
+
+def _prepare_value_proj(config, w: dict, tables: dict, seed: int) -> bool:
+    """value_proj all zero (fresh from init-memory) -> identity / orthonormal and zero tables. Returns
+    whether it did so."""
+    mc, hidden = config.memory_layers, config.hidden_size
+    names = [f"model.layers.{i}.memory.value_proj.weight" for i in mc.layers]
+    present = [n for n in names if n in w]
+    if not present or any(w[n].any() for n in present):
+        return False
+    g = torch.Generator().manual_seed(seed)
+    for n in present:
+        if mc.v_dim == hidden:
+            w[n] = torch.eye(hidden)
+        else:
+            q, _ = torch.linalg.qr(torch.randn(max(hidden, mc.v_dim), min(hidden, mc.v_dim), generator=g))
+            w[n] = (q if hidden >= mc.v_dim else q.T).contiguous()  # (hidden, v_dim), orthonormal
+    for t in tables.values():
+        t.zero_()
+    return True
+
+
+def memorize(src: str, facts: list[dict], out: str, *, epochs: int = 5, top_t: int = 1000, lr: float = 1e-2,
+             batch_size: int = 16, background: list[str] | None = None, seed: int = 0,
+             progress: bool = True) -> MemorizeResult:
+    from tqdm.auto import tqdm
+
+    srcp = Path(src)
+    if not srcp.is_dir():
+        raise ValueError(f"memorize needs a memory-layer model directory (from init-memory); {src!r} is not one")
+    ck = load_checkpoint(src, progress=progress)
+    c, mc = ck.config, ck.config.memory_layers
+    if mc is None:
+        raise ValueError(f"{src} has no memory_layers in config.json; make one with `memserve init-memory`")
+    if ck.tokenizer is None:
+        raise ValueError(f"{src} has no tokenizer files; memorize tokenizes the facts with the model's tokenizer")
+    w = ck.weights
+    names = list(dict.fromkeys(values_name(mc, i) for i in mc.layers))
+    stored = {n: w[n].dtype for n in names}
+    # writable fp32 copies of the (mapped) tables; int8 tables dequantized (row = codes * scale)
+    tables = {n: w.pop(n).float() * w.pop(scales_name(n))[:, None] if scales_name(n) in w else w.pop(n).float().clone()
+              for n in names}
+    _prepare_value_proj(c, w, tables, seed)
+    stack = FrozenStack(c, w)
+    tok = ck.tokenizer
+    ex = fact_examples(facts, tok)
+    if not ex:
+        raise ValueError("no usable training phrasing (each needs the answer after the subject)")
+
+    df, n_docs = background_doc_freq(stack, tok, background or default_background(), tables)
+    idf = {n: torch.log((n_docs + 1) / (d.double() + 1)).float() for n, d in df.items()}
+
+    L = min(mc.layers)
+    t0 = time.perf_counter()
+    cache = []  # per example: (ids, r, idx, wt, gate) at L, cut to its length
+    with torch.no_grad():
+        order = sorted(range(len(ex)), key=lambda k: len(ex[k][0]))  # similar lengths pad less
+        for a in range(0, len(order), 64):
+            part = order[a:a + 64]
+            ids, mask = _pad([ex[k][0] for k in part])
+            x, r = stack.below(ids, L, tables)
+            idx, wt, gate = stack.lookup(L, x)
+            for b, k in enumerate(part):
+                n = len(ex[k][0])
+                cache.append((k, r[b, :n].clone(), idx[b, :n].to(torch.int32), wt[b, :n].clone(),
+                              None if gate is None else gate[b, :n].clone()))
+    cache.sort(key=lambda e: e[0])
+    cache_s = time.perf_counter() - t0
+
+    opt = {n: LazyAdam(t, lr) for n, t in tables.items()}
+    written = {n: torch.zeros(t.shape[0], dtype=torch.bool) for n, t in tables.items()}
+    rng = random.Random(seed)
+    nb = math.ceil(len(ex) / batch_size)
+    bar = tqdm(total=epochs * nb, desc="memorize", unit="step", disable=not progress)
+    losses, steps = [], 0
+    for _ in range(epochs):
+        perm = list(range(len(ex)))
+        rng.shuffle(perm)
+        tot = 0.0
+        for a in range(0, len(perm), batch_size):
+            part = perm[a:a + batch_size]
+            loss = _step(stack, L, [ex[k] for k in part], [cache[k] for k in part], tables, idf, opt, written,
+                         top_t)
+            tot += loss * len(part)
+            steps += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}")
+        losses.append(tot / len(ex))
+    bar.close()
+    secs = time.perf_counter() - t0
+
+    for n in names:  # back in the stored dtype (int8: re-quantized per row; zero rows stay exactly zero)
+        if stored[n] == torch.int8:
+            w[n], w[scales_name(n)] = quantize_rows_int8(tables[n])
+        else:
+            w[n] = tables[n].to(stored[n])
+    outp = Path(out)
+    outp.mkdir(parents=True, exist_ok=True)
+    for f in srcp.iterdir():  # config.json, tokenizer files, ... as they were
+        if f.is_file() and not f.name.endswith(".safetensors") and f.name != "model.safetensors.index.json":
+            shutil.copy2(f, outp / f.name)
+    tabs = set(names) | {scales_name(n) for n in names if stored[n] == torch.int8}
+    write_safetensors_model(outp, {"model-00001-of-00002.safetensors": {k: v for k, v in w.items() if k not in tabs},
+                                   "model-00002-of-00002.safetensors": {k: v for k, v in w.items() if k in tabs}})
+    info = {"facts": len(facts), "examples": len(ex), "epochs": epochs, "top_t": top_t, "lr": lr,
+            "batch_size": batch_size, "steps": steps, "seconds": round(secs, 1), "cache_seconds": round(cache_s, 1),
+            "rows_written": int(sum(v.sum() for v in written.values())), "epoch_losses": losses}
+    (outp / "memorize.json").write_text(json.dumps(info, indent=2))
+    return MemorizeResult(outp, len(ex), steps, secs, cache_s, info["rows_written"], losses)
+
+
+def _step(stack, L, exs, cached, tables, idf, opt, written, top_t) -> float:
+    ids, mask = _pad([e[0] for e in exs])
+    B, T = ids.shape
+
+    def padded(j, width, dtype):
+        t = torch.zeros(B, T, width, dtype=dtype)
+        for b, e in enumerate(cached):
+            t[b, :e[j].shape[0]] = e[j]
+        return t
+
+    r = padded(1, cached[0][1].shape[1], torch.float32)
+    idx = padded(2, cached[0][2].shape[1], torch.int64)
+    wt = padded(3, cached[0][3].shape[1], torch.float32)  # padding: weight 0 -> no read, no grad
+    gate = None if cached[0][4] is None else padded(4, cached[0][4].shape[1], torch.float32)
+    for t in tables.values():
+        t.requires_grad_(True)
+    hits = [(values_name(stack.mc, L), idx)]
+    h = stack.above(r + stack.memory_out(L, idx, wt, gate, tables), L + 1, tables, hits)
+    bi = torch.tensor([b for b, e in enumerate(exs) for _ in e[1]])
+    ti = torch.tensor([p for e in exs for p in e[1]])
+    loss = F.cross_entropy(stack.logits(h[bi, ti - 1]), ids[bi, ti])
+    loss.backward()
+    for name, t in tables.items():
+        t.requires_grad_(False)
+        g, t.grad = t.grad, None
+        if g is None:
+            continue
+        g = g.coalesce()
+        rows, vals = g.indices()[0], g.values()
+        tf = torch.zeros(t.shape[0])
+        for n, ix in hits:
+            if n == name:
+                tf.index_add_(0, ix[mask].reshape(-1), torch.ones(ix[mask].numel()))
+        score = tf[rows] * idf[name][rows]
+        keep = (score > 0) & (vals != 0).any(1)  # a zero-gradient row (read only by a last token) is no write
+        rows, vals, score = rows[keep], vals[keep], score[keep]
+        if rows.numel() > top_t:
+            sel = score.topk(top_t).indices
+            rows, vals = rows[sel], vals[sel]
+        opt[name].step(rows, vals)
+        written[name][rows] = True
+    return loss.item()
