@@ -74,6 +74,9 @@ class ServingMetrics:
     shard_bytes: object
     shard_failures: object
     shard_replicas: object
+    # memory layers (issue 16): the engine's value-table reads, all memory layers of the replica together
+    memory_lookups: object
+    memory_lookup_seconds: object
 
     @classmethod
     def create(cls, registry=None) -> "ServingMetrics":
@@ -122,6 +125,11 @@ class ServingMetrics:
                                    "(the request got UNAVAILABLE naming the shard).", ["shard"], **kw),
             shard_replicas=Gauge(f"{PREFIX}memory_shard_replicas", "Running replicas of each memory shard "
                                  "deployment (as last seen by this process).", ["shard", "replica"], **g),
+            memory_lookups=Counter(f"{PREFIX}memory_lookups", "Memory-layer value-table reads (one per memory "
+                                   "layer per engine forward, all memory layers together).", ["model_name"], **kw),
+            memory_lookup_seconds=Counter(f"{PREFIX}memory_lookup_seconds", "Seconds the engine spent on "
+                                          "memory-layer value-table reads (rate / rate of memserve:memory_lookups_total "
+                                          "= mean read time).", ["model_name"], **kw),
         )
 
 

@@ -81,6 +81,7 @@ class EngineWorker:
             from memserve.runtime.sampling import SamplingParams as sampling_cls
         self.sampling_cls = sampling_cls
         self._blocks_retrieved_seen = 0
+        self._lookups_seen, self._lookup_seconds_seen = 0, 0.0
 
     # ---- Generate -----------------------------------------------------------------------------
     def _prompt(self, req: dict) -> str | list[int]:
@@ -226,6 +227,14 @@ class EngineWorker:
         if total > self._blocks_retrieved_seen:
             counter.inc(total - self._blocks_retrieved_seen)
         self._blocks_retrieved_seen = max(self._blocks_retrieved_seen, total)
+        # memory layers: the engine's cumulative totals, fed to the counters as deltas (exported at 0 first)
+        n, secs = int(stats.memory_lookups_total), float(stats.memory_lookup_seconds_total)
+        lookups = self.metrics.memory_lookups.labels(self.model_name)
+        seconds = self.metrics.memory_lookup_seconds.labels(self.model_name)
+        if n > self._lookups_seen:
+            lookups.inc(n - self._lookups_seen)
+            seconds.inc(max(0.0, secs - self._lookup_seconds_seen))
+            self._lookups_seen, self._lookup_seconds_seen = n, secs
 
 
 def _usage(out) -> dict:

@@ -131,6 +131,9 @@ class EngineStats:
     sessions_active: int = 0
     blocks_retrieved_total: int = 0
     num_preemptions_total: int = 0
+    # memory layers (issue 16): value-table reads, one per memory layer per forward, summed over layers
+    memory_lookups_total: int = 0
+    memory_lookup_seconds_total: float = 0.0  # time spent in / waiting on those reads
 
 
 class Request:
@@ -408,7 +411,9 @@ class LLMEngine:
         st = EngineStats(
             num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
             kv_cache_usage_perc=a.usage, num_free_blocks=a.num_free_blocks, num_total_blocks=a.num_blocks,
-            kv_memory_bytes={"device": used * per_block}, num_preemptions_total=self.scheduler.num_preemptions_total)
+            kv_memory_bytes={"device": used * per_block}, num_preemptions_total=self.scheduler.num_preemptions_total,
+            memory_lookups_total=self.model.lookup_stats.lookups_total,
+            memory_lookup_seconds_total=self.model.lookup_stats.lookup_seconds_total)
         if self.memory is not None:
             tiers, st.sessions_active, st.blocks_retrieved_total = self.memory.stats()
             st.kv_memory_bytes.update(tiers)

@@ -44,6 +44,8 @@ class StatsLike(Protocol):
     kv_memory_bytes: dict[str, int]  # tier ("device", "memory", ...) -> bytes in use
     sessions_active: int  # sessions in this replica's RAM
     blocks_retrieved_total: int
+    memory_lookups_total: int  # memory-layer value reads (all memory layers together); 0 for dense models
+    memory_lookup_seconds_total: float  # seconds spent on those reads
 
 
 @runtime_checkable

@@ -74,6 +74,8 @@ class FakeStats:
     kv_memory_bytes: dict
     sessions_active: int
     blocks_retrieved_total: int
+    memory_lookups_total: int = 0  # the double has no memory layers
+    memory_lookup_seconds_total: float = 0.0
 
 
 class FakeTokenizer:

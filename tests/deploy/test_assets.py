@@ -55,7 +55,8 @@ def test_issue_metric_names_exist():
     for n in ["time_to_first_token_seconds_bucket", "inter_token_latency_seconds_bucket", "e2e_request_latency_seconds_bucket",
               "request_queue_time_seconds_bucket", "prompt_tokens_total", "generation_tokens_total", "request_success_total",
               "request_errors_total", "num_requests_running", "num_requests_waiting", "kv_cache_usage_perc",
-              "kv_memory_bytes", "sessions_active", "blocks_retrieved_total"]:
+              "kv_memory_bytes", "sessions_active", "blocks_retrieved_total", "memory_lookups_total",
+              "memory_lookup_seconds_total"]:
         assert f"memserve:{n}" in defined, n
 
 

@@ -118,3 +118,49 @@ def test_memory_shard_metrics_are_exported(tmp_path):
     assert s[("memserve:memory_shard_bytes_total", (ok,))] == 28
     assert s[("memserve:memory_shard_failures_total", (down,))] == 1
     assert ("memserve:memory_shard_failures_total", (ok,)) not in s
+
+
+MEMORY_WRITER = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, sys.argv[2])
+    import torch
+    from pathlib import Path
+    from memserve.deploy.metrics import get_metrics
+    from memserve.deploy.worker import EngineWorker
+    from memserve.runtime import LLM, SamplingParams
+    from tiny_models import make_tiny_memory_model
+    d = make_tiny_memory_model(Path(sys.argv[1]) / "m", mode="parallel", seed=3, with_tokenizer=False)
+    llm = LLM(str(d), progress=False, num_kv_blocks=32)
+    model, forwards = llm.engine.model, []
+    real = model.forward
+    model.forward = lambda *a, **k: (forwards.append(1), real(*a, **k))[1]
+    worker = EngineWorker(llm.engine, model_name="tiny-mem", replica="r0", metrics=get_metrics())
+    worker.update_gauges()  # before any lookup: the counters are exported at 0
+    llm.generate([[5, 6, 7, 8]], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True), use_tqdm=False)
+    worker.update_gauges()
+    worker.update_gauges()  # no new lookups: no double counting
+    print(len(forwards) * len(model.memory_layers), model.lookup_stats.lookup_seconds_total, flush=True)
+""")
+
+
+def test_memory_lookup_counters_from_a_real_memory_model(tmp_path):
+    """memserve:memory_lookups_total / memserve:memory_lookup_seconds_total (all memory layers of the replica
+    together) in the exposition text, fed from a real tiny memory model's engine stats by EngineWorker."""
+    from pathlib import Path
+
+    d = tmp_path / "prom"
+    d.mkdir()
+    env = {**os.environ, M.MULTIPROC_ENV: str(d), "OMP_NUM_THREADS": "1"}
+    tests_dir = str(Path(__file__).resolve().parents[1])
+    r = subprocess.run([sys.executable, "-c", MEMORY_WRITER, str(tmp_path), tests_dir], env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    want_lookups, seconds = r.stdout.split()
+    text = M.render(str(d))
+    assert b"# TYPE memserve:memory_lookups_total counter" in text or b"# TYPE memserve:memory_lookups counter" in text
+    s = _samples(text)
+    label = (("model_name", "tiny-mem"),)
+    assert int(want_lookups) == 10  # 5 forwards (prefill + 4 decode steps) x 2 memory layers
+    assert s[("memserve:memory_lookups_total", label)] == int(want_lookups)
+    got = s[("memserve:memory_lookup_seconds_total", label)]
+    assert 0 < got == float(seconds)
