@@ -183,6 +183,16 @@ def _read_prompt(p: str) -> str:
     return sys.stdin.read() if p == "-" else p
 
 
+def _channel(a: argparse.Namespace):
+    """Plaintext, or TLS trusting the CA file --tls-ca (a server behind a TLS proxy: deploy/README.md "TLS")."""
+    import grpc
+
+    ca = getattr(a, "tls_ca", None)
+    if not ca:
+        return grpc.insecure_channel(a.address)
+    return grpc.secure_channel(a.address, grpc.ssl_channel_credentials(root_certificates=Path(ca).read_bytes()))
+
+
 def cmd_generate(a: argparse.Namespace) -> int:
     prompt = _read_prompt(a.prompt)
     if a.local:
@@ -196,7 +206,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
         req.messages.extend(pb.ChatMessage(**m) for m in _messages(a, prompt))
     else:
         req.prompt = prompt
-    with grpc.insecure_channel(a.address) as ch:
+    with _channel(a) as ch:
         stub = pbg.MemServeStub(ch)
         try:
             last = None
@@ -254,7 +264,7 @@ def cmd_ingest(a: argparse.Namespace) -> int:
         print(f"memserve ingest: no such file: {path}", file=sys.stderr)
         return 2
     text = path.read_text(encoding="utf-8", errors="replace")
-    with grpc.insecure_channel(a.address) as ch, tqdm(unit="tok", desc=f"ingest {path.name} -> {a.session}") as bar:
+    with _channel(a) as ch, tqdm(unit="tok", desc=f"ingest {path.name} -> {a.session}") as bar:
         stub = pbg.MemServeStub(ch)
         try:
             last = None
@@ -386,6 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop", action="append", default=[])
     g.add_argument("--timeout", type=float, default=600, help="gRPC deadline in seconds")
     g.add_argument("--api-key", default=None, help="API key (default: env MEMSERVE_API_KEY)")
+    g.add_argument("--tls-ca", default=None, help="TLS: trust this CA certificate (PEM) instead of plaintext gRPC")
     g.add_argument("-v", "--verbose", action="store_true", help="print finish reason and token usage to stderr")
     g.set_defaults(fn=cmd_generate)
 
@@ -395,6 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--address", default=DEFAULT_ADDRESS)
     i.add_argument("--timeout", type=float, default=3600)
     i.add_argument("--api-key", default=None, help="API key (default: env MEMSERVE_API_KEY)")
+    i.add_argument("--tls-ca", default=None, help="TLS: trust this CA certificate (PEM) instead of plaintext gRPC")
     i.set_defaults(fn=cmd_ingest)
 
     c = sub.add_parser("selfcheck", help="check every kernel against its reference on a device, then bandwidth and decode tok/s")

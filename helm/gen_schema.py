@@ -109,6 +109,17 @@ def schema() -> dict:
                                                  "size": STR, "mountPath": {"type": "string", "pattern": "^/"}})}),
             "auth": obj({"existingSecret": {"type": "string", "description": "name of an existing Secret; "
                                             "API keys are never chart values"}, "secretKey": STR}),
+            "tls": obj({"enabled": BOOL,
+                        "secretName": {"type": "string", "description": "an existing kubernetes.io/tls Secret "
+                                       "(tls.crt, tls.key); required when enabled"},
+                        "port": PORT,
+                        "caKey": {"type": "string", "minLength": 1, "description": "key of tls.secretName "
+                                  "that `helm test` trusts: tls.crt (self-signed) or ca.crt (cert-manager)"},
+                        "image": obj({"repository": {"type": "string", "minLength": 1},
+                                      "tag": {"type": "string", "minLength": 1},
+                                      "pullPolicy": {"enum": ["Always", "IfNotPresent", "Never"]}},
+                                     ("repository", "tag")),
+                        "resources": RESOURCES}),
             "networkPolicy": obj({"enabled": BOOL, "from": {"type": "array", "items": {"type": "object"}}}),
             "monitoring": obj({
                 "serviceMonitor": obj({"enabled": BOOL, "interval": {"type": "string", "pattern": "^[0-9]+(ms|s|m|h)$"},

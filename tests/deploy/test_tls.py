@@ -19,6 +19,7 @@ import pwd
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -90,28 +91,24 @@ http {{
 
 
 @contextlib.contextmanager
-def nginx_tls(d: Path, cert: Path, key: Path, upstream_port: int):
-    """nginx terminating TLS on a free loopback port in front of 127.0.0.1:upstream_port; yields the port."""
-    tls_port = free_port()
-    for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
-        (d / sub).mkdir(exist_ok=True)
-    conf = d / "nginx.conf"
-    conf.write_text(NGINX_CONF.format(user=pwd.getpwuid(os.geteuid()).pw_name, d=d, tls_port=tls_port, cert=cert,
-                                      key=key, upstream_port=upstream_port))
-    subprocess.run([NGINX, "-t", "-p", str(d), "-c", str(conf), "-e", str(d / "error.log")], check=True,
-                   capture_output=True, timeout=30)
-    proc = subprocess.Popen([NGINX, "-p", str(d), "-c", str(conf), "-e", str(d / "error.log"), "-g", "daemon off;"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+def run_nginx(d: Path, conf_text: str, port: int):
+    """nginx with this config (as this user, prefix d) until the block ends; waits for it to listen on port."""
+    conf = d / f"nginx-{port}.conf"
+    conf.write_text(conf_text)
+    cmd = [NGINX, "-p", str(d), "-c", str(conf), "-e", str(d / f"error-{port}.log")]
+    t = subprocess.run(cmd + ["-t"], capture_output=True, text=True, timeout=30)
+    assert t.returncode == 0, f"nginx -t refused the config:\n{t.stderr}"
+    proc = subprocess.Popen(cmd + ["-g", "daemon off;"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         def listening():
             if proc.poll() is not None:
                 raise AssertionError(f"nginx exited: {proc.stderr.read().decode()[-2000:]}")
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", tls_port), 1):
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
                 return True
             return False
 
         wait_for(listening, 20, "nginx to listen")
-        yield tls_port
+        yield port
     finally:
         proc.terminate()
         try:
@@ -119,6 +116,15 @@ def nginx_tls(d: Path, cert: Path, key: Path, upstream_port: int):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=10)
+
+
+def nginx_tls(d: Path, cert: Path, key: Path, upstream_port: int):
+    """nginx terminating TLS on a free loopback port in front of 127.0.0.1:upstream_port; yields the port."""
+    tls_port = free_port()
+    for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
+        (d / sub).mkdir(exist_ok=True)
+    return run_nginx(d, NGINX_CONF.format(user=pwd.getpwuid(os.geteuid()).pw_name, d=d, tls_port=tls_port, cert=cert,
+                                          key=key, upstream_port=upstream_port), tls_port)
 
 
 class ServerThread:
@@ -153,7 +159,7 @@ def stack(tiny_llama_dir, tmp_path_factory):
     srv = ServerThread(ingress)
     try:
         with nginx_tls(d, cert, key, int(srv.addr.rsplit(":", 1)[1])) as tls_port:
-            yield {"engine": engine, "direct": srv.addr, "tls": f"localhost:{tls_port}",
+            yield {"engine": engine, "direct": srv.addr, "tls": f"localhost:{tls_port}", "cert": cert, "key": key,
                    "ca": ca_crt.read_bytes(), "other_ca": other_ca.read_bytes(), "dir": d}
     finally:
         srv.stop()
@@ -256,3 +262,44 @@ def test_client_trusting_another_ca_fails(stack):
             stub(ch).GetModelInfo(pb.GetModelInfoRequest(), metadata=AUTH, timeout=5)
     assert ei.value.code() == grpc.StatusCode.UNAVAILABLE, ei.value
     assert "CERTIFICATE_VERIFY_FAILED" in ei.value.details(), ei.value.details()
+
+
+def test_the_helm_charts_nginx_config_terminates_tls(stack):
+    """The nginx.conf of the chart's tls-proxy sidecar (helm/memserve, tls.enabled), rendered by the
+    real helm binary, run by the real nginx: only its file paths are moved into the test's dir."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "helm"))
+    from chart_testlib import by_kind, render
+
+    port, upstream = free_port(), stack["direct"].rsplit(":", 1)[1]
+    objs, _ = render("tls.yaml", sets=(f"tls.port={port}", f"grpc.port={upstream}"))
+    (cm,) = [c for c in by_kind(objs, "ConfigMap") if c["metadata"]["name"].endswith("-tls-nginx")]
+    d = stack["dir"] / "chart"
+    d.mkdir(exist_ok=True)
+    chart_conf = cm["data"]["nginx.conf"]
+    assert chart_conf.count("/tmp/") == 6 and chart_conf.count("/etc/memserve/tls/") == 2
+    conf = (chart_conf.replace("/tmp/", f"{d}/").replace("/etc/memserve/tls/tls.crt", str(stack["cert"]))
+            .replace("/etc/memserve/tls/tls.key", str(stack["key"])))
+    if os.geteuid() == 0:  # the pod runs it as uid 1000; as root nginx would drop its workers to nobody
+        conf = "user root;\n" + conf
+    req = pb.GenerateRequest(prompt="Summer paper glacier", sampling=pb.SamplingParams(max_tokens=8, temperature=0.0,
+                                                                                         ignore_eos=True))
+    with grpc.insecure_channel(stack["direct"]) as ch:
+        direct = generate(ch, req)
+    with run_nginx(d, conf, port):
+        with grpc.secure_channel(f"localhost:{port}", grpc.ssl_channel_credentials(root_certificates=stack["ca"])) as ch:
+            assert generate(ch, req)[:2] == direct[:2]
+
+
+def test_memserve_generate_cli_over_tls(stack, capsys, tmp_path):
+    from memserve.deploy import cli
+
+    ca = tmp_path / "ca.crt"
+    ca.write_bytes(stack["ca"])
+    req = pb.GenerateRequest(prompt="Quiet copper meadow", sampling=pb.SamplingParams(max_tokens=6, temperature=0.0))
+    with grpc.insecure_channel(stack["direct"]) as ch:
+        _, direct_text, _ = generate(ch, req)
+    capsys.readouterr()
+    args = ["generate", "--address", stack["tls"], "--api-key", KEY, "--max-tokens", "6", "--temperature", "0",
+            "--timeout", str(CALL_S), "Quiet copper meadow"]
+    assert cli.main([*args[:1], "--tls-ca", str(ca), *args[1:]]) == 0
+    assert capsys.readouterr().out.strip() == direct_text.strip()

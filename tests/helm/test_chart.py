@@ -265,3 +265,60 @@ def test_dockerfile_matches_the_chart():
     from memserve.deploy.cli import build_parser
 
     build_parser().parse_args(args)  # SystemExit on an unknown flag
+
+
+def _grpc_service(objs):
+    (svc,) = [s for s in by_kind(objs, "Service") if s["metadata"]["name"].endswith("-grpc")]
+    return svc
+
+
+def test_tls_off_renders_no_proxy():
+    objs, _ = render()
+    pods, ctrs = containers(objs)
+    assert "tls-proxy" not in [c["name"] for c in ctrs]
+    assert not [c for c in by_kind(objs, "ConfigMap") if c["metadata"]["name"].endswith("-tls-nginx")]
+    svc = _grpc_service(objs)
+    assert [(p["name"], p["port"], p["targetPort"]) for p in svc["spec"]["ports"]][0] == ("grpc", 9000, "grpc")
+    assert "memserve.io/role" not in svc["spec"]["selector"]  # every pod's Serve proxy
+
+
+def test_tls_on_puts_nginx_before_the_grpc_port():
+    objs, _ = render("tls.yaml", sets=("tls.port=9555", "grpc.port=9100"))
+    (rs,) = by_kind(objs, "RayService")
+    head = rs["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]
+    (proxy,) = [c for c in head["spec"]["containers"] if c["name"] == "tls-proxy"]
+    assert proxy["ports"] == [{"name": "grpc-tls", "containerPort": 9555, "protocol": "TCP"}]
+    # only the head has it; workers keep their plain containers
+    for g in rs["spec"]["rayClusterConfig"]["workerGroupSpecs"]:
+        assert "tls-proxy" not in [c["name"] for c in g["template"]["spec"]["containers"]]
+    vols = {v["name"]: v for v in head["spec"]["volumes"]}
+    assert vols["tls-cert"]["secret"]["secretName"] == "memserve-tls"
+    assert {i["key"] for i in vols["tls-cert"]["secret"]["items"]} == {"tls.crt", "tls.key"}  # kubernetes.io/tls keys
+    (cm,) = [c for c in by_kind(objs, "ConfigMap") if c["metadata"]["name"].endswith("-tls-nginx")]
+    assert vols["tls-nginx"]["configMap"]["name"] == cm["metadata"]["name"]
+    conf = cm["data"]["nginx.conf"]
+    assert "listen 9555 ssl http2;" in conf and "grpc_pass grpc://127.0.0.1:9100;" in conf
+    assert f"client_max_body_size {64 << 20};" in conf
+    mounts = {m["mountPath"] for m in proxy["volumeMounts"]}
+    assert {"/etc/memserve/tls", "/etc/memserve/nginx", "/tmp"} <= mounts
+    # the Service sends gRPC to the sidecar, on the head only; the plaintext port is not exposed
+    svc = _grpc_service(objs)
+    assert svc["spec"]["selector"]["memserve.io/role"] == "head"
+    assert head["metadata"]["labels"]["memserve.io/role"] == "head"
+    ports = {p["name"]: p for p in svc["spec"]["ports"]}
+    assert "grpc" not in ports and ports["grpc-tls"]["port"] == 9555 and ports["grpc-tls"]["targetPort"] == "grpc-tls"
+    # `helm test` dials the TLS port, trusting the Secret's certificate
+    (pod,) = by_kind(objs, "Pod")
+    cmd = pod["spec"]["containers"][0]["command"]
+    assert cmd[cmd.index("--address") + 1] == svc["metadata"]["name"] + ":9555" and "--tls-ca" in cmd
+    assert pod["spec"]["volumes"][0]["secret"] == {"secretName": "memserve-tls", "items": [{"key": "tls.crt", "path": "ca.crt"}]}
+    (np,) = by_kind(objs, "NetworkPolicy")
+    client_ports = [p["port"] for r in np["spec"]["ingress"] for p in r.get("ports", [])]
+    assert 9555 in client_ports and 9100 not in client_ports
+
+
+def test_tls_without_a_secret_fails_with_a_message():
+    _, p = render(sets=("tls.enabled=true",), check=False)
+    assert p.returncode != 0 and "tls.secretName" in p.stderr and "kubernetes.io/tls" in p.stderr
+    _, p = render(sets=("tls.enabled=true", "tls.secretName=x", "tls.prt=1"), check=False)
+    assert p.returncode != 0 and "prt" in p.stderr

@@ -61,6 +61,46 @@ seccompProfile:
     - {name: metrics, mountPath: /tmp/memserve-metrics}
 {{- end -}}
 
+{{/* The TLS sidecar of the head pod (tls.enabled): nginx terminating TLS on tls.port and passing
+gRPC to Serve's plaintext proxy on localhost (templates/tls-configmap.yaml). */}}
+{{- define "memserve.tlsProxy" -}}
+{{- if .Values.tls.enabled }}
+- name: tls-proxy
+  image: {{ .Values.tls.image.repository }}:{{ .Values.tls.image.tag }}
+  imagePullPolicy: {{ .Values.tls.image.pullPolicy }}
+  command: ["nginx", "-c", "/etc/memserve/nginx/nginx.conf", "-e", "stderr", "-g", "daemon off;"]
+  ports:
+    - {name: grpc-tls, containerPort: {{ .Values.tls.port }}, protocol: TCP}
+  readinessProbe:
+    tcpSocket: {port: grpc-tls}
+    periodSeconds: 10
+  resources:
+    {{- toYaml .Values.tls.resources | nindent 4 }}
+  securityContext:
+    {{- include "memserve.containerSecurity" . | nindent 4 }}
+  volumeMounts:
+    - {name: tls-cert, mountPath: /etc/memserve/tls, readOnly: true}
+    - {name: tls-nginx, mountPath: /etc/memserve/nginx, readOnly: true}
+    - {name: tls-tmp, mountPath: /tmp}
+{{- end }}
+{{- end -}}
+
+{{- define "memserve.tlsVolumes" -}}
+{{- if .Values.tls.enabled }}
+- name: tls-cert
+  secret:
+    secretName: {{ .Values.tls.secretName }}
+    items:
+      - {key: tls.crt, path: tls.crt}
+      - {key: tls.key, path: tls.key}
+- name: tls-nginx
+  configMap:
+    name: {{ include "memserve.name" . }}-tls-nginx
+- name: tls-tmp
+  emptyDir: {}
+{{- end }}
+{{- end -}}
+
 {{/* Volumes and mounts shared by the Ray containers. */}}
 {{- define "memserve.volumes" -}}
 - name: metrics
