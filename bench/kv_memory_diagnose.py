@@ -214,6 +214,7 @@ def main(argv=None):
                 for var in a.variants:
                     over = json.loads(var)
                     exact = over.pop("_exact_reprs", False)
+                    outliers = over.pop("_repr_outliers", 0)
                     cfg = with_policy(base, over)
                     mem = SequenceKVMemory(cfg, c.num_hidden_layers, c.num_key_value_heads, c.head_dim)
                     for lm, st in zip(mem.layers, states):
@@ -227,6 +228,22 @@ def main(argv=None):
                             lm.reprs = _Rows(dim=2)
                             lm.reprs.append(kb.to(lm.wv.buf.dtype).permute(1, 3, 0, 2), spare=8)
                             lm._representatives = lambda kb, sc: kb  # blocks packed during the replay too
+                        if outliers:  # replay only: the saved representatives + the block's `outliers` keys
+                            # farthest from its mean key (from the stored int4 keys)
+                            from memserve.runtime.kv_memory.buffers import _Rows
+                            from memserve.runtime.kv_memory.representatives import outlier_keys
+
+                            kb, _ = lm._load_blocks(torch.arange(lm.num_blocks))  # (NB, Hkv, bs, D)
+                            extra = outlier_keys(kb.to(lm.wv.buf.dtype), outliers).permute(1, 3, 0, 2)
+                            old_r = lm.reprs.get()
+                            lm.reprs = _Rows(dim=2)
+                            lm.reprs.append(torch.cat((old_r, extra), 3), spare=8)
+                            orig_rep = lm._representatives
+
+                            def rep(kb, sc, orig_rep=orig_rep, n=outliers):
+                                return torch.cat((orig_rep(kb, sc), outlier_keys(kb, n)), 2)
+
+                            lm._representatives = rep
                     rec = Recorder(mem, span)
                     p = n_body
                     rec.begin("tail")

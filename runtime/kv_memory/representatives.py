@@ -21,3 +21,11 @@ def block_centroids(kb: torch.Tensor, vb: torch.Tensor) -> tuple[torch.Tensor, t
     """Mean key (Hkv, D, nf) column-major and mean value (Hkv, nf, D) of blocks kb / vb (nf, Hkv, bs, D):
     what an unselected block contributes under RetrievalPolicy(unselected="centroid")."""
     return kb.mean(2).permute(1, 2, 0), vb.mean(2).transpose(0, 1)
+
+
+def outlier_keys(kb: torch.Tensor, n: int) -> torch.Tensor:
+    """(nf, Hkv, n, D): per block and KV head the n keys of kb (nf, Hkv, bs, D) farthest from the block's
+    mean key -- tokens unlike the rest of their block, whatever attention they received in the window."""
+    dist = (kb - kb.mean(2, keepdim=True)).norm(dim=-1)  # (nf, Hkv, bs)
+    top = dist.topk(n, dim=-1).indices
+    return kb.gather(2, top[..., None].expand(-1, -1, -1, kb.shape[-1]))
