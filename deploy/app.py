@@ -24,9 +24,10 @@ and gRPC ingress at once, and Serve's proxy routes to them with the same MemServ
 one Ray hop instead of two; measured with a tiny model on 2 CPUs at 8 streams: 445 vs 325 tokens/s
 through the serving path (bench/serving.py).
 
-Memory-shard deployments (a later issue) slot in beside MemServeEngine: the engine deployment
-would receive their handles as constructor arguments, the same way the ingress receives the
-engine's.
+Memory shards (issue 17, AppConfig.memory_shards = P > 0): P MemoryShard deployments per value
+table sit beside MemServeEngine in the same application; the engine deployment receives their
+handles as constructor arguments (the way the ingress receives the engine's), so every engine
+replica shares one set of shards (deploy/memory_shard_app.py).
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ GAUGE_PERIOD_S = 0.5
 class MemServeEngine:
     """One engine replica: the engine plus its request handling and gauges."""
 
-    def __init__(self, config: dict):
+    def __init__(self, config: dict, shards: dict | None = None):
         cfg = AppConfig(**config)
         from memserve.deploy.metrics import get_metrics
         from memserve.deploy.worker import EngineWorker, import_attr
@@ -69,22 +70,35 @@ class MemServeEngine:
             replica = serve.get_replica_context().replica_id.unique_id
         except Exception:  # noqa: BLE001 - outside Serve (tests)
             replica = f"pid{os.getpid()}"
+        metrics = get_metrics() if cfg.metrics_dir else None
+        self._shard_watch = None
+        if shards:  # issue 17: the value tables live in the app's MemoryShard deployments (handles resolved by Serve)
+            from memserve.deploy.memory_shard_app import ShardReplicaWatch, attach_remote_stores
+
+            stores = attach_remote_stores(self.engine, shards, metrics=metrics)
+            self._shard_watch = ShardReplicaWatch(stores, cfg.app_name, replica, metrics)
         info = self.engine.model_info() or {}
         self.worker = EngineWorker(self.engine, model_name=str(info.get("name") or cfg.model), replica=replica,
-                                   metrics=get_metrics() if cfg.metrics_dir else None,
-                                   sampling_cls=import_attr(cfg.sampling_cls))
+                                   metrics=metrics, sampling_cls=import_attr(cfg.sampling_cls))
         log.info("engine replica %s ready in %.1f s", replica, time.time() - t0)
         self._gauge_task = None
 
     def _ensure_gauge_task(self):
-        if self._gauge_task is None and self.worker.metrics is not None:
+        if self._gauge_task is None and (self.worker.metrics is not None or self._shard_watch is not None):
             self._gauge_task = asyncio.get_running_loop().create_task(self._gauges())
 
     async def _gauges(self):
         while True:
             with contextlib.suppress(Exception):
                 self.worker.update_gauges()
+            with contextlib.suppress(Exception):
+                await self._refresh_shard_replicas()
             await asyncio.sleep(GAUGE_PERIOD_S)
+
+    async def _refresh_shard_replicas(self, max_age_s: float | None = None):
+        w = self._shard_watch
+        if w is not None and (w.stale() if max_age_s is None else w.stale(max_age_s)):
+            w.refresh(await asyncio.to_thread(serve.status))
 
     async def generate(self, req: dict, routing: dict | None = None):
         self._ensure_gauge_task()
@@ -100,6 +114,8 @@ class MemServeEngine:
 
     async def model_info(self, routing: dict | None = None) -> dict:
         self._ensure_gauge_task()
+        with contextlib.suppress(Exception):  # shard replica counts at most 1 s old in GetModelInfo
+            await self._refresh_shard_replicas(1.0)
         return self.worker.model_info()
 
     async def record_routing_stats(self) -> dict[str, Any]:
@@ -352,8 +368,8 @@ class MemServeDirect(MemServeEngine, MemServeIngress):
     routes straight to engine replicas (with the same MemServeRequestRouter, which then reads the
     session id from the request itself); one Ray hop less per streamed message."""
 
-    def __init__(self, config: dict):
-        MemServeEngine.__init__(self, config)
+    def __init__(self, config: dict, shards: dict | None = None):
+        MemServeEngine.__init__(self, config, shards)
         cfg = AppConfig(**config)
         self.core = IngressCore(LocalEngineClient(self.worker, cfg.app_name), sampling_cls=self.worker.sampling_cls,
                                 **_edge_kwargs(cfg))
@@ -376,12 +392,14 @@ class MemServeDirect(MemServeEngine, MemServeIngress):
 
 def build_app(config: AppConfig):
     """The bound Serve application (pass to `serve.run`)."""
+    from memserve.deploy.memory_shard_app import bind_shards
     from memserve.deploy.metrics import MULTIPROC_ENV
     from memserve.deploy.routing import MemServeRequestRouter
 
     env = dict(config.env_vars)
     if config.metrics_dir:
         env[MULTIPROC_ENV] = config.metrics_dir
+    shards = bind_shards(config, env)  # {} unless memory_shards > 0: P MemoryShard deployments per value table
     threads = str(config.engine_threads or os.cpu_count() or 1)
     engine_env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, **env}
     actor_opts = {"num_cpus": config.engine_num_cpus, "num_gpus": config.engine_num_gpus,
@@ -405,7 +423,7 @@ def build_app(config: AppConfig):
             request_routing_stats_timeout_s=5.0,
         ),
         **scaling,
-    ).bind(config.model_dump())
+    ).bind(config.model_dump(), *([shards] if shards else []))
     if config.topology == "direct":
         return engine
     ingress_opts: dict[str, Any] = {"num_cpus": config.ingress_num_cpus}

@@ -81,6 +81,20 @@ class AppConfig(BaseModel):
                                       "each request on it and loads on whichever replica gets it next. None: "
                                       "sessions live in their replica's RAM only (`memserve serve` defaults to a "
                                       "local directory).")
+    memory_shards: int = Field(0, ge=0, description="Memory shards per value table (issue 17, deploy/memory_shards.py): "
+                               "P > 0 serves each memory-layer value table from P MemoryShard deployments shared by "
+                               "every engine replica (written first by `memserve shard-memory DIR --shards P --layout "
+                               "L`); 0 keeps the tables inside each engine replica.")
+    shard_layout: Literal["columns", "rows"] = Field(
+        "columns", description="How a table is cut: 'columns' (each shard holds every row's columns [c0, c1); "
+        "bit-exact with the local table) or 'rows' (rows [r0, r1), partial bags added by the engine; fp32 "
+        "re-association, see deploy/memory_shards.py).")
+    shard_replicas: str = Field("1:1", description="Replicas of each shard deployment, 'N' or 'MIN:MAX' (MIN < MAX: "
+                                "Serve autoscaling on ongoing lookups between the bounds).")
+    shard_num_cpus: float = Field(0.0, ge=0, description="CPUs reserved per shard replica in Ray's accounting (0 or "
+                                  "fractional: a shard is a memory-bound gather; its threads are capped at 1).")
+    shard_target_ongoing_requests: float = Field(2.0, gt=0, description="Serve autoscaling target of in-flight "
+                                                 "lookups per shard replica (with shard_replicas MIN:MAX).")
     limits: Limits = Field(default_factory=Limits, description="Bounds per request and per tenant "
                            "(deploy/limits.py): max_tokens, prompt size, messages, stop strings, request size, "
                            "concurrent streams, sessions and memory-tier bytes per tenant.")
@@ -99,6 +113,24 @@ class AppConfig(BaseModel):
             lo, hi = a.get("min_replicas", 1), a.get("max_replicas", 1)
             if not (0 <= lo <= hi):
                 raise ValueError(f"autoscaling_config: need 0 <= min_replicas <= max_replicas, got {lo}, {hi}")
+        return self
+
+    @field_validator("shard_replicas")
+    @classmethod
+    def _shard_replicas(cls, v: str) -> str:
+        from memserve.deploy.memory_shards import parse_replicas
+
+        try:
+            parse_replicas(v)
+        except ValueError as e:
+            raise ValueError(f"shard_replicas (--shard-replicas): {e}") from None
+        return str(v)
+
+    @model_validator(mode="after")
+    def _memory_shards(self) -> "AppConfig":
+        if self.memory_shards and (self.model == "default" or self.model.endswith(".gguf")):
+            raise ValueError(f"memory_shards (--memory-shards) = {self.memory_shards} needs a memory-layer model "
+                             f"directory (HF safetensors with memory_layers in config.json), got model {self.model!r}")
         return self
 
     def kv_memory_on(self) -> bool:

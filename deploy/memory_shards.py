@@ -272,7 +272,10 @@ def parse_replicas(text: str | None) -> tuple[int, int]:
     if not text:
         return 1, 1
     lo, _, hi = str(text).partition(":")
-    lo_i, hi_i = int(lo), int(hi or lo)
+    try:
+        lo_i, hi_i = int(lo), int(hi or lo)
+    except ValueError:
+        raise ValueError(f"shard replicas {text!r}: expected 'N' or 'MIN:MAX' (integers)") from None
     if not 1 <= lo_i <= hi_i:
         raise ValueError(f"shard replicas {text!r}: need MIN:MAX with 1 <= MIN <= MAX")
     return lo_i, hi_i

@@ -131,6 +131,7 @@ class RemoteValueStore(ValueStore):
         self.bytes_sent = 0
         self.bytes_received = 0
         self.retries = 0
+        self.replicas: dict[str, int] = {}  # running replicas per shard, filled by deploy/memory_shard_app.py
 
     @classmethod
     def from_specs(cls, specs: list, handles: list, **kw) -> RemoteValueStore:
@@ -166,7 +167,8 @@ class RemoteValueStore(ValueStore):
         from memserve.deploy.memory_shards import split
 
         n = self.num_rows if self.layout == "rows" else self.dim
-        return [{"name": name, "layout": self.layout, "begin": b, "end": e, "table": self.table}
+        return [{"name": name, "layout": self.layout, "begin": b, "end": e, "table": self.table,
+                 "replicas": self.replicas.get(name, 0)}
                 for name, (b, e) in zip(self.names, split(n, self.num_shards), strict=True)]
 
     # ---- internals --------------------------------------------------------------------------------

@@ -172,6 +172,15 @@ class AsyncLLMEngine:
     def model_info(self) -> dict:
         return self.engine.model_info()
 
+    def value_stores(self) -> dict:
+        """The model's value tables by tensor name (memory-layer models; {} for a dense model)."""
+        return self.engine.model.value_stores()
+
+    def replace_value_store(self, name: str, store) -> None:
+        """Serve table `name` from `store` (e.g. deploy's remote memory shards). Call before the first
+        request: the engine thread reads the stores on every step."""
+        self.engine.model.replace_value_store(name, store)
+
     def shutdown(self) -> None:
         """Stop the engine thread. Before it stops, running requests are aborted (their sessions keep
         what was computed) and every session not yet in the snapshot store is written: a drain.

@@ -1,0 +1,177 @@
+"""Memory shards wired into the serving app (issue 17): `build_app` with memory_shards = P deploys P
+MemoryShard deployments per value table beside the engine; the engine replicas read their tables
+through them. Real local Ray Serve, real gRPC client (Serve's proxy), tiny random-weight memory models.
+
+Reference: the same model in-engine (P = 0, TensorValueStore). Greedy tokens come over gRPC; logits
+from the engine's model forward in this process with its tables replaced by RemoteValueStores over
+handles to the *app's* shard deployments (gRPC has no logits field). Columns: bit-for-bit. Rows:
+the engine adds P partial bags, so each output element's fp32 sum of K products is re-associated;
+the bound is |d| <= 2 (K - 1) u sum_k |w_k v_k| per bag element (u = 2**-24), and what reaches the
+logits is measured below (ROWS_LOGIT_ATOL, with the greedy tokens identical).
+
+One Ray cluster for the module (run under `flock /tmp/memserve-ray.lock`); one app per layout at
+P = 3 in the fast set, P = 1 and 2 slow-marked (each deploys and then deletes its app).
+"""
+
+from __future__ import annotations
+
+import os
+
+import grpc
+import pytest
+import torch
+from memserve.deploy import memserve_pb2 as pb
+from memserve.deploy import memserve_pb2_grpc as pbg
+from serving_testlib import free_port
+
+ray = pytest.importorskip("ray")
+
+ENGINE_ARGS = {"num_kv_blocks": 64, "block_size": 16, "progress": False, "max_num_seqs": 4}
+V_DIM = 50  # 50 columns / 3 and 64 rows / 3 are uneven splits
+PROMPTS = [[5, 17, 300, 4000, 12, 9, 77], [101, 202, 303, 404, 505, 606, 707, 808, 909, 1000, 11]]
+MAX_TOKENS = 10
+# measured max |logit difference| rows vs local on these models: see test output; the bound holds with margin
+ROWS_LOGIT_ATOL = 1e-4
+# (layout, P, shared value table, topology): the fast pair covers both layouts, one and two tables, both topologies
+FAST = [("columns", 3, False, "ingress"), ("rows", 3, True, "direct")]
+SLOW = [(lay, p, True, "ingress") for lay in ("columns", "rows") for p in (1, 2)]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    from tiny_models import make_tiny_memory_model
+
+    return {shared: make_tiny_memory_model(tmp_path_factory.mktemp(f"mem-{shared}"), mode="parallel", seed=3,
+                                           shared_values=shared, v_dim=V_DIM) for shared in (True, False)}
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    from memserve.deploy.app import SERVE_ENV, grpc_options, init_ray
+    from ray import serve
+
+    saved_env = {k: os.environ.get(k) for k in SERVE_ENV}
+    port = free_port()
+    init_ray(num_cpus=2, log_to_driver=False, logging_level="ERROR")
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": free_port()}, grpc_options=grpc_options(port))
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        yield {"stub": pbg.MemServeStub(channel), "serve": serve}
+        channel.close()
+    finally:
+        ray.shutdown()
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _deploy(cluster, models, layout, P, shared, topology):
+    from memserve.deploy.app import build_app
+    from memserve.deploy.config import AppConfig
+    from memserve.deploy.memory_shards import shard_memory
+
+    d = models[shared]
+    shard_memory(d, P, layout)
+    name = f"mem-{layout}-{P}"
+    cfg = AppConfig(app_name=name, model=str(d), topology=topology, engine_args=ENGINE_ARGS, engine_threads=1,
+                    memory_shards=P, shard_layout=layout, shard_replicas="1")
+    cluster["serve"].run(build_app(cfg), name=name, route_prefix=f"/{name}", blocking=False)
+    return name, d
+
+
+def _generate(stub, app, prompt):
+    req = pb.GenerateRequest(prompt_token_ids=prompt, sampling=pb.SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0,
+                                                                                 ignore_eos=True))
+    msgs = list(stub.Generate(req, timeout=180, metadata=(("application", app),)))
+    return [t for m in msgs for t in m.token_ids]
+
+
+def _local_llm(d):
+    from memserve.runtime import LLM
+
+    return LLM(str(d), **ENGINE_ARGS)
+
+
+def _logits(llm, ids):
+    from memserve.runtime.attention import AttentionMetadata
+
+    eng = llm.engine
+    table = eng.allocator.allocate("logits", len(ids))
+    try:
+        meta = AttentionMetadata.build(["logits"], [len(ids)], [0], [table], eng.allocator.block_size)
+        return eng.model.forward(torch.tensor(ids), meta, eng.attn, None)
+    finally:
+        eng.allocator.free("logits")
+
+
+def _check_app(cluster, models, layout, P, shared, topology):
+    from memserve.deploy.memory_shard_app import attach_remote_stores
+    from memserve.deploy.memory_shards import load_specs
+    from memserve.runtime import SamplingParams
+
+    serve, stub = cluster["serve"], cluster["stub"]
+    app, d = _deploy(cluster, models, layout, P, shared, topology)
+    local = _local_llm(d)
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
+    outs = local.generate(PROMPTS, params, use_tqdm=False)
+    # 1. greedy tokens over real gRPC through the app's shards == in-engine
+    for prompt, out in zip(PROMPTS, outs, strict=True):
+        assert _generate(stub, app, prompt) == list(out.token_ids), (layout, P)
+    # 2. logits (fp32) through the same shard deployments (handles from this process) vs in-engine
+    plan = load_specs(d, P, layout)
+    shards = {t: {"specs": [s.to_dict() for s in specs],
+                  "handles": [serve.get_deployment_handle(s.name, app_name=app) for s in specs]}
+              for t, specs in plan.items()}
+    remote = _local_llm(d)
+    stores = attach_remote_stores(remote.engine.model, shards)
+    assert len(stores) == len(plan) == (1 if shared else 2) and all(s.num_shards == P for s in stores)
+    worst = 0.0
+    for prompt, out in zip(PROMPTS, outs, strict=True):
+        ids = prompt + list(out.token_ids)
+        want, got = _logits(local, ids), _logits(remote, ids)
+        assert got.dtype == torch.float32 and got.shape == want.shape
+        if layout == "columns" or P == 1:
+            assert torch.equal(got, want), f"{layout} P={P}: logits must be bit-exact"
+        else:
+            worst = max(worst, (got - want).abs().max().item())
+    if layout == "rows" and P > 1:
+        print(f"rows P={P}: max |logit - in-engine logit| = {worst:.3g}")
+        assert worst <= ROWS_LOGIT_ATOL
+    assert sum(s.lookups for s in stores) > 0
+    return app, plan
+
+
+@pytest.mark.parametrize("layout, P, shared, topology", FAST, ids=[f"{c[0]}-{c[1]}" for c in FAST])
+def test_app_through_shards_equals_in_engine(cluster, models, layout, P, shared, topology):
+    app, plan = _check_app(cluster, models, layout, P, shared, topology)
+    # GetModelInfo lists every shard: name, layout, slice, running replicas
+    mi = cluster["stub"].GetModelInfo(pb.GetModelInfoRequest(), timeout=60, metadata=(("application", app),))
+    got = [(s.name, s.layout, s.begin, s.end, s.replicas) for s in mi.memory_layers.shards]
+    want = [(s.name, layout, s.begin, s.end, 1) for specs in plan.values() for s in specs]
+    assert sorted(got) == sorted(want)
+
+
+@pytest.mark.slow  # one more app start each (~20 s on 2 cores)
+@pytest.mark.parametrize("layout, P, shared, topology", SLOW, ids=[f"{c[0]}-{c[1]}" for c in SLOW])
+def test_app_through_fewer_shards_equals_in_engine(cluster, models, layout, P, shared, topology):
+    app, _ = _check_app(cluster, models, layout, P, shared, topology)
+    cluster["serve"].delete(app, _blocking=True)
+
+
+def test_bad_shard_settings_fail_at_start_naming_the_flag(models, tmp_path):
+    from memserve.deploy.app import build_app
+    from memserve.deploy.config import AppConfig
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="shard_replicas"):
+        AppConfig(model=str(models[True]), memory_shards=2, shard_replicas="3:1")
+    with pytest.raises(ValidationError, match="shard_replicas"):
+        AppConfig(model=str(models[True]), memory_shards=2, shard_replicas="two")
+    with pytest.raises(ValidationError, match="memory_shards"):
+        AppConfig(model="default", memory_shards=2)
+    with pytest.raises(ValidationError, match="shard_layout"):
+        AppConfig(model=str(models[True]), memory_shards=2, shard_layout="diagonal")
+    with pytest.raises(ValueError, match="--memory-shards 5.*memserve shard-memory"):  # files not written for P=5
+        build_app(AppConfig(model=str(models[True]), memory_shards=5))
