@@ -29,7 +29,7 @@ from memserve.scheduler.kv_policy import RetrievalPolicy
 from .attention import AttentionBackend, AttentionMetadata
 from .durable_sessions import DurableSessions
 from .errors import InvalidRequestError, MemoryTierFullError, SessionNotFoundError
-from .kv_memory import KVMemoryConfig, SequenceKVMemory
+from .kv_memory import KVMemoryConfig, SequenceKVMemory, attend_decode_tokens
 from .kv_memory.budget import TierBudget, tier_bytes_per_token
 from .kv_memory.profiles import profile_for
 from .sessions import Session, SessionStore, load_session, save_session
@@ -119,7 +119,16 @@ class KVMemoryAttention(AttentionBackend):
         if sub is not None:
             sub_meta, idx = sub
             out[idx] = self.dense.forward(layer, q[idx], k[idx], v[idx], sub_meta)
+        # every memory sequence decoding one token: one kernel-op call for all of them
+        dec = [(sm, a, p0) for sm, a, b, p0 in mem if b - a == 1 and sm.layers[layer]._token_step(q)]
+        if dec:
+            rows = [a for _, a, _ in dec]
+            out[rows] = attend_decode_tokens([sm.layers[layer] for sm, _, _ in dec], q[rows], k[rows], v[rows],
+                                             [p0 for _, _, p0 in dec], self.inv_freq, self.scale)
+        decoded = {a for _, a, _ in dec}
         for sm, a, b, p0 in mem:
+            if a in decoded:
+                continue
             lm = sm.layers[layer]
             step = sm.cfg.chunk_size if p0 + (b - a) > sm.cfg.dense_limit else b - a
             for c in range(a, b, step):  # bounded working memory: sub-chunks of chunk_size tokens

@@ -18,8 +18,10 @@ Position scheme (InfLLM): for a query at position p and a key at j, with d = p -
 One softmax spans sinks + selected blocks + buffer. With every block selected and compression "none"
 this is exactly dense attention under that scheme (`reference_attention`, tested in float64).
 
-All work is vectorized over tokens, heads and blocks (no Python loop per token or block); the torch
-path stands in for memserve.kernels' block-sparse decode kernel on CPU.
+All work is vectorized over tokens, heads and blocks (no Python loop per token or block). The math goes
+through memserve.kernels: block scores (`score_block_reprs`) and decode attention
+(`kv_memory_decode_attention`, every decoding memory sequence of a step in one call) -- Triton on CUDA,
+the CPU-tuned torch paths elsewhere; prefill chunks attend per sequence (attention.py `attend`).
 
 One role per file: config.py (KVMemoryConfig), positions.py (position scheme, chunk plans, the float64
 reference), buffers.py (growable rows, workspace), quant.py (memory-tier compression), representatives.py
@@ -28,9 +30,10 @@ reference), buffers.py (growable rows, workspace), quant.py (memory-tier compres
 """
 
 
+from .attention import attend_decode_tokens
 from .config import KVMemoryConfig
 from .positions import default_inv_freq, reference_attention, rotate, softmax_scale
 from .store import KVLayerStore, SequenceKVMemory
 
-__all__ = ["KVLayerStore", "KVMemoryConfig", "SequenceKVMemory", "default_inv_freq", "reference_attention",
+__all__ = ["KVLayerStore", "attend_decode_tokens", "KVMemoryConfig", "SequenceKVMemory", "default_inv_freq", "reference_attention",
            "rotate", "softmax_scale"]

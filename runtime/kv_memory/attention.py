@@ -1,9 +1,12 @@
 """The KV memory's attention: one softmax over [selected blocks | far window | local window] for a
-prefill chunk (`attend`) and the few-kernel decode-token path (`_attend_token`)."""
+prefill chunk (`attend`), and for decode tokens through the kernel op `kv_memory_decode_attention`
+(`attend_decode_tokens`: every decoding memory sequence of a step in ONE call -- Triton on CUDA, the
+CPU-tuned torch path elsewhere)."""
 
 from __future__ import annotations
 
 import torch
+from memserve.kernels import kv_memory_decode_attention
 from memserve.runtime.attention import RotaryEmbedding, qk_view
 
 from .buffers import _workspace
@@ -30,6 +33,34 @@ def _bmm_vals(p: torch.Tensor, vals: torch.Tensor) -> torch.Tensor:
     return torch.bmm(p.reshape(hkv * g, gt // g, n), vals.reshape(hkv * g, n, -1)).view(hkv, gt, -1)
 
 
+def _stack_inputs(inputs: list) -> tuple:
+    """Per-sequence `_begin_token` results -> the decode op's batched arguments (no copy for one sequence)."""
+    if len(inputs) == 1:
+        qf, ql, keys, vals, m, f, pad = inputs[0]
+        return qf, ql, [keys], [vals], [m], [f], None if pad is None else [pad]
+    qf, ql, keys, vals, ms, fs, pads = zip(*inputs)
+    pads = None if all(p is None for p in pads) else list(pads)
+    return torch.cat(qf), torch.cat(ql), list(keys), list(vals), list(ms), list(fs), pads
+
+
+def attend_decode_tokens(stores: list, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p0s: list[int],
+                         inv_freq: torch.Tensor, scale: float) -> torch.Tensor:
+    """One decode token for each of B sequences at one layer: row b of q (B, Hq, D) / k, v (B, Hkv, D)
+    (before RoPE) is sequence b's token, `stores[b]` its layer store (each must take the token path,
+    `_token_step`). Every store selects its blocks, then ONE `kv_memory_decode_attention` call attends
+    all B. Returns (B, Hq, D)."""
+    inputs = []
+    for b, st in enumerate(stores):
+        assert p0s[b] == st.n_tokens, f"token at {p0s[b]} but the memory holds {st.n_tokens} tokens"
+        st.hq = q.shape[1]
+        plan = st.plans.get(st.cfg, p0s[b], 1, st.n_sinks, st.buf_start, inv_freq, q)
+        inputs.append(st._begin_token(q[b : b + 1], k[b : b + 1], v[b : b + 1], plan, scale))
+    out, _, received = kv_memory_decode_attention(*_stack_inputs(inputs), scale=1.0)
+    for st, r in zip(stores, received):
+        st._end_token(r)
+    return out
+
+
 class AttentionMixin:
     """Attention methods of KVLayerStore (state lives in store.py)."""
 
@@ -49,8 +80,7 @@ class AttentionMixin:
         hkv, g = self.hkv, hq // self.hkv
         self.hq = hq
         plan = self.plans.get(cfg, p0, t, self.n_sinks, self.buf_start, inv_freq, q)
-        if (t == 1 and self.token_path and q.dtype in (torch.float32, torch.float64)
-                and cfg.policy.granularity != "q_head"):
+        if t == 1 and self._token_step(q):
             return self._attend_token(q, k, v, plan, scale)
         # the chunk joins the working set first (it attends to itself causally)
         self.wkeys.append(torch.stack((k, RotaryEmbedding.apply(k, plan.cos_l, plan.sin_l))).permute(0, 2, 3, 1))
@@ -123,16 +153,32 @@ class AttentionMixin:
 
     def _attend_token(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: _ChunkPlan,
                       scale: float) -> torch.Tensor:
-        """`attend` for one decode token in as few kernels as possible -- the same attention as the chunk
-        path. A decode step on a CPU pays for every torch call (~2 us for a view, ~5-10 us for a small
-        kernel, x 30 layers): this path makes 52 calls (~13 kernels, 3 bmm) per layer where the chunk path
-        makes ~94 (~38 kernels). The decode blocks sit in the front regions of the window buffers, so
-        [blocks | far window] is one product with the n_local-rotated query and every value one more; the
+        """`attend` for one decode token: the same attention as the chunk path, through the kernel op
+        `kv_memory_decode_attention` (one sequence; `attend_decode_tokens` batches many)."""
+        inputs = self._begin_token(q, k, v, plan, scale)
+        out, _, received = kv_memory_decode_attention(*_stack_inputs([inputs]), scale=1.0)
+        self._end_token(received[0])
+        return out
+
+    def _token_step(self, q: torch.Tensor) -> bool:
+        """Whether a single decode token takes the token path (the kernel op) rather than the chunk path."""
+        # unselected="centroid" (an option, default off) adds centroid columns the op does not take yet:
+        # those steps take the chunk path, which attends them in the same one softmax
+        pol = self.cfg.policy
+        return (self.token_path and q.dtype in (torch.float32, torch.float64) and pol.granularity != "q_head"
+                and pol.unselected != "centroid")
+
+    def _begin_token(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: _ChunkPlan, scale: float):
+        """Append the decode token and pick its blocks; returns this sequence's inputs of the decode op:
+        (q_far, q_loc (1, Hq, D) scaled, keys (2, Hkv, D, W), values (Hkv, W, D), m, f, pad (Hkv, m) or None).
+
+        A decode step on a CPU pays for every torch call (~2 us for a view, ~5-10 us for a small kernel,
+        x 30 layers), so: the decode blocks sit in the front regions of the window buffers, making
+        [blocks | far window] one product with the n_local-rotated query and every value one more; the
         softmax scale is folded into the query's RoPE tables. For T = 1 the far window columns are exactly
         [0, f_end) and the local ones [f_end, W) (l0 == f_end) and none is masked."""
-        hkv, d = self.hkv, self.d
+        hkv = self.hkv
         hq = q.shape[1]
-        g, f = hq // hkv, plan.f_end
         # rows [q at n_local | k] and [q | k rotated], queries scaled (before engagement row 0 is unused)
         rot = RotaryEmbedding.apply(qk_view(q, k), *plan.token_tables(hq, hkv, scale))  # (2, Hq + Hkv, D)
         if self._zero_score is None:
@@ -144,30 +190,15 @@ class AttentionMixin:
         if self._uses_blocks():
             pad = self._retrieve(rot[:1, :hq])[2]  # the blocks sit in the front regions (may reallocate them)
             m = self.wkeys.front
-        cent = None  # unselected="centroid": columns [... | centroids (nc)] after the window
-        if self.cfg.policy.unselected == "centroid" and self.num_blocks:
-            cent = self._unselected_part(q.dtype)
-        nc = cent[0].shape[-1] if cent is not None else 0
-        # columns [blocks (m) | far window (f) | local window]: keys without RoPE for the first two parts
-        keys, start = self.wkeys.with_front(), self.wkeys.front - m
-        n_all = m + self.wkeys.n
-        lg = _workspace(hkv * g * (n_all + nc), q.dtype, q.device).view(hkv, g, n_all + nc)
-        q_glob, q_loc = rot[0, :hq].view(hkv, g, d), rot[1, :hq].view(hkv, g, d)
-        if m + f:
-            torch.bmm(q_glob, keys[0, :, :, start : start + m + f], out=lg[..., : m + f])
-            if pad is not None:
-                lg[..., :m].add_(pad[:, :, 0])
-        torch.bmm(q_loc, keys[1, :, :, start + m + f :], out=lg[..., m + f : n_all])
-        if cent is not None:
-            torch.bmm(q_glob, cent[0], out=lg[..., n_all:])
-            lg[..., n_all:].add_(cent[2][:, :, 0])
-        p = torch.ops.aten._softmax.out(lg, -1, False, out=lg)
-        out = torch.bmm(p[..., :n_all], self.wv.with_front()[:, start:])  # (Hkv, G, D)
-        if cent is not None:
-            out.add_(torch.bmm(p[..., n_all:], cent[1]))
-        self.wscore.get().add_(p[..., m:n_all].sum(1).T)  # attention each window key received
+        # columns [blocks (m) | far window (f) | local window]
+        start = self.wkeys.front - m
+        keys, vals = self.wkeys.with_front()[..., start:], self.wv.with_front()[:, start:]
+        return rot[0:1, :hq], rot[1:2, :hq], keys, vals, m, plan.f_end, None if pad is None else pad[:, 0, 0]
+
+    def _end_token(self, received: torch.Tensor) -> None:
+        """After the op: record the attention each window key received (Hkv, W - m) and pack full blocks."""
+        self.wscore.get().add_(received.T)
         self._advance(1)
-        return out.view(1, hq, d)
 
     def _uses_blocks(self) -> bool:
         """Whether this step attends memory blocks (there are some and the layer's top-k is not 0)."""

@@ -226,3 +226,33 @@ def test_async_ingest_progress_and_session_generate(tiny_llama_dir):
     ref = _run(_engine(tiny_llama_dir, "retrieval", ALL_BLOCKS), doc + q, max_tokens=4)
     assert last.token_ids == ref
     assert listed == ["a"]
+
+
+def test_concurrent_memory_decodes_share_one_kernel_call_per_layer(tiny_llama_dir, monkeypatch):
+    """Three long sequences decoding together: each layer's decode attention is ONE
+    `kv_memory_decode_attention` call over all of them (issue 15 item 4), and each sequence's tokens equal
+    its run alone (the batched op changes nothing per sequence)."""
+    import memserve.runtime.kv_memory.attention as kva
+
+    prompts = [_prompt(150 + 20 * i, seed=10 + i) for i in range(3)]
+    alone = [_run(_engine(tiny_llama_dir, "retrieval", SMALL), p, max_tokens=5) for p in prompts]
+    batch_sizes = []
+    real = kva.kv_memory_decode_attention
+
+    def counting(q_far, *a, **kw):
+        batch_sizes.append(q_far.shape[0])
+        return real(q_far, *a, **kw)
+
+    monkeypatch.setattr(kva, "kv_memory_decode_attention", counting)
+    eng = _engine(tiny_llama_dir, "retrieval", SMALL)
+    for i, p in enumerate(prompts):
+        eng.add_request(f"r{i}", p, SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True))
+    got: dict[str, list[int]] = {}
+    while eng.has_unfinished():
+        for o in eng.step():
+            if o.finished:
+                got[o.request_id] = o.token_ids
+    assert [got[f"r{i}"] for i in range(3)] == alone
+    assert 3 in batch_sizes, f"no step decoded the 3 memory sequences in one call: {batch_sizes}"
+    # a 3-sequence decode step makes exactly one call per layer
+    assert batch_sizes.count(3) % eng.model.config.num_hidden_layers == 0
