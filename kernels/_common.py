@@ -23,9 +23,12 @@ def workspace(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Ten
     torch paths write logits into it in place: a fresh (Hkv, G*T, n) tensor per layer is mmap'ed and
     page-faulted on every call (the KV memory's chunk attention measured 2.7x faster with it)."""
     bufs = _WORKSPACE.__dict__.setdefault("bufs", {})
-    buf = bufs.get((dtype, device))
+    # one buffer per inference-mode state too: a buffer made under torch.inference_mode (the engine) is an
+    # inference tensor, which in-place writes outside that mode (tests, probes) may not touch
+    key = (dtype, device, torch.is_inference_mode_enabled())
+    buf = bufs.get(key)
     if buf is None or buf.numel() < numel:
-        buf = bufs[(dtype, device)] = torch.empty(numel, dtype=dtype, device=device)
+        buf = bufs[key] = torch.empty(numel, dtype=dtype, device=device)
     return buf[:numel]
 
 
