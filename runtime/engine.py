@@ -33,8 +33,11 @@ class EngineArgs:
     """Engine configuration (validated here; the serving layer's pydantic config maps onto it)."""
 
     device: str = "cpu"
-    # "auto": fp32 on CPU (this CPU has no bf16 hardware: bf16 matmul 0.33 GFLOP/s vs 124 fp32),
-    # bf16 on CUDA
+    # "auto": fp32 on CPU, bf16 on CUDA. CPU bf16 is not offered: its speed depends on the CPU (an
+    # earlier AVX2-only session measured bf16 matmul 0.33 GFLOP/s vs 124 fp32; the AVX512-BF16/AMX Xeon of
+    # 2026-12-03 ran a 576x1536 bf16 linear at 0.9x fp32's time for 1 row and 0.28x for 64-512 rows), and
+    # the engine's CPU attention and KV-memory paths are checked in fp32 only; the int8/int4 weight paths
+    # are the CPU's reduced-precision options (int4 already runs its matmul on bf16 activations)
     dtype: str = "auto"
     # None | "int8": int8 linears (per-output-channel weight scales, dynamically quantized
     # activations — runtime/quant.py says why not weight-only) | "int4": int4 weight-only linears
@@ -82,7 +85,7 @@ class EngineArgs:
         assert self.dtype == "auto" or self.dtype in _DTYPES, f"dtype must be 'auto' or one of {sorted(_DTYPES)}"
         if self.device == "cpu":
             assert self.torch_dtype == torch.float32, \
-                "dtype on CPU must be float32 (no bf16/fp16 matmul hardware here); use quantization='int8' to save memory"
+                "dtype on CPU must be float32 (CPU attention paths are fp32-only); use quantization='int8' or 'int4' to save memory"
         else:
             assert self.torch_dtype in (torch.bfloat16, torch.float16), "dtype on CUDA must be bf16 or fp16"
         assert self.quantization in (None, "int8", "int4"), \
