@@ -307,10 +307,8 @@ def test_tls_on_puts_nginx_before_the_grpc_port():
     assert head["metadata"]["labels"]["memserve.io/role"] == "head"
     ports = {p["name"]: p for p in svc["spec"]["ports"]}
     assert "grpc" not in ports and ports["grpc-tls"]["port"] == 9555 and ports["grpc-tls"]["targetPort"] == "grpc-tls"
-    # `helm test` dials the TLS port, trusting the Secret's certificate
+    # `helm test` trusts the Secret's certificate (its command: test_helm_test_pod_command_runs)
     (pod,) = by_kind(objs, "Pod")
-    cmd = pod["spec"]["containers"][0]["command"]
-    assert cmd[cmd.index("--address") + 1] == svc["metadata"]["name"] + ":9555" and "--tls-ca" in cmd
     assert pod["spec"]["volumes"][0]["secret"] == {"secretName": "memserve-tls", "items": [{"key": "tls.crt", "path": "ca.crt"}]}
     (np,) = by_kind(objs, "NetworkPolicy")
     client_ports = [p["port"] for r in np["spec"]["ingress"] for p in r.get("ports", [])]
@@ -322,3 +320,36 @@ def test_tls_without_a_secret_fails_with_a_message():
     assert p.returncode != 0 and "tls.secretName" in p.stderr and "kubernetes.io/tls" in p.stderr
     _, p = render(sets=("tls.enabled=true", "tls.secretName=x", "tls.prt=1"), check=False)
     assert p.returncode != 0 and "prt" in p.stderr
+
+
+@pytest.mark.parametrize("values, address, tls, key", [
+    (None, "memserve-grpc:9000", False, None),
+    ("auth.yaml", "memserve-prod-grpc:9000", False, "k" * 20 + "-first"),
+    ("tls.yaml", "memserve-grpc:9443", True, "k" * 20 + "-first"),
+])
+def test_helm_test_pod_command_runs(values, address, tls, key, tmp_path):
+    """The `helm test` pod's shell script run by the real sh, with a stand-in `memserve` that records
+    its environment and arguments; the arguments must parse with memserve's own CLI parser."""
+    from memserve.deploy.cli import build_parser
+
+    objs, _ = render(*((values,) if values else ()))
+    (pod,) = by_kind(objs, "Pod")
+    cmd = pod["spec"]["containers"][0]["command"]
+    assert cmd[:2] == ["sh", "-c"]
+    keys = tmp_path / "api-keys"
+    keys.write_text("# tenants\n\n   # indented comment\nteam-a " + "k" * 20 + "-first\nteam-b " + "k" * 20 + "-second\n")
+    script = cmd[2].replace("/etc/memserve/auth/api-keys", str(keys))
+    fake = tmp_path / "bin" / "memserve"
+    fake.parent.mkdir()
+    fake.write_text('#!/bin/sh\nprintf "%s\\n" "KEY=${MEMSERVE_API_KEY-unset}" "$@" > "$OUT"\n')
+    fake.chmod(0o755)
+    out = tmp_path / "out"
+    env = {"PATH": f"{fake.parent}:/usr/bin:/bin", "OUT": str(out)}
+    subprocess.run(["sh", "-c", script], env=env, check=True, timeout=30)
+    got = out.read_text().splitlines()
+    assert got[0] == f"KEY={key if key else 'unset'}"
+    a = build_parser().parse_args(got[1:])
+    assert a.fn.__name__ == "cmd_generate" and a.address == address and a.prompt == "The capital of France is"
+    assert (a.tls_ca == "/etc/memserve/tls/ca.crt") if tls else a.tls_ca is None
+    mounts = {m["mountPath"] for m in pod["spec"]["containers"][0].get("volumeMounts", [])}
+    assert ("/etc/memserve/auth" in mounts) == bool(key) and ("/etc/memserve/tls" in mounts) == tls
