@@ -294,6 +294,70 @@ def _http_json(port: int, path: str, body: dict) -> dict:
         return json.loads(r.read())
 
 
+def test_health_and_fuzz_through_serve_proxy(app):
+    """grpc.health.v1 on Serve's real gRPC proxy, then 200 proto-walking fuzz calls (tests/deploy/
+    proto_fuzz.py, as test_fuzz.py sends them to the Ray-free server) through it: no code outside
+    test_fuzz's allowed set (no INTERNAL / UNKNOWN), no engine replica restart, still serving."""
+    import proto_fuzz as F
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from hypothesis import HealthCheck, Phase, given, settings
+    from hypothesis import strategies as st
+    from ray import serve
+    from test_fuzz import allowed, run_call
+
+    addr = f"127.0.0.1:{app['grpc_port']}"
+    hs = health_pb2_grpc.HealthStub(grpc.insecure_channel(addr))
+    serving = health_pb2.HealthCheckResponse.SERVING
+    assert hs.Check(health_pb2.HealthCheckRequest(), timeout=30).status == serving
+    assert hs.Check(health_pb2.HealthCheckRequest(service="memserve.v1.MemServe"), timeout=30).status == serving
+    with pytest.raises(grpc.RpcError) as ei:
+        hs.Check(health_pb2.HealthCheckRequest(service="nope"), timeout=30)
+    assert ei.value.code() == grpc.StatusCode.NOT_FOUND
+    watch = hs.Watch(health_pb2.HealthCheckRequest(), timeout=30)
+    assert next(watch).status == serving
+    watch.cancel()
+
+    def replicas():
+        dep = serve.status().applications[app["cfg"].app_name].deployments["MemServeEngine"]
+        return dict(dep.replica_states)
+
+    before = replicas()
+    rid0 = app["stub"].GetModelInfo(pb.GetModelInfoRequest(), timeout=60).extra["replica"]
+    bad, counts = [], {}
+
+    def tame(call):  # the app's cap is the model's context: keep in-range max_tokens small (runtime)
+        req = call[2]
+        if isinstance(req, pb.GenerateRequest) and 16 < req.sampling.max_tokens <= 2048:
+            req.sampling.max_tokens = 16
+        return call
+
+    @settings(max_examples=8, deadline=None, database=None, derandomize=True,
+              suppress_health_check=list(HealthCheck), phases=[Phase.explicit, Phase.generate])
+    @given(st.lists(F.calls(), min_size=25, max_size=25))
+    def batch(calls):
+        calls = [tame(c) for c in calls]
+
+        async def go():
+            async with grpc.aio.insecure_channel(addr) as ch:
+                return await asyncio.gather(*(run_call(ch, c) for c in calls))
+
+        for c, code in zip(calls, asyncio.run(go())):
+            name = code.split(" ")[0]
+            counts[name] = counts.get(name, 0) + 1
+            if name not in allowed(c[1], c[5]):
+                bad.append((c[1], str(c[2])[:200], c[5], code[:300]))
+
+    t0 = time.time()
+    batch()
+    print(f"\nfuzz through Serve's proxy: {sum(counts.values())} calls in {time.time() - t0:.1f} s: {counts}")
+    assert not bad, bad[:5]
+    rid1 = _wait(lambda: app["stub"].GetModelInfo(pb.GetModelInfoRequest(), timeout=60).extra["replica"], 60, "serving")
+    assert rid1 == rid0 and replicas() == before  # no replica restart
+    msgs = _stream(app["stub"], pb.GenerateRequest(prompt="hi", sampling=pb.SamplingParams(max_tokens=2)))
+    assert msgs[-1].finish_reason == "length"
+    assert hs.Check(health_pb2.HealthCheckRequest(), timeout=30).status == serving
+
+
 @pytest.mark.parametrize("topology", ["ingress", "direct"])
 def test_session_affinity_across_two_replicas(app, topology):
     """A second app (engine test double, 2 replicas, sessions supported): a session's requests all
