@@ -6,12 +6,14 @@
     memserve ingest book.txt --session book     # load a document into a session's KV memory
     memserve selfcheck --device cuda            # kernels vs references, bandwidth, decode tok/s
     memserve bench serving                      # bench/serving.py from the source checkout
+    memserve shard-memory DIR --shards 3        # value tables -> per-shard files; then serve --model DIR --memory-shards 3
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import signal
 import subprocess
@@ -70,7 +72,12 @@ def cmd_serve(a: argparse.Namespace) -> int:
                         topology=a.topology, api_keys_file=str(Path(keys_file).resolve()) if keys_file else None,
                         limits=_parse_limits(a.limit),
                         max_waiting=a.max_waiting, metrics_dir=metrics_dir, engine_num_cpus=a.engine_cpus,
-                        session_store=_session_store_url(a.session_store, engine_args))
+                        session_store=_session_store_url(a.session_store, engine_args),
+                        memory_shards=a.memory_shards, shard_layout=a.shard_layout, shard_replicas=a.shard_replicas,
+                        shard_num_cpus=a.shard_cpus)
+        from memserve.deploy.memory_shard_app import shard_plan
+
+        shard_plan(cfg)  # before Ray starts: shard files missing for P / layout -> the error names the flags
     except Exception as e:  # pydantic's message names the field
         M.cleanup_dir(metrics_dir)
         raise SystemExit(f"memserve serve: invalid settings: {e}") from None
@@ -312,6 +319,30 @@ def cmd_bench(a: argparse.Namespace) -> int:
     return subprocess.call([sys.executable, str(script), *a.args], cwd=str(d.parent), env=env)
 
 
+def cmd_shard_memory(a: argparse.Namespace) -> int:
+    from memserve.deploy.memory_shards import find_value_tables, shard_memory
+    from tqdm import tqdm
+
+    if not Path(a.model).is_dir():
+        print(f"memserve shard-memory: {a.model} is not a model directory", file=sys.stderr)
+        return 2
+    try:
+        tables = find_value_tables(a.model)
+        total = sum(math.prod(t["shape"]) * _itemsize(t["dtype"]) for t in tables.values())
+        with tqdm(total=total, unit="B", unit_scale=True, desc=f"shard-memory {a.layout} x{a.shards}") as bar:
+            out = shard_memory(a.model, a.shards, a.layout, progress=bar.update)
+    except ValueError as e:  # no memory layers, P > rows/columns, bad layout: the message says which
+        print(f"memserve shard-memory: {e}", file=sys.stderr)
+        return 2
+    print(f"memserve shard-memory: wrote {out} ({len(tables)} table(s) x {a.shards} shard(s)); serve it with "
+          f"`memserve serve --model {a.model} --memory-shards {a.shards} --shard-layout {a.layout}`")
+    return 0
+
+
+def _itemsize(dtype: str) -> int:
+    return {"F32": 4, "F16": 2, "BF16": 2, "I8": 1}.get(dtype, 4)
+
+
 def cmd_init_memory(a: argparse.Namespace) -> int:
     from memserve.runtime.memory_layers_init import init_memory
 
@@ -375,6 +406,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--kv-memory-tier-bytes", type=int, default=None, metavar="N",
                    help="per-replica byte budget of the KV memory's compressed tier (all sequences and sessions); at "
                         "the limit idle sessions are parked in the session store (snapshot kept), then blocks are evicted")
+    s.add_argument("--memory-shards", type=int, default=0, metavar="P",
+                   help="serve each memory-layer value table from P MemoryShard deployments shared by all engine "
+                        "replicas (write them first: memserve shard-memory DIR --shards P --layout L); 0: in-engine")
+    s.add_argument("--shard-layout", choices=["columns", "rows"], default="columns",
+                   help="how the tables were cut: 'columns' (bit-exact, balanced) or 'rows' (partial sums)")
+    s.add_argument("--shard-replicas", default="1", metavar="MIN:MAX",
+                   help="replicas per shard deployment: N, or MIN:MAX to autoscale on in-flight lookups")
+    s.add_argument("--shard-cpus", type=float, default=0.0, help="Ray CPUs reserved per shard replica")
     s.add_argument("--engine-cpus", type=float, default=0.1, help="Ray CPUs reserved per engine replica")
     s.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray cluster (default: all)")
     s.add_argument("-v", "--verbose", action="store_true", help="show Ray/Serve logs")
@@ -419,6 +458,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-bench", action="store_true", help="skip the bandwidth benchmark")
     c.add_argument("--no-engine", action="store_true", help="skip the engine decode figures")
     c.set_defaults(fn=cmd_selfcheck)
+
+    sm = sub.add_parser("shard-memory", help="cut a memory-layer model's value tables into per-shard files "
+                        "(for serve --memory-shards)")
+    sm.add_argument("model", help="memory-layer model directory; files go to DIR/memory_shards/<layout>-<P>/")
+    sm.add_argument("--shards", type=int, required=True, metavar="P", help="shards per value table")
+    sm.add_argument("--layout", choices=["columns", "rows"], default="columns",
+                    help="'columns': each shard holds columns [c0, c1) of every row; 'rows': rows [r0, r1)")
+    sm.set_defaults(fn=cmd_shard_memory)
 
     m = sub.add_parser("init-memory", help="write a 'parallel' memory-layer model from a dense base (output = base's)")
     m.add_argument("--base", default="default", help="dense base: 'default', an HF dir or a .gguf (GGUF is dequantized)")

@@ -108,7 +108,7 @@ def _write_scales(path: Path, name: str, scales, b: int, e: int) -> None:
     os.replace(tmp, path)
 
 
-def _write_safetensors(path: Path, name: str, src, dtype: str, layout: str, b: int, e: int) -> None:
+def _write_safetensors(path: Path, name: str, src, dtype: str, layout: str, b: int, e: int, progress=None) -> None:
     """Stream src's slice (rows [b, e) or columns [b, e)) into a one-tensor safetensors file."""
     rows, cols = src.shape
     shape = [e - b, cols] if layout == "rows" else [rows, e - b]
@@ -123,20 +123,29 @@ def _write_safetensors(path: Path, name: str, src, dtype: str, layout: str, b: i
         step = max(1, _CHUNK_BYTES // max(1, cols * itemsize))
         for a in range(r0, r1, step):
             chunk = src[a:min(a + step, r1)] if layout == "rows" else src[a:min(a + step, r1), b:e]
-            f.write(np.ascontiguousarray(chunk).tobytes())
+            data = np.ascontiguousarray(chunk).tobytes()
+            f.write(data)
+            if progress is not None:
+                progress(len(data))
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
-def shard_memory(model_dir: str | Path, shards: int, layout: str = "columns") -> Path:
-    """Write DIR/memory_shards/<layout>-<P>/ (one file per shard and table + manifest.json); returns it."""
+def shard_memory(model_dir: str | Path, shards: int, layout: str = "columns", progress=None) -> Path:
+    """Write DIR/memory_shards/<layout>-<P>/ (one file per shard and table + manifest.json); returns it.
+    `progress(nbytes)`, when given, is called after each chunk written (the CLI's progress bar)."""
     if layout not in LAYOUTS:
         raise ValueError(f"shard layout {layout!r}: expected one of {LAYOUTS}")
     tables = find_value_tables(model_dir)
     if not tables:
         raise ValueError(f"{model_dir} has no memory-layer value table (model.memory_values.weight or "
                          "model.layers.N.memory.values.weight): nothing to shard")
+    for name, info in tables.items():  # every table checked before any file is written
+        n = info["shape"][0 if layout == "rows" else 1]
+        if not 1 <= shards <= n:
+            raise ValueError(f"shards {shards}: table {name} has {n} {layout}; need 1 <= shards <= {n} "
+                             f"for the {layout!r} layout")
     out = Path(model_dir) / SHARD_DIR / f"{layout}-{shards}"
     out.mkdir(parents=True, exist_ok=True)
     manifest = {"layout": layout, "shards": shards, "tables": {}}
@@ -151,7 +160,7 @@ def shard_memory(model_dir: str | Path, shards: int, layout: str = "columns") ->
         files = []
         for s, (b, e) in enumerate(parts):
             fname = f"table{t}-shard{s}.safetensors"
-            _write_safetensors(out / fname, name, src, h["dtype"], layout, b, e)
+            _write_safetensors(out / fname, name, src, h["dtype"], layout, b, e, progress)
             files.append({"file": fname, "begin": b, "end": e})
             if scales is not None:
                 files[-1]["scales_file"] = f"table{t}-shard{s}-scales.safetensors"

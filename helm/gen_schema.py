@@ -21,7 +21,7 @@ from memserve.deploy.config import AppConfig
 OUT = Path(__file__).parent / "memserve" / "values.schema.json"
 # AppConfig fields the chart sets from its own typed values (app: may not override them)
 CHART_OWNED = {"model", "engine_args", "num_replicas", "autoscaling_config", "engine_num_gpus", "engine_num_cpus",
-               "engine_threads", "metrics_dir"}
+               "engine_threads", "metrics_dir", "memory_shards", "shard_layout", "shard_replicas", "shard_num_cpus"}
 UPGRADE_TYPES = ["NewCluster", "NewClusterWithIncrementalUpgrade", "None"]  # KubeRay v1.7 validation.go
 
 
@@ -102,8 +102,10 @@ def schema() -> dict:
                 "tolerations": {"type": "array", "items": {"type": "object"}},
             }),
             "memoryShards": obj({"enabled": BOOL, "count": {"type": "integer", "minimum": 1},
-                                 "layout": {"enum": ["column", "row"]}, "replicas": REPLICAS,
-                                 "resources": RESOURCES}),
+                                 "layout": {"enum": ["columns", "rows"]},
+                                 "replicas": obj({"min": {"type": "integer", "minimum": 1},
+                                                  "max": {"type": "integer", "minimum": 1}}, ("min", "max")),
+                                 "cpus": {"type": "number", "minimum": 0}}),
             "app": app_schema(),
             "sessions": obj({"persistence": obj({"enabled": BOOL, "existingClaim": STR, "storageClass": STR,
                                                  "size": STR, "mountPath": {"type": "string", "pattern": "^/"}})}),

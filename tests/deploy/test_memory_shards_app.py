@@ -175,3 +175,51 @@ def test_bad_shard_settings_fail_at_start_naming_the_flag(models, tmp_path):
         AppConfig(model=str(models[True]), memory_shards=2, shard_layout="diagonal")
     with pytest.raises(ValueError, match="--memory-shards 5.*memserve shard-memory"):  # files not written for P=5
         build_app(AppConfig(model=str(models[True]), memory_shards=5))
+
+
+# ---- the command line (no Ray) ---------------------------------------------------------------------
+def test_shard_memory_cli_writes_shards_with_progress(models, capsys):
+    import json
+
+    from memserve.deploy import cli
+
+    d = models[False]
+    assert cli.main(["shard-memory", str(d), "--shards", "2", "--layout", "rows"]) == 0
+    cap = capsys.readouterr()
+    assert "shard-memory rows x2" in cap.err and "100%" in cap.err  # the progress bar over the bytes written
+    assert "--memory-shards 2 --shard-layout rows" in cap.out
+    m = json.loads((d / "memory_shards" / "rows-2" / "manifest.json").read_text())
+    assert len(m["tables"]) == 2 and all([(f["begin"], f["end"]) for f in t["shards"]] == [(0, 32), (32, 64)]
+                                         for t in m["tables"].values())
+
+
+def test_shard_memory_cli_errors(models, tmp_path, capsys):
+    from memserve.deploy import cli
+    from tiny_models import make_tiny_model
+
+    dense = make_tiny_model(tmp_path / "dense", "llama", with_tokenizer=False)
+    assert cli.main(["shard-memory", str(dense), "--shards", "2"]) == 2
+    assert "no memory-layer value table" in capsys.readouterr().err
+    assert cli.main(["shard-memory", str(models[True]), "--shards", str(V_DIM + 1)]) == 2
+    err = capsys.readouterr().err
+    assert f"table model.memory_values.weight has {V_DIM} columns" in err and f"<= {V_DIM}" in err
+    assert not (models[True] / "memory_shards" / f"columns-{V_DIM + 1}").exists()  # nothing written
+    assert cli.main(["shard-memory", str(tmp_path / "nope"), "--shards", "2"]) == 2
+    assert "not a model directory" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse: invalid choice
+        cli.main(["shard-memory", str(models[True]), "--shards", "2", "--layout", "diagonal"])
+    assert "invalid choice: 'diagonal'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--memory-shards", "7"], "--memory-shards 7 --shard-layout columns"),
+    (["--memory-shards", "2", "--shard-replicas", "3:1"], "--shard-replicas"),
+    (["--memory-shards", "-1"], "memory_shards"),
+])
+def test_serve_bad_shard_flags_fail_before_ray_starts(models, flags, needle, monkeypatch):
+    from memserve.deploy import app, cli
+
+    monkeypatch.setattr(app, "init_ray", lambda **kw: pytest.fail("Ray must not start on bad settings"))
+    with pytest.raises(SystemExit) as ei:
+        cli.main(["serve", "--model", str(models[True]), "--session-store", "none", *flags])
+    assert needle in str(ei.value), ei.value

@@ -43,10 +43,24 @@ def test_renders_and_lints(values):
     helm(*lint)
 
 
-def test_shards_fail_with_a_message_until_issue_17():
-    _, p = render("shards.yaml", check=False)
-    assert p.returncode != 0
-    assert "memoryShards.enabled" in p.stderr and "issue 17" in p.stderr
+def test_shards_values_become_app_args_and_build(tmp_path):
+    """memoryShards.* -> AppConfig memory_shards / shard_layout / shard_replicas / shard_num_cpus (issue 17);
+    the app builds with those args on a tiny memory model sharded the same way (shards.yaml's model path
+    exists only in a pod, so it is swapped for that model here)."""
+    from memserve.deploy.app import app_builder
+    from memserve.deploy.memory_shards import shard_memory
+    from tiny_models import make_tiny_memory_model
+
+    objs, _ = render("shards.yaml")
+    helm("lint", "--strict", str(CHART), "-f", str(VALUES / "shards.yaml"))
+    args = serve_config(objs)["applications"][0]["args"]
+    assert (args["memory_shards"], args["shard_layout"], args["shard_replicas"], args["shard_num_cpus"]) == \
+        (4, "columns", "1:2", 0.25)
+    d = make_tiny_memory_model(tmp_path / "m", v_dim=8)
+    shard_memory(d, 4, "columns")
+    app_builder({**args, "model": str(d)})  # builds the engine + 4 shard deployments (nothing starts)
+    _, p = render("shards.yaml", sets=("memoryShards.replicas.min=3",), check=False)
+    assert p.returncode != 0 and "memoryShards.replicas.min (3) must be <= memoryShards.replicas.max (2)" in p.stderr
 
 
 @pytest.mark.parametrize("values", GOOD_VALUES)
