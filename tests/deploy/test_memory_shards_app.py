@@ -223,3 +223,27 @@ def test_serve_bad_shard_flags_fail_before_ray_starts(models, flags, needle, mon
     with pytest.raises(SystemExit) as ei:
         cli.main(["serve", "--model", str(models[True]), "--session-store", "none", *flags])
     assert needle in str(ei.value), ei.value
+
+
+def test_replica_watch_sets_model_info_replicas_and_gauge():
+    """What GetModelInfo's MemoryShardInfo.replicas and memserve:memory_shard_replicas read: Serve's
+    status (RUNNING replicas per shard deployment of the app; a shard not in it counts 0)."""
+    from types import SimpleNamespace as NS
+
+    from memserve.deploy.memory_shard_app import ShardReplicaWatch
+    from memserve.deploy.metrics import ServingMetrics
+    from memserve.deploy.remote_value_store import RemoteValueStore
+    from prometheus_client import CollectorRegistry
+
+    names = ["MemoryShard-t0-0of2", "MemoryShard-t0-1of2"]
+    store = RemoteValueStore("model.memory_values.weight", [object(), object()], names, "columns", 64, 50)
+    reg = CollectorRegistry()
+    watch = ShardReplicaWatch([store], "app", "r0", ServingMetrics.create(registry=reg))
+    assert watch.stale()
+    status = NS(applications={"app": NS(deployments={names[0]: NS(replica_states={"RUNNING": 2, "STARTING": 1})})})
+    watch.refresh(status)
+    assert [(d["name"], d["begin"], d["end"], d["replicas"]) for d in store.shard_info()] == \
+        [(names[0], 0, 25, 2), (names[1], 25, 50, 0)]
+    for n, want in zip(names, (2, 0), strict=True):
+        assert reg.get_sample_value("memserve:memory_shard_replicas", {"shard": n, "replica": "r0"}) == want
+    assert not watch.stale()
