@@ -1,4 +1,4 @@
-"""Throughput of memserve (fp32, int8) vs HF transformers `generate` and llama.cpp, same GGUF, same box.
+"""Throughput of memserve (fp32, int8, int4) vs HF transformers `generate` and llama.cpp, same GGUF, same box.
 
     .venv/bin/python bench/throughput.py            # full run (~15-20 min on 2 cores)
     .venv/bin/python bench/throughput.py --quick    # short sequences, fewer streams (~3-5 min)
@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-ENGINES = ("memserve-fp32", "memserve-int8", "transformers", "llama.cpp")
+ENGINES = ("memserve-fp32", "memserve-int8", "memserve-int4", "transformers", "llama.cpp")
 
 
 def prompt_ids(n: int, seed: int) -> list[int]:
@@ -170,6 +170,8 @@ def worker(engine: str, cfg: dict) -> dict:
         res = run_memserve(cfg, None)
     elif engine == "memserve-int8":
         res = run_memserve(cfg, "int8")
+    elif engine == "memserve-int4":  # GGUF Q4_1 codes kept (runtime/quant_int4.py), an int8 copy for > 4 rows
+        res = run_memserve(cfg, "int4")
     elif engine == "transformers":
         res = run_transformers(cfg)
     elif engine == "llama.cpp":
