@@ -20,6 +20,10 @@ class KVMemoryConfig:
     n_local: int = 512
     block_size: int = 64
     repr_topk: int = 4  # tokens per block that form its representative(s)
+    # "max"/"mean" representatives also keep the block's `repr_outliers` keys farthest from its mean key:
+    # the most-attended keys miss a token nothing attended to while it was in the window (a needle in
+    # varied text) -- bench/results/kv_memory_retrieval_16k.md
+    repr_outliers: int = 0
     compression: str = "int8"
     # KIVI groups, fp16 scale/min. 64/64 instead of KIVI's 32 so that int4 blocks take 0.281x of fp16 KV
     # per token (32/32: 0.31x, over the issue's <= 0.3x). Value groups of 32 (0.297x) answered the one int4
@@ -51,6 +55,9 @@ class KVMemoryConfig:
             self.policy = RetrievalPolicy()
         assert self.n_init >= 0 and self.n_local >= 1 and self.block_size >= 1
         assert 1 <= self.repr_topk <= self.block_size, "repr_topk must be in [1, block_size]"
+        assert 0 <= self.repr_outliers <= self.block_size, "repr_outliers must be in [0, block_size]"
+        assert not (self.repr_outliers and self.policy.repr_mode == "quest"), \
+            "repr_outliers needs repr_mode 'max' or 'mean' (Quest keeps min/max bounds)"
         assert 0 <= self.exact_values <= self.block_size and 0 <= self.exact_keys <= self.block_size, \
             "exact_values and exact_keys must be in [0, block_size]"
         self.layer_compression = tuple((int(l), k, v) for l, k, v in self.layer_compression)  # JSON gives lists

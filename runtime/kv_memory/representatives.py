@@ -5,16 +5,19 @@ from __future__ import annotations
 import torch
 
 
-def block_representatives(kb: torch.Tensor, sc: torch.Tensor, mode: str, repr_topk: int) -> torch.Tensor:
+def block_representatives(kb: torch.Tensor, sc: torch.Tensor, mode: str, repr_topk: int,
+                          outliers: int = 0) -> torch.Tensor:
     """(nf, Hkv, R, D) from keys kb (nf, Hkv, bs, D) and attention received sc (nf, Hkv, bs).
 
     "quest": per-channel min and max (R = 2); otherwise the repr_topk most-attended keys of the block,
-    kept as R = repr_topk vectors or their mean ("mean", R = 1)."""
+    kept as R = repr_topk vectors or their mean ("mean", R = 1), then its `outliers` keys farthest from
+    its mean key (R += outliers; a block scores as the max over all R)."""
     if mode == "quest":
         return torch.stack((kb.amin(2), kb.amax(2)), dim=2)
     top = sc.topk(repr_topk, dim=-1).indices  # (nf, Hkv, r)
     keys = kb.gather(2, top[..., None].expand(-1, -1, -1, kb.shape[-1]))  # (nf, Hkv, r, D)
-    return keys.mean(2, keepdim=True) if mode == "mean" else keys
+    keys = keys.mean(2, keepdim=True) if mode == "mean" else keys
+    return torch.cat((keys, outlier_keys(kb, outliers)), 2) if outliers else keys
 
 
 def block_centroids(kb: torch.Tensor, vb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -148,7 +148,7 @@ class KVLayerStore(AttentionMixin, WorkingSetMixin, SnapshotMixin):
 
     def _representatives(self, kb: torch.Tensor, sc: torch.Tensor) -> torch.Tensor:
         """(nf, Hkv, R, D) from keys kb (nf, Hkv, bs, D) and attention received sc (nf, Hkv, bs)."""
-        return block_representatives(kb, sc, self.cfg.policy.repr_mode, self.cfg.repr_topk)
+        return block_representatives(kb, sc, self.cfg.policy.repr_mode, self.cfg.repr_topk, self.cfg.repr_outliers)
 
     def enforce_budget(self, budget: int) -> int:
         """Drop least-often-selected blocks until the memory tier fits `budget` bytes; returns #dropped."""

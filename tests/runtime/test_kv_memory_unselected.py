@@ -156,3 +156,27 @@ def test_rerank_scores_candidates_by_their_exact_max_key():
     mem = KVLayerStore(cfg, 0, HKV, D)
     out = torch.cat([mem.attend(q[p : p + 50], k[p : p + 50], v[p : p + 50], p, inv, scale) for p in range(0, t, 50)])
     torch.testing.assert_close(out, reference_attention(q, k, v, inv, scale, n_init, n_local), rtol=1e-9, atol=1e-9)
+
+
+def test_repr_outliers_are_the_keys_farthest_from_the_block_mean():
+    """repr_outliers n: each block's representatives = its repr_topk most-attended keys + the n keys farthest
+    from its mean key (float64, from the packed keys); with every block selected attention is still dense."""
+    t, n_init, n_local, bs = 400, 8, 64, 16
+    q, k, v = _qkv(t, seed=7)
+    inv, scale = default_inv_freq(D, 10000.0), D**-0.5
+    cfg = KVMemoryConfig(n_init=n_init, n_local=n_local, block_size=bs, compression="none", repr_topk=2,
+                         repr_outliers=3, policy=RetrievalPolicy(topk=10_000))
+    mem = KVLayerStore(cfg, 0, HKV, D)
+    out = torch.cat([mem.attend(q[p : p + 40], k[p : p + 40], v[p : p + 40], p, inv, scale) for p in range(0, t, 40)])
+    torch.testing.assert_close(out, reference_attention(q, k, v, inv, scale, n_init, n_local), rtol=1e-9, atol=1e-9)
+    nb = mem.num_blocks
+    reps = mem.reprs.get()  # (Hkv, D, NB, 2 + 3)
+    assert reps.shape == (HKV, D, nb, 5)
+    blocks = k[n_init : n_init + nb * bs].double().view(nb, bs, HKV, D)
+    for b in range(nb):
+        for h in range(HKV):
+            kb = blocks[b, :, h]  # (bs, D)
+            far = (kb - kb.mean(0)).norm(dim=-1).topk(3).indices
+            torch.testing.assert_close(reps[h, :, b, 2:].T, kb[far], rtol=0, atol=0)
+    with pytest.raises(AssertionError, match="repr_outliers"):
+        KVMemoryConfig(repr_outliers=2, policy=RetrievalPolicy(repr_mode="quest"))
