@@ -195,7 +195,8 @@ def main(argv=None):
             assert ids[:n_body] == tok.encode(full[:hay_end])[:n_body]
             # policy fields added later are left out of the key at their default, so that states saved
             # before they existed are still found
-            cfg_repr = repr(base).replace(", unselected='drop'", "")
+            cfg_repr = repr(base).replace(", unselected='drop'", "").replace(", rerank=0", "").replace(
+                ", repr_outliers=0", "")
             key = hashlib.md5(json.dumps([a.family, a.task, L, depth, seed, a.compression, a.kv_config,
                                           cfg_repr]).encode()).hexdigest()[:10]
             snap = Path(a.snapshots) / f"{a.family}_{a.length}_{key}.pt"

@@ -26,12 +26,12 @@ from long_context_bench import _parse_len  # noqa: E402
 
 
 def main(argv=None):
-    from memserve.runtime.kv_memory import KVLayerStore, KVMemoryConfig, default_inv_freq
-    from memserve.scheduler.kv_policy import RetrievalPolicy
+    from memserve.runtime.kv_memory import KVLayerStore, default_inv_freq
+    from memserve.runtime.kv_memory_backend import make_config
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--lengths", default="1k,32k")
-    ap.add_argument("--variants", nargs="+", default=["{}"], help="RetrievalPolicy overrides (JSON)")
+    ap.add_argument("--variants", nargs="+", default=["{}"], help="KVMemoryConfig / RetrievalPolicy overrides (JSON)")
     ap.add_argument("--compression", default="int4")
     ap.add_argument("--layers", type=int, default=30, help="ms/token is one layer's time x this")
     ap.add_argument("--steps", type=int, default=64)
@@ -45,7 +45,7 @@ def main(argv=None):
         for L in (_parse_len(x) for x in a.lengths.split(",")):
             q, k, v = (torch.randn(L + a.steps, h, d, generator=g) for h in (hq, hkv, hkv))
             for var in a.variants:
-                cfg = KVMemoryConfig(compression=a.compression, policy=RetrievalPolicy(**json.loads(var)))
+                cfg = make_config({"compression": a.compression, **json.loads(var)})
                 mem = KVLayerStore(cfg, 0, hkv, d)
                 for p in range(0, L, cfg.chunk_size):
                     n = min(cfg.chunk_size, L - p)
