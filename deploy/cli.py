@@ -343,6 +343,23 @@ def _itemsize(dtype: str) -> int:
     return {"F32": 4, "F16": 2, "BF16": 2, "I8": 1}.get(dtype, 4)
 
 
+def cmd_convert_memory(a: argparse.Namespace) -> int:
+    from memserve.runtime.memory_layers_convert import convert_lucidrains
+
+    pkms = {}
+    for spec in a.pkm:  # LAYER=PATH[#PREFIX]
+        layer, _, rest = spec.partition("=")
+        path, _, prefix = rest.partition("#")
+        if not layer.isdigit() or not path:
+            print(f"memserve convert-memory: --pkm {spec!r}: expected LAYER=PATH[#PREFIX], e.g. 4=pkm.pt#layers.4.ff.",
+                  file=sys.stderr)
+            return 2
+        pkms[int(layer)] = (path, prefix)
+    out = convert_lucidrains(a.base, pkms, a.out, mode=a.mode, knn=a.knn, bn_eps=a.bn_eps)
+    print(f"memserve convert-memory: wrote {out}")
+    return 0
+
+
 def cmd_init_memory(a: argparse.Namespace) -> int:
     from memserve.runtime.memory_layers_init import init_memory
 
@@ -481,6 +498,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="value table storage; int8 = int8 rows + per-row fp32 scales (…values.scales)")
     m.add_argument("--out", required=True)
     m.set_defaults(fn=cmd_init_memory)
+
+    cv = sub.add_parser("convert-memory", help="a memory model from lucidrains' product-key-memory PKM state dicts "
+                        "on a dense base (Meta lingua checkpoints: not yet)")
+    cv.add_argument("--from", dest="source", choices=["lucidrains"], default="lucidrains")
+    cv.add_argument("--base", default="default", help="dense base: 'default', an HF dir or a .gguf")
+    cv.add_argument("--pkm", action="append", required=True,
+                    help="LAYER=PATH[#PREFIX]: a torch.save'd state dict (loaded weights_only) whose PKM tensors start "
+                         "with PREFIX, for decoder layer LAYER; repeat per layer")
+    cv.add_argument("--mode", choices=["replace", "parallel"], default="replace")
+    cv.add_argument("--knn", type=int, default=32, help="the PKM's topk (not stored in its state dict)")
+    cv.add_argument("--bn-eps", type=float, default=1e-5, help="the query BatchNorm1d's eps")
+    cv.add_argument("--out", required=True)
+    cv.set_defaults(fn=cmd_convert_memory)
 
     z = sub.add_parser("memorize", help="teach a memory-layer model facts (sparse value-row updates, frozen base)")
     z.add_argument("model", help="memory-layer model directory (from init-memory)")
