@@ -267,7 +267,7 @@ def render_md(res: dict, streams: list[int]) -> str:
                  f"{b['recv_B_per_token']:.0f} | " + " | ".join(cells) + f" | {'yes' if same else 'NO'} |")
     if res["scaling"]:
         L += ["", "Shard-replica scaling (columns, P = 1; closed loop of C concurrent lookups of one prefill-sized step):",
-              "", "| replicas | C | lookups/s | rows/s | p50 ms | p99 ms | in flight (rate x latency) | failed |",
+              "", "| replicas | C | lookups/s | tokens/s | p50 ms | p99 ms | in flight (rate x latency) | failed |",
               "|---|---|---|---|---|---|---|---|"]
         for s in res["scaling"]:
             L.append(f"| {s['replicas']} | {s['concurrency']} | {s['lookups_s']:.1f} | {s['tokens_s']:.0f} | "
