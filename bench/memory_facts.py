@@ -1,9 +1,10 @@
 """Fictional facts for the memorize demo (issue 16 item 3): things no pretrained model can know.
 
 Each fact is (subject, relation, answer): invented people, places, dates and codes built from random
-syllables, deterministic by seed. Every fact has TRAINING phrasings (statements fed to memorize) and
-DISTINCT held-out QUESTION phrasings (used only to measure recall); the two template sets share no
-template, and answers are unique across facts so exact-match recall is unambiguous.
+syllables, deterministic by seed. Every fact has TRAINING phrasings (3 statements and 2 question-answer
+pairs in the QA format, fed to memorize) and DISTINCT held-out QUESTION phrasings (used only to measure
+recall, asked as QA.format(q=...): "question_prompts"); the two template sets share no template, and
+answers are unique across facts so exact-match recall is unambiguous.
 
     python bench/memory_facts.py --n 100 --seed 0 --out facts.jsonl
 """
