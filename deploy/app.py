@@ -75,7 +75,7 @@ class MemServeEngine:
         if shards:  # issue 17: the value tables live in the app's MemoryShard deployments (handles resolved by Serve)
             from memserve.deploy.memory_shard_app import ShardReplicaWatch, attach_remote_stores
 
-            stores = attach_remote_stores(self.engine, shards, metrics=metrics)
+            stores = attach_remote_stores(self.engine, shards, metrics=metrics, retry_timeout_s=cfg.shard_retry_timeout_s)
             self._shard_watch = ShardReplicaWatch(stores, cfg.app_name, replica, metrics)
         info = self.engine.model_info() or {}
         self.worker = EngineWorker(self.engine, model_name=str(info.get("name") or cfg.model), replica=replica,

@@ -93,6 +93,9 @@ class AppConfig(BaseModel):
                                 "Serve autoscaling on ongoing lookups between the bounds).")
     shard_num_cpus: float = Field(0.0, ge=0, description="CPUs reserved per shard replica in Ray's accounting (0 or "
                                   "fractional: a shard is a memory-bound gather; its threads are capped at 1).")
+    shard_retry_timeout_s: float = Field(30.0, gt=0, description="How long an engine replica re-sends a lookup "
+                                         "to a shard whose replica died (Serve routes it to another replica or the "
+                                         "replacement) before the request fails with UNAVAILABLE naming the shard.")
     shard_target_ongoing_requests: float = Field(2.0, gt=0, description="Serve autoscaling target of in-flight "
                                                  "lookups per shard replica (with shard_replicas MIN:MAX).")
     limits: Limits = Field(default_factory=Limits, description="Bounds per request and per tenant "

@@ -247,3 +247,40 @@ def test_replica_watch_sets_model_info_replicas_and_gauge():
     for n, want in zip(names, (2, 0), strict=True):
         assert reg.get_sample_value("memserve:memory_shard_replicas", {"shard": n, "replica": "r0"}) == want
     assert not watch.stale()
+
+
+@pytest.mark.slow  # waits for Serve to replace the killed replica
+def test_shard_replica_killed_mid_generation_same_tokens(cluster, models):
+    """A shard replica dies while a generation streams through the app: the engine re-sends the
+    lookups (Serve starts a replacement) and the generation completes with the in-engine tokens."""
+    from memserve.deploy.app import build_app
+    from memserve.deploy.config import AppConfig
+    from memserve.deploy.memory_shards import load_specs, shard_memory
+    from memserve.runtime import SamplingParams
+    from ray.util import list_named_actors
+
+    d, app = models[True], "mem-kill"
+    shard_memory(d, 2, "columns")
+    cfg = AppConfig(app_name=app, model=str(d), engine_args=ENGINE_ARGS, engine_threads=1, memory_shards=2,
+                    shard_retry_timeout_s=150)
+    cluster["serve"].run(build_app(cfg), name=app, route_prefix=f"/{app}", blocking=False)
+    victim = load_specs(d, 2, "columns")["model.memory_values.weight"][0].name
+    prefix = f"SERVE_REPLICA::{app}#{victim}#"
+    actors = [a["name"] for a in list_named_actors(all_namespaces=True) if a["name"].startswith(prefix)]
+    assert len(actors) == 1, actors
+    n = 400
+    want = _local_llm(d).generate([PROMPTS[0]], SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True),
+                                  use_tqdm=False)[0].token_ids
+    req = pb.GenerateRequest(prompt_token_ids=PROMPTS[0], sampling=pb.SamplingParams(max_tokens=n, temperature=0.0,
+                                                                                     ignore_eos=True))
+    got, after_kill = [], 0
+    for m in cluster["stub"].Generate(req, timeout=300, metadata=(("application", app),)):
+        if got and not after_kill:
+            ray.kill(ray.get_actor(actors[0], namespace="serve"), no_restart=True)
+            after_kill = -1
+        elif after_kill:
+            after_kill = max(after_kill, 0) + len(m.token_ids)
+        got.extend(m.token_ids)
+    assert got == list(want)
+    assert after_kill > 0, "the generation must still be running when the replica is killed"
+    cluster["serve"].delete(app, _blocking=True)
