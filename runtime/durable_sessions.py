@@ -59,6 +59,15 @@ class DurableSessions:
         self.loaded_total += 1
         return s
 
+    def restore(self, sid: str) -> Session | None:
+        """The session as last snapshotted (None: no store, no snapshot, or a damaged one)."""
+        if self.store is None:
+            return None
+        try:
+            return self._load(sid)
+        except (SessionNotFoundError, DataLossError):
+            return None
+
     def lookup(self, sid: str) -> Session:
         """The session (loaded from the store when not in RAM); SessionNotFoundError / DataLossError."""
         if sid in self.sessions:

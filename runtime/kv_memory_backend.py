@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 import time
 from collections.abc import Iterator
 
@@ -33,6 +34,8 @@ from .kv_memory import KVMemoryConfig, SequenceKVMemory, attend_decode_tokens
 from .kv_memory.budget import TierBudget, tier_bytes_per_token
 from .kv_memory.profiles import profile_for
 from .sessions import Session, SessionStore, load_session, save_session
+
+log = logging.getLogger("memserve.runtime")
 
 MODES = ("off", "auto", "retrieval")
 _POLICY_FIELDS = {f.name for f in dataclasses.fields(RetrievalPolicy)}
@@ -309,6 +312,14 @@ class KVMemoryManager:
         sess.last_used = time.time()
         seq = req.seq
         if mem is None or mem.num_tokens != seq.num_computed_tokens:  # preempted and not recomputed
+            # the request's memory (the session's, continued) is gone: go back to the session's last
+            # snapshot -- its state before this request -- rather than an empty session
+            restored = self.durable.restore(sid)
+            if restored is not None:
+                self.sessions.put(restored)
+                return
+            log.warning("session %r: its request %r was preempted and finished before recompute, and no "
+                        "snapshot exists (no --session-store): the session restarts empty", sid, rid)
             mem = self.backend.new_memory(sess.memory.cfg)
             seq_tokens = []
         else:

@@ -220,3 +220,25 @@ def test_forward_exception_fails_only_that_step_and_frees_blocks(tiny_llama_dir)
         assert eng.allocator.num_free_blocks == free0
     finally:
         aeng.shutdown()
+
+
+def test_request_preempted_then_finished_keeps_the_session_snapshot(tiny_llama_dir, tmp_path):
+    """A session request that loses its memory (preempted: recompute from 0) and ends before recomputing
+    must leave the session as its last snapshot -- not an empty session (found by the faults work)."""
+    store = str(tmp_path / "store")
+    eng = _engine(tiny_llama_dir, store)
+    doc = _prompt(120, 4)
+    _ingest(eng, "t:s", doc)
+    before = eng.get_session("t:s")["num_tokens"]
+    eng.add_request("r2", _prompt(40, 5), _greedy(50), session_id="t:s")
+    eng.step()
+    req = eng.requests["r2"]
+    req.seq.num_computed_tokens = 0  # what a recompute preemption leaves, the memory no longer matching
+    eng.abort_request("r2")
+    while eng.has_unfinished():
+        eng.step()
+    assert eng.get_session("t:s")["num_tokens"] == before > 0
+    ref = _engine(tiny_llama_dir)
+    _ingest(ref, "t:s", doc)
+    q = _prompt(6, 6)
+    assert _run(eng, q, "t:s", "r3") == _run(ref, q, "t:s", "x3")
