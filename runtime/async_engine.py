@@ -25,7 +25,7 @@ import threading
 from collections.abc import AsyncIterator
 
 from .engine import EngineArgs, EngineStats, LLMEngine
-from .errors import EngineStepError, QueueFullError
+from .errors import EngineDrainingError, EngineStepError, QueueFullError
 from .loader import Checkpoint
 from .outputs import RequestOutput
 from .sampling import SamplingParams
@@ -63,6 +63,7 @@ class AsyncLLMEngine:
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
         self._stopped = False
+        self._closing = False  # set at the start of shutdown(): new work is refused from then on
         self.errors = 0
         self.consecutive_errors = 0
 
@@ -72,6 +73,7 @@ class AsyncLLMEngine:
                        ) -> AsyncIterator[RequestOutput]:
         """Async iterator of RequestOutput (one per generated token; the last has finish_reason)."""
         request_id = request_id if request_id is not None else f"async-{next(self._ids)}"
+        self._refuse_if_closing()
         with self._lock:
             if request_id in self._streams:
                 from .errors import InvalidRequestError
@@ -114,6 +116,7 @@ class AsyncLLMEngine:
                      ) -> AsyncIterator[dict]:
         """Append a document to a session without generating. Yields progress dicts
         {"tokens_done", "tokens_total", "done"}; the last one has done=True and the session's info."""
+        self._refuse_if_closing()
         mgr = self.engine._sessions()
         rid = await self._call(mgr.new_ingest_id, session_id)
         gen = self.generate(prompt, mgr.ingest_params(), rid, session_id)
@@ -150,16 +153,24 @@ class AsyncLLMEngine:
         return self.engine.tokenizer
 
     async def _call(self, fn, *args):
-        """Run `fn(*args)` on the engine thread between steps; its result or exception comes back here."""
+        """Run `fn(*args)` on the engine thread between steps; its result or exception comes back here.
+        After shutdown there is no engine thread to run it: EngineDrainingError at once (not a hang)."""
+        self._refuse_if_closing()
         fut = asyncio.get_running_loop().create_future()
         self._cmds.put(("call", (fn, args, fut)))
         self._ensure_thread()
         self._wake.set()
         return await fut
 
+    def _refuse_if_closing(self) -> None:
+        if self._closing:
+            raise EngineDrainingError()
+
     def stats(self) -> EngineStats:
         """Engine stats; raises RuntimeError if the engine thread died or its steps keep failing (the
-        server's health check)."""
+        server's health check), EngineDrainingError once shutdown() began (the health probe then reads
+        NOT_SERVING instead of SERVING a replica that would hang every new request)."""
+        self._refuse_if_closing()
         if self._thread is not None and not self._thread.is_alive() and not self._stopped:
             raise RuntimeError("the engine loop thread is not running")
         if self.consecutive_errors >= UNHEALTHY_AFTER:
@@ -187,6 +198,7 @@ class AsyncLLMEngine:
         Idempotent (Serve's replica teardown and a test may both call it)."""
         if self._stopped:
             return
+        self._closing = True
         done = threading.Event()
         self._cmds.put(("drain", done))
         self._ensure_thread()

@@ -9,7 +9,9 @@ Errors are the runtime's own (runtime/errors.py), mapped to gRPC codes in deploy
 InvalidRequestError -> INVALID_ARGUMENT, SessionNotFoundError -> NOT_FOUND, QueueFullError ->
 RESOURCE_EXHAUSTED, DataLossError -> DATA_LOSS, EngineStepError -> UNAVAILABLE (DependencyUnavailableError,
 raw or as its __cause__, e.g. a memory shard that stayed down -> UNAVAILABLE naming it),
-SessionsUnsupportedError -> UNIMPLEMENTED.
+SessionsUnsupportedError -> UNIMPLEMENTED. After `shutdown()` (the drain) the engine is unavailable:
+`stats()` raises EngineDrainingError (an EngineStepError, so UNAVAILABLE; the health probe reads
+NOT_SERVING) and `generate` / `ingest` raise it at the first `__anext__` instead of hanging.
 """
 
 from __future__ import annotations
@@ -65,7 +67,8 @@ class ServingEngine(Protocol):
         session is opened (the test double's open_unknown_sessions=False answers SessionNotFoundError
         instead, to expose misrouting); a session with a running request -> InvalidRequestError
         (field session_id); an engine without sessions -> SessionsUnsupportedError. A failing step
-        raises EngineStepError in the streams of that step's requests only."""
+        raises EngineStepError in the streams of that step's requests only. After shutdown():
+        EngineDrainingError at the first `__anext__`."""
         ...
 
     async def abort(self, request_id: str) -> None:
@@ -76,7 +79,7 @@ class ServingEngine(Protocol):
     def ingest(self, session_id: str, prompt: str | list[int]) -> AsyncIterator[dict]:
         """Appends the document to the session (opened if unknown). Progress dicts {"tokens_done",
         "tokens_total"} counting the session's tokens; the last has "done": True and tokens_done ==
-        tokens_total."""
+        tokens_total. After shutdown(): EngineDrainingError at the first `__anext__`."""
         ...
 
     async def get_session(self, session_id: str) -> dict:
@@ -100,7 +103,8 @@ class ServingEngine(Protocol):
 
     def stats(self) -> StatsLike:
         """Raises (RuntimeError) when the engine is unhealthy -- its loop died, or its last 3 steps
-        failed: the replica's health check."""
+        failed: the replica's health check; EngineDrainingError once shutdown() began (a drained
+        replica is NOT_SERVING)."""
         ...
 
     def model_info(self) -> dict:
@@ -109,5 +113,5 @@ class ServingEngine(Protocol):
 
     def shutdown(self) -> None:
         """Drain: what runs ends with finish_reason "abort", sessions are snapshotted (with a store),
-        the engine stops. Idempotent."""
+        the engine stops; from its start new work is refused (EngineDrainingError). Idempotent."""
         ...

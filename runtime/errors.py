@@ -55,6 +55,16 @@ class EngineStepError(MemServeError, RuntimeError):
     on another replica, can succeed); the other requests of the engine were not affected."""
 
 
+class EngineDrainingError(EngineStepError):
+    """The engine was shut down (the drain of AsyncLLMEngine.shutdown): it takes no new work and its
+    stats() raises this, so the health probe reads NOT_SERVING (gRPC UNAVAILABLE, through its base
+    class: retry on another replica)."""
+
+    def __init__(self, message: str = "this replica is draining (engine shut down); it takes no new "
+                                      "requests, send them to another replica"):
+        super().__init__(message)
+
+
 class DependencyUnavailableError(MemServeError, RuntimeError):
     """A part the model forward reads from outside this process (e.g. a memory shard, deploy/
     remote_value_store.py) did not answer within its retry bound (gRPC UNAVAILABLE). `dependency`

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from types import SimpleNamespace
 
 from memserve.runtime.errors import (
+    EngineDrainingError,
     EngineStepError,
     InvalidRequestError,
     QueueFullError,
@@ -104,6 +105,12 @@ class FakeAsyncEngine:
         self._abort: set[str] = set()  # request ids asked to stop (their stream ends with "abort")
         self._fail = 0  # token steps still to fail (fail_steps)
         self.consecutive_errors = 0
+        self.drained = False  # shutdown() was called: new work and stats() raise EngineDrainingError
+
+    def _refuse_if_drained(self):
+        if self.drained:
+            raise EngineDrainingError("this replica is draining (test double shut down); send new requests "
+                                      "to another replica")
 
     def _need_sessions(self):
         if self._sessions is None:
@@ -129,6 +136,7 @@ class FakeAsyncEngine:
             raise InvalidRequestError("prompt", "is empty")
 
     async def generate(self, prompt, params, request_id, session_id=None):
+        self._refuse_if_drained()
         self._check_prompt(prompt, request_id)
         cached = 0
         if session_id is not None:
@@ -193,6 +201,7 @@ class FakeAsyncEngine:
             self._abort.add(request_id)
 
     def stats(self):
+        self._refuse_if_drained()
         if self.consecutive_errors >= 3:  # AsyncLLMEngine's UNHEALTHY_AFTER
             raise RuntimeError(f"the last {self.consecutive_errors} engine steps failed (test double)")
         used = self.num_total_blocks - self.free_blocks
@@ -204,6 +213,7 @@ class FakeAsyncEngine:
                 "max_model_len": 2048, "block_size": 4}
 
     async def ingest(self, session_id, prompt):
+        self._refuse_if_drained()
         start = self._need_sessions().get(session_id, 0)  # a document is appended to the session
         n = start + len(self._ids(prompt))
         for done in range(start, n, 8):
@@ -232,3 +242,4 @@ class FakeAsyncEngine:
     def shutdown(self):
         # the drain: what runs ends with finish_reason "abort" (no store: sessions stay in RAM)
         self._abort.update(self.running, self.waiting)
+        self.drained = True

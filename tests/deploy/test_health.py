@@ -1,9 +1,11 @@
 """grpc.health.v1 answers of deploy/health.py (no Ray): over the engine worker + test double
 (SERVING, NOT_SERVING when draining / the engine's stats() raises / the probe fails, NOT_FOUND for
 an unknown service, Watch sends the current status then each change), loop safety, and over a real
-gRPC channel with a real AsyncLLMEngine whose forward fails (the typed protocol's health signal)."""
+gRPC channel with a real AsyncLLMEngine whose forward fails (the typed protocol's health signal) or
+that was shut down (drained: NOT_SERVING, a Generate UNAVAILABLE at once)."""
 
 import asyncio
+import time
 
 import grpc
 import pytest
@@ -159,3 +161,35 @@ def test_real_engine_failing_forward_flips_health_over_grpc(tiny_llama_dir):
         eng.shutdown()
     assert seen == [("check", SERVING), ("watch", SERVING), ("check", NOT_SERVING), ("watch", NOT_SERVING),
                     ("check", SERVING), ("watch", SERVING)]
+
+
+def test_real_engine_after_shutdown_is_not_serving_and_refuses_fast_over_grpc(tiny_llama_dir):
+    """A drained AsyncLLMEngine (shutdown) reads NOT_SERVING over a real channel, and a Generate sent
+    to it is UNAVAILABLE at once naming the drain (it used to read SERVING and hang until the
+    ingress timed out)."""
+    eng = AsyncLLMEngine(str(tiny_llama_dir), progress=False, num_kv_blocks=64)
+    ing = make_ingress(LocalClient(EngineWorker(eng, model_name="tiny", replica="r0")), unavailable_timeout_s=10.0)
+    req = pb.GenerateRequest(prompt_token_ids=[1, 2, 3], sampling=pb.SamplingParams(max_tokens=2, temperature=0.0))
+
+    async def go():
+        server, addr = await start_server(ing)
+        try:
+            async with grpc.aio.insecure_channel(addr) as ch:
+                stub, health = pbg.MemServeStub(ch), health_pb2_grpc.HealthStub(ch)
+                before = (await health.Check(health_pb2.HealthCheckRequest(), timeout=10)).status
+                await asyncio.to_thread(eng.shutdown)
+                after = (await health.Check(health_pb2.HealthCheckRequest(), timeout=10)).status
+                t0 = time.monotonic()
+                with pytest.raises(grpc.aio.AioRpcError) as ei:
+                    _ = [m async for m in stub.Generate(req, timeout=10)]
+                return before, after, ei.value, time.monotonic() - t0
+        finally:
+            await server.stop(0)
+
+    try:
+        before, after, err, secs = asyncio.run(go())
+    finally:
+        eng.shutdown()
+    assert (before, after) == (SERVING, NOT_SERVING)
+    assert err.code() == grpc.StatusCode.UNAVAILABLE and "draining" in err.details(), err
+    assert secs < 5.0, f"a Generate to a drained engine took {secs:.1f} s (should fail at once)"

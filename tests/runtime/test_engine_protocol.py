@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 from memserve.runtime.engine_protocol import OutputLike, ServingEngine, StatsLike
 from memserve.runtime.errors import (
+    EngineDrainingError,
     EngineStepError,
     InvalidRequestError,
     QueueFullError,
@@ -400,3 +401,24 @@ def test_shutdown_drains_running_requests(impl, engines):
         nxt = engines()
         info = asyncio.run(nxt.get_session("t:dr"))
         assert info["num_tokens"] > 30 and info["resident"] is False
+
+
+def test_a_drained_engine_is_unavailable_and_refuses_new_work_fast(impl, engines):
+    """After shutdown: stats() (the health probe) raises the unavailable error naming the drain, and a
+    new generate / ingest fails at its first __anext__ instead of waiting on a stopped engine."""
+    eng = engines()
+    eng.stats()  # healthy before
+    eng.shutdown()
+    with pytest.raises(EngineDrainingError, match="draining"):
+        eng.stats()
+    assert isinstance(EngineDrainingError(), EngineStepError)  # deploy/worker.py: UNAVAILABLE
+
+    async def go():
+        t0 = time.monotonic()
+        with pytest.raises(EngineDrainingError, match="draining"):
+            await asyncio.wait_for(collect(eng.generate(PROMPT, greedy(impl), "late")), 5)
+        with pytest.raises(EngineDrainingError, match="draining"):
+            await asyncio.wait_for(collect(eng.ingest("t:late", [1, 2, 3])), 5)
+        return time.monotonic() - t0
+
+    assert asyncio.run(go()) < 1.0  # at once, not a timeout
