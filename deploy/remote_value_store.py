@@ -181,7 +181,9 @@ class RemoteValueStore(ValueStore):
 
     def _assemble(self, parts: list[np.ndarray]) -> torch.Tensor:
         if self.layout == "columns":
-            return torch.from_numpy(np.concatenate(parts, axis=1) if len(parts) > 1 else np.asarray(parts[0]))
+            # one part: Ray's zero-copy result is read-only; torch must get memory it may write (copy only then)
+            return torch.from_numpy(np.concatenate(parts, axis=1) if len(parts) > 1
+                                    else np.require(parts[0], requirements="W"))
         out = np.array(parts[0], dtype=np.float32, copy=True)
         for p in parts[1:]:  # shard order, fixed: the same inputs always give the same bits
             out += p
