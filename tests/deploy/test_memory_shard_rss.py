@@ -22,6 +22,7 @@ import torch
 from memserve.deploy.memory_shards import load_specs, mmap_tensor, shard_memory, split
 from memserve.deploy.remote_value_store import RemoteValueStore
 from memserve.runtime.memory_layers import TensorValueStore
+from serving_testlib import wait_for
 
 TABLE = "model.memory_values.weight"
 ROWS, DIM = 131072, 256  # 128 MiB fp32
@@ -96,9 +97,10 @@ def test_shard_resident_memory_is_table_over_p(big_table, serve_ctx, layout, P):
             local = TensorValueStore(mmap_tensor(big_table / "model.safetensors", TABLE))
         _sweep(store, local)
         after = [h.info.remote().result(timeout_s=30) for h in handles]
-    finally:
+    finally:  # delete the P apps together: one blocking delete waits ~30 s each on this Serve
         for s in specs:
-            serve.delete(s.name, _blocking=True)
+            serve.delete(s.name, _blocking=False)
+        wait_for(lambda: not set(serve.status().applications) & {s.name for s in specs}, 120, "shard apps deleted")
     n = ROWS if layout == "rows" else DIM
     assert [(s.begin, s.end) for s in specs] == split(n, P)
     for s, b, a in zip(specs, before, after, strict=True):
