@@ -138,6 +138,33 @@ def test_stream_equals_offline_engine(app, sampling):
     assert all(m.finish_reason == "" for m in msgs[:-1])
 
 
+def test_tls_termination_in_front_of_serves_grpc_proxy(app, tmp_path):
+    """Serve's gRPC proxy has no TLS (ray issue #34103): the nginx of deploy/README.md "TLS" in front
+    of it (tls_testlib) streams the same tokens as the proxy itself, and a cancel through nginx
+    reaches the engine replica (its blocks come back)."""
+    from tls_testlib import MISSING, make_ca, make_server_cert, nginx_tls
+
+    if MISSING:
+        pytest.skip(MISSING)
+    ca, _ = make_ca(tmp_path, "ca")
+    cert, key = make_server_cert(tmp_path, "ca")
+    req = pb.GenerateRequest(prompt="The quick brown fox", sampling=pb.SamplingParams(max_tokens=10, temperature=0.0))
+    direct = _stream(app["stub"], req)
+    free0 = _free_blocks(app["stub"])[0]
+    with nginx_tls(tmp_path, cert, key, app["grpc_port"]) as port:
+        creds = grpc.ssl_channel_credentials(root_certificates=ca.read_bytes())
+        with grpc.secure_channel(f"localhost:{port}", creds) as ch:
+            stub = pbg.MemServeStub(ch)
+            via = _stream(stub, req)
+            assert [t for m in via for t in m.token_ids] == [t for m in direct for t in m.token_ids]
+            assert "".join(m.text for m in via) == "".join(m.text for m in direct)
+            call = stub.Generate(pb.GenerateRequest(prompt="Once upon a time", sampling=pb.SamplingParams(
+                max_tokens=200, temperature=0.0, ignore_eos=True)), timeout=120)
+            next(iter(call))
+            call.cancel()
+    _wait(lambda: _free_blocks(app["stub"]) == (free0, 0, 0), 30, "blocks back after a cancel through nginx")
+
+
 def test_chat_and_token_id_prompts(app):
     stub = app["stub"]
     msgs = _stream(stub, pb.GenerateRequest(messages=[pb.ChatMessage(role="user", content="Hi there")],
