@@ -34,6 +34,28 @@ class LocalClient:
         return 1
 
 
+
+@contextlib.contextmanager
+def local_ray():
+    """A local Ray cluster for one test module (2 CPUs, quiet): shut down afterwards, and the Serve env
+    vars that init_ray sets for a local cluster put back as they were."""
+    import os
+
+    import ray
+    from memserve.deploy.app import SERVE_ENV, init_ray
+
+    saved = {k: os.environ.get(k) for k in SERVE_ENV}
+    init_ray(num_cpus=2, log_to_driver=False, logging_level="ERROR")
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

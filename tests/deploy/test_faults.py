@@ -36,7 +36,7 @@ import grpc
 import pytest
 from memserve.deploy import memserve_pb2 as pb
 from memserve.deploy import memserve_pb2_grpc as pbg
-from serving_testlib import free_port, wait_for
+from serving_testlib import free_port, local_ray, wait_for
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.slow  # each test waits on Serve starting / replacing / removing replicas (30-90 s)
@@ -57,7 +57,6 @@ def _ids(n, seed):
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    from memserve.deploy.app import SERVE_ENV, init_ray
     from memserve.deploy.config import AppConfig
     from ray import serve
     from tiny_models import make_tiny_model
@@ -66,10 +65,8 @@ def served(tmp_path_factory):
     store = str(tmp_path_factory.mktemp("faults_store"))
     cfg = AppConfig(app_name=APP, model=model, num_replicas=2, max_waiting=8, session_store=store,
                     engine_args=ENGINE_ARGS, unavailable_timeout_s=60, router_seed=0, graceful_shutdown_timeout_s=10)
-    saved_env = {k: os.environ.get(k) for k in SERVE_ENV}
     grpc_port = free_port()
-    init_ray(num_cpus=2, log_to_driver=False, logging_level="ERROR")
-    try:
+    with local_ray():
         from memserve.deploy.app import grpc_options
         from ray.serve.config import HTTPOptions
 
@@ -83,13 +80,6 @@ def served(tmp_path_factory):
                  180, "two engine replicas")
         yield {"stub": stub, "model": model, "store": store, "deploy": deploy}
         channel.close()
-    finally:
-        ray.shutdown()
-        for k, v in saved_env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _deployer(cfg):

@@ -15,14 +15,13 @@ Run under `flock /tmp/memserve-ray.lock` (it starts Ray).
 from __future__ import annotations
 
 import gc
-import os
 
 import pytest
 import torch
 from memserve.deploy.memory_shards import load_specs, mmap_tensor, shard_memory, split
 from memserve.deploy.remote_value_store import RemoteValueStore
 from memserve.runtime.memory_layers import TensorValueStore
-from serving_testlib import wait_for
+from serving_testlib import local_ray, wait_for
 
 TABLE = "model.memory_values.weight"
 ROWS, DIM = 131072, 256  # 128 MiB fp32
@@ -46,22 +45,12 @@ def big_table(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def serve_ctx():
-    ray = pytest.importorskip("ray")
-    from memserve.deploy.app import SERVE_ENV, init_ray
+    pytest.importorskip("ray")
     from ray import serve
 
-    saved_env = {k: os.environ.get(k) for k in SERVE_ENV}
-    init_ray(num_cpus=2, log_to_driver=False, logging_level="ERROR")
-    try:
+    with local_ray():
         serve.start(http_options={"host": "127.0.0.1", "port": 0})
         yield serve
-    finally:
-        ray.shutdown()
-        for k, v in saved_env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _sweep(store, local=None, tokens=256):

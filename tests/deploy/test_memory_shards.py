@@ -9,7 +9,6 @@ deleted for good.
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 
@@ -19,7 +18,7 @@ import torch
 from memserve.deploy.memory_shards import MemoryShard, load_specs, shard_memory, split
 from memserve.deploy.remote_value_store import MemoryShardUnavailableError, RemoteValueStore
 from memserve.runtime.memory_layers import TensorValueStore
-from serving_testlib import wait_for
+from serving_testlib import local_ray, wait_for
 
 TABLE = "model.memory_values.weight"
 ROWS, DIM = 8192, 250  # 8 MB fp32; 250 columns do not divide by 3 (uneven column splits)
@@ -132,14 +131,11 @@ def test_shard_file_errors(tmp_path):
 @pytest.fixture(scope="module")
 def serve_shards(table_dir):
     ray = pytest.importorskip("ray")
-    from memserve.deploy.app import SERVE_ENV, init_ray
     from memserve.deploy.memory_shards import shard_deployment
     from ray import serve
 
     d, table = table_dir
-    saved_env = {k: os.environ.get(k) for k in SERVE_ENV}
-    init_ray(num_cpus=2, log_to_driver=False, logging_level="ERROR")
-    try:
+    with local_ray():
         serve.start(http_options={"host": "127.0.0.1", "port": 0})
         plans = {}
         for layout, P in (("columns", 3), ("rows", 2)):
@@ -151,13 +147,6 @@ def serve_shards(table_dir):
             for h in handles:
                 h.info.remote().result(timeout_s=120)
         yield {"plans": plans, "table": table, "ray": ray, "serve": serve, "dir": d}
-    finally:
-        ray.shutdown()
-        for k, v in saved_env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _store(ctx, layout, **kw):

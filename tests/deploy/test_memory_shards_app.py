@@ -15,14 +15,12 @@ P = 3 in the fast set, P = 1 and 2 slow-marked (each deploys and then deletes it
 
 from __future__ import annotations
 
-import os
-
 import grpc
 import pytest
 import torch
 from memserve.deploy import memserve_pb2 as pb
 from memserve.deploy import memserve_pb2_grpc as pbg
-from serving_testlib import free_port
+from serving_testlib import free_port, local_ray
 
 ray = pytest.importorskip("ray")
 
@@ -47,24 +45,15 @@ def models(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cluster():
-    from memserve.deploy.app import SERVE_ENV, grpc_options, init_ray
+    from memserve.deploy.app import grpc_options
     from ray import serve
 
-    saved_env = {k: os.environ.get(k) for k in SERVE_ENV}
     port = free_port()
-    init_ray(num_cpus=2, log_to_driver=False, logging_level="ERROR")
-    try:
+    with local_ray():
         serve.start(http_options={"host": "127.0.0.1", "port": free_port()}, grpc_options=grpc_options(port))
         channel = grpc.insecure_channel(f"127.0.0.1:{port}")
         yield {"stub": pbg.MemServeStub(channel), "serve": serve}
         channel.close()
-    finally:
-        ray.shutdown()
-        for k, v in saved_env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _deploy(cluster, models, layout, P, shared, topology):
