@@ -20,14 +20,13 @@ Meta's lingua memory checkpoints (facebookresearch/memory): not converted yet.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from .loader import load_checkpoint
 from .memory_layers import MemoryLayersConfig
-from .memory_layers_init import hf_config_dict, write_safetensors_model
+from .memory_layers_init import write_memory_model
 
 LUCIDRAINS_BN = ("norm.fn.weight", "norm.fn.bias", "norm.fn.running_mean", "norm.fn.running_var")
 
@@ -101,13 +100,4 @@ def convert_lucidrains(base: str, pkms: dict[int, tuple], out: str, mode: str = 
     mem = {"layers": sorted(pkms), "mode": mode, "n_keys": n, "heads": H, "knn": knn, "k_dim": dh,
            "v_dim": c.hidden_size, "shared_values": False, "swilu": False}
     MemoryLayersConfig.from_dict(mem, c.hidden_size, c.num_hidden_layers)  # validates (names what to change)
-    outp = Path(out)
-    outp.mkdir(parents=True, exist_ok=True)
-    write_safetensors_model(outp, {"model-00001-of-00002.safetensors": state,
-                                   "model-00002-of-00002.safetensors": tables})
-    cfg = hf_config_dict(c)
-    cfg["memory_layers"] = mem
-    (outp / "config.json").write_text(json.dumps(cfg, indent=2))
-    if ck.tokenizer is not None:
-        ck.tokenizer.save_hf(outp)
-    return outp
+    return write_memory_model(out, state, tables, c, mem, ck.tokenizer)

@@ -49,6 +49,21 @@ def write_safetensors_model(outp: Path, files: dict[str, dict[str, torch.Tensor]
     (outp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
 
 
+def write_memory_model(out, state: dict, tables: dict, c, mem: dict, tokenizer) -> Path:
+    """A memory-layer model directory in the public format: the dense/memory tensors and the value tables
+    in their own safetensors files (so a table maps alone), config.json with `memory_layers`, tokenizer."""
+    outp = Path(out)
+    outp.mkdir(parents=True, exist_ok=True)
+    write_safetensors_model(outp, {"model-00001-of-00002.safetensors": state,
+                                   "model-00002-of-00002.safetensors": tables})
+    cfg = hf_config_dict(c)
+    cfg["memory_layers"] = mem
+    (outp / "config.json").write_text(json.dumps(cfg, indent=2))
+    if tokenizer is not None:
+        tokenizer.save_hf(outp)
+    return outp
+
+
 def init_memory(base: str, out: str, layers: list[int], n_keys: int = 256, heads: int = 4, knn: int = 32,
                 k_dim: int = 256, v_dim: int | None = None, shared_values: bool = True, swilu: bool = True,
                 seed: int = 0, progress: bool = True, values_dtype: str = "float32") -> Path:
@@ -80,13 +95,4 @@ def init_memory(base: str, out: str, layers: list[int], n_keys: int = 256, heads
                 tables[vn], tables[scales_name(vn)] = quantize_rows_int8(t)
             else:
                 tables[vn] = t.to(VALUES_DTYPES[values_dtype])
-    outp = Path(out)
-    outp.mkdir(parents=True, exist_ok=True)
-    write_safetensors_model(outp, {"model-00001-of-00002.safetensors": state,
-                                   "model-00002-of-00002.safetensors": tables})
-    cfg = hf_config_dict(c)
-    cfg["memory_layers"] = mem
-    (outp / "config.json").write_text(json.dumps(cfg, indent=2))
-    if ck.tokenizer is not None:
-        ck.tokenizer.save_hf(outp)
-    return outp
+    return write_memory_model(out, state, tables, c, mem, ck.tokenizer)
