@@ -325,3 +325,16 @@ def make_tiny_memory_model(tmp_dir, mode: str = "parallel", shared_values: bool 
     cfg["memory_layers"] = mem_cfg
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     return out
+
+
+def prefill_logits(llm, ids: list[int]) -> torch.Tensor:
+    """The engine's logits (T, V) for one prompt through its paged forward (blocks taken and given back)."""
+    from memserve.runtime.attention import AttentionMetadata
+
+    eng = llm.engine
+    table = eng.allocator.allocate("logits", len(ids))
+    try:
+        meta = AttentionMetadata.build(["logits"], [len(ids)], [0], [table], eng.allocator.block_size)
+        return eng.model.forward(torch.tensor(ids), meta, eng.attn, None)
+    finally:
+        eng.allocator.free("logits")

@@ -83,22 +83,11 @@ def _local_llm(d):
     return LLM(str(d), **ENGINE_ARGS)
 
 
-def _logits(llm, ids):
-    from memserve.runtime.attention import AttentionMetadata
-
-    eng = llm.engine
-    table = eng.allocator.allocate("logits", len(ids))
-    try:
-        meta = AttentionMetadata.build(["logits"], [len(ids)], [0], [table], eng.allocator.block_size)
-        return eng.model.forward(torch.tensor(ids), meta, eng.attn, None)
-    finally:
-        eng.allocator.free("logits")
-
-
 def _check_app(cluster, models, layout, P, shared, topology):
     from memserve.deploy.memory_shard_app import attach_remote_stores
     from memserve.deploy.memory_shards import load_specs
     from memserve.runtime import SamplingParams
+    from tiny_models import prefill_logits
 
     serve, stub = cluster["serve"], cluster["stub"]
     app, d = _deploy(cluster, models, layout, P, shared, topology)
@@ -119,7 +108,7 @@ def _check_app(cluster, models, layout, P, shared, topology):
     worst = 0.0
     for prompt, out in zip(PROMPTS, outs, strict=True):
         ids = prompt + list(out.token_ids)
-        want, got = _logits(local, ids), _logits(remote, ids)
+        want, got = prefill_logits(local, ids), prefill_logits(remote, ids)
         assert got.dtype == torch.float32 and got.shape == want.shape
         if layout == "columns" or P == 1:
             assert torch.equal(got, want), f"{layout} P={P}: logits must be bit-exact"

@@ -15,7 +15,7 @@ from memserve.runtime import LLM, SamplingParams
 from memserve.runtime.memory_layers_convert import convert_lucidrains
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tiny_models import make_tiny_model  # noqa: E402
+from tiny_models import make_tiny_model, prefill_logits  # noqa: E402
 
 H, N, DH, TOPK, EPS = 2, 8, 16, 4, 1e-5
 
@@ -91,14 +91,8 @@ def test_lucidrains_pkm_converted_logits_match_float64_reference(tmp_path, mode)
                         "v_dim": hidden, "shared_values": False, "swilu": False}
     ref = reference(base, pkms, mode)
     llm = LLM(str(out), progress=False, num_kv_blocks=64)
-    from memserve.runtime.attention import AttentionMetadata
-
     ids = torch.randint(3, 1000, (15,), generator=torch.Generator().manual_seed(0)).tolist()
-    eng = llm.engine
-    table = eng.allocator.allocate("x", len(ids))
-    meta = AttentionMetadata.build(["x"], [len(ids)], [0], [table], eng.allocator.block_size)
-    got = eng.model.forward(torch.tensor(ids), meta, eng.attn, None).double()
-    eng.allocator.free("x")
+    got = prefill_logits(llm, ids).double()
     with torch.no_grad():
         want = ref(torch.tensor([ids])).logits[0]
         plain = reference(base, {}, mode)(torch.tensor([ids])).logits[0]

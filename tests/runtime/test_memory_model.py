@@ -16,7 +16,7 @@ from memserve.runtime.loader import load_checkpoint
 from memserve.runtime.memory_layers import ValueStore
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tiny_models import make_tiny_memory_model  # noqa: E402
+from tiny_models import make_tiny_memory_model, prefill_logits  # noqa: E402
 
 GREEDY = dict(temperature=0, ignore_eos=True)
 COMBOS = list(itertools.product(["replace", "parallel"], [True, False], [True, False]))
@@ -111,12 +111,8 @@ def test_logits_and_greedy_match_float64_reference(memory_dir):
             ids.append(int(ref(torch.tensor([ids])).logits[0, -1].argmax()))
     assert out.token_ids == ids[len(prompt):]
     # all-position logits through the engine's model forward vs the reference
-    from memserve.runtime.attention import AttentionMetadata
-
     eng = llm.engine
-    table = eng.allocator.allocate("x", len(ids))
-    meta = AttentionMetadata.build(["x"], [len(ids)], [0], [table], eng.allocator.block_size)
-    got = eng.model.forward(torch.tensor(ids), meta, eng.attn, None).double()
+    got = prefill_logits(llm, ids).double()
     with torch.no_grad():
         want = ref(torch.tensor([ids])).logits[0]
     assert rel_err(got, want) <= 1e-4
@@ -247,13 +243,7 @@ def test_int8_table_logits_match_float64_reference_of_dequantized_rows(tmp_path,
     ref = reference_model(d)
     llm = LLM(str(d), progress=False, num_kv_blocks=64)
     ids = torch.randint(3, 49152, (17,), generator=torch.Generator().manual_seed(1)).tolist()
-    from memserve.runtime.attention import AttentionMetadata
-
-    eng = llm.engine
-    table = eng.allocator.allocate("x", len(ids))
-    meta = AttentionMetadata.build(["x"], [len(ids)], [0], [table], eng.allocator.block_size)
-    got = eng.model.forward(torch.tensor(ids), meta, eng.attn, None).double()
-    eng.allocator.free("x")
+    got = prefill_logits(llm, ids).double()
     with torch.no_grad():
         want = ref(torch.tensor([ids])).logits[0]
     assert rel_err(got, want) <= 1e-4

@@ -59,7 +59,7 @@ if INTERPRET:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from test_memory_model import COMBOS, GREEDY, reference_model, rel_err  # noqa: E402
-    from tiny_models import make_tiny_memory_model  # noqa: E402
+    from tiny_models import make_tiny_memory_model, prefill_logits  # noqa: E402
 
     # the modules (memserve.kernels re-exports functions of the same names)
     bag_mod = importlib.import_module("memserve.kernels.embedding_bag")
@@ -89,8 +89,6 @@ if INTERPRET:
                              ids=lambda c: f"{c[0]}-{'shared' if c[1] else 'unshared'}-{'swilu' if c[2] else 'noswilu'}"
                                            + ("-int8" if len(c) > 3 else ""))
     def test_logits_through_triton_match_float64_reference(tmp_path, forced_triton, combo):
-        from memserve.runtime.attention import AttentionMetadata
-
         mode, shared, swilu, *table_dtype = combo
         d = make_tiny_memory_model(tmp_path / "m", mode=mode, shared_values=shared, swilu=swilu,
                                    table_dtype=(table_dtype or [torch.float32])[0],
@@ -101,10 +99,7 @@ if INTERPRET:
         eng = llm.engine
         g = torch.Generator().manual_seed(1)
         ids = torch.randint(3, 49152, (13,), generator=g).tolist()
-        table = eng.allocator.allocate("x", len(ids))
-        meta = AttentionMetadata.build(["x"], [len(ids)], [0], [table], eng.allocator.block_size)
-        got = eng.model.forward(torch.tensor(ids), meta, eng.attn, None).double()
-        eng.allocator.free("x")
+        got = prefill_logits(llm, ids).double()
         with torch.no_grad():
             want = ref(torch.tensor([ids])).logits[0]
         assert rel_err(got, want) <= 1e-4
