@@ -209,7 +209,7 @@ def advise_hugepages(t: torch.Tensor) -> bool:
 
 def empty_table(rows: int, cols: int, dtype=torch.float32) -> torch.Tensor:
     """An uninitialized (rows, cols) value table for embedding bags, backed by transparent huge
-    pages where the OS allows it (see `advise_hugepages`; measured in bench/kernels.py)."""
+    pages where the OS allows it (see `advise_hugepages`; measured in bench/kernel_roofline.py)."""
     t = torch.empty(rows, cols, dtype=dtype)
     advise_hugepages(t)
     return t

@@ -1,7 +1,7 @@
 """Kernel roofline benchmark: achieved bandwidth of each op vs this machine's measured memory
 bandwidth, and vs torch's own peer (F.embedding_bag, dense SDPA).
 
-    .venv/bin/python bench/kernels.py [--quick] [--threads N]
+    .venv/bin/python bench/kernel_roofline.py [--quick] [--threads N]
 
 CUDA: a self-check of every Triton kernel against its reference first, then the table against the
 device's measured copy bandwidth. CPU: the torch paths against measured DRAM read / copy
