@@ -11,6 +11,13 @@ from pathlib import Path
 
 import pytest
 
+# `python -m pytest` (the Makefile) puts the checkout root on sys.path, and its folders kernels/, runtime/,
+# deploy/, scheduler/ are memserve's subpackages (pyproject package-dir), so they would shadow top-level
+# distributions of the same names: transformers >= 5.25 imports the hub `kernels` package whenever it is
+# installed and got ours (CI on 708de31: ImportError CUDAProperties, 56 failures + 188 errors). memserve
+# itself imports through its install, never from the root, so the root goes.
+_ROOT = Path(__file__).resolve().parents[1]
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _ROOT]
 sys.path.insert(0, str(Path(__file__).parent))
 
 from tiny_models import LLAMA3_ROPE_SCALING, make_tiny_model  # noqa: E402
