@@ -196,7 +196,7 @@ def main(argv=None):
             # policy fields added later are left out of the key at their default, so that states saved
             # before they existed are still found
             cfg_repr = repr(base).replace(", unselected='drop'", "").replace(", rerank=0", "").replace(
-                ", repr_outliers=0", "")
+                ", repr_outliers=0", "").replace(", exact='off'", "").replace(", exact_every=0", "")
             key = hashlib.md5(json.dumps([a.family, a.task, L, depth, seed, a.compression, a.kv_config,
                                           cfg_repr]).encode()).hexdigest()[:10]
             snap = Path(a.snapshots) / f"{a.family}_{a.length}_{key}.pt"
@@ -245,6 +245,7 @@ def main(argv=None):
                                 return torch.cat((orig_rep(kb, sc), outlier_keys(kb, n)), 2)
 
                             lm._representatives = rep
+                    mem.set_prompt_end(len(ids))  # as the engine's backend does (RetrievalPolicy.exact)
                     rec = Recorder(mem, span)
                     p = n_body
                     rec.begin("tail")

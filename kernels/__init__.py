@@ -10,6 +10,7 @@ from .block_scoring import (
     score_blocks_quest,
     select_topk_blocks,
 )
+from .block_scoring_exact import score_blocks_exact, score_blocks_exact_ref
 from .block_sparse_attention import block_sparse_decode_attention, block_sparse_decode_attention_ref
 from .embedding_bag import embedding_bag, embedding_bag_columns, embedding_bag_ref, quantize_rows_int8
 from .kv_memory_decode import kv_memory_decode_attention, kv_memory_decode_attention_ref
@@ -41,6 +42,8 @@ __all__ = [
     "quantize_kv",
     "quantize_rows_int8",
     "score_block_reprs",
+    "score_blocks_exact",
+    "score_blocks_exact_ref",
     "score_blocks_infllm",
     "score_blocks_quest",
     "select_topk_blocks",

@@ -69,10 +69,14 @@ class KVMemoryAttention(AttentionBackend):
         self.scale = head_dim**-0.5
         self.memories: dict[str, SequenceKVMemory] = {}  # seq_id -> memory (attached sequences)
         self.configs: dict[str, KVMemoryConfig] = {}  # seq_id -> config for (re)creating its memory
+        self.prompt_ends: dict[str, int] = {}  # seq_id -> position just past its prompt (RetrievalPolicy.exact)
         self.tier: TierBudget | None = None  # the replica-wide memory-tier budget (set by the manager)
 
-    def attach(self, seq_id: str, cfg: KVMemoryConfig, memory: SequenceKVMemory | None = None) -> None:
+    def attach(self, seq_id: str, cfg: KVMemoryConfig, memory: SequenceKVMemory | None = None,
+               prompt_end: int | None = None) -> None:
         self.configs[seq_id] = cfg
+        if prompt_end is not None:
+            self.prompt_ends[seq_id] = prompt_end
         if memory is not None:
             self.memories[seq_id] = memory
 
@@ -97,6 +101,7 @@ class KVMemoryAttention(AttentionBackend):
             if sid not in self.memories:  # new, or recomputing after a preemption
                 assert meta.num_computed_tokens[i] == 0, f"{sid}: no KV memory for computed tokens"
                 self.memories[sid] = self.new_memory(self.configs[sid])
+            self.memories[sid].set_prompt_end(self.prompt_ends.get(sid))
             mem.append((self.memories[sid], cu[i], cu[i + 1], meta.num_computed_tokens[i]))
         dense_rows = [i for i in range(meta.num_seqs) if i not in set(mem_rows)]
         sub = None
@@ -146,6 +151,7 @@ class KVMemoryAttention(AttentionBackend):
     def release(self, seq_id: str) -> SequenceKVMemory | None:
         """Detach a finished sequence, handing its memory over (to its session)."""
         self.configs.pop(seq_id, None)
+        self.prompt_ends.pop(seq_id, None)
         return self.memories.pop(seq_id, None)
 
 
@@ -294,7 +300,7 @@ class KVMemoryManager:
             raise
         self._projected[req.request_id] = seq.num_tokens + req.params.max_tokens
         self.allocator.memory_seqs.add(req.request_id)
-        self.backend.attach(req.request_id, cfg, mem)
+        self.backend.attach(req.request_id, cfg, mem, prompt_end=seq.num_prompt_tokens)
 
     def on_finish(self, req) -> None:
         """Called by the engine after a request finished/aborted: hand its memory to its session."""

@@ -21,6 +21,7 @@ import torch
 GRANULARITIES = ("shared", "kv_head", "q_head")
 REPR_MODES = ("mean", "max", "quest")
 UNSELECTED = ("drop", "centroid")
+EXACT_MODES = ("off", "query")
 
 
 @dataclass(slots=True)
@@ -62,6 +63,13 @@ class RetrievalPolicy:
     # number of blocks: every block scored exactly). A needle token that received little attention while
     # in the window is not among its block's representatives; its exact key still matches the question
     rerank: int = 0
+    # "query": the selections that decide an answer score EVERY block by the exact max q.k over all of its
+    # stored keys (memserve.kernels.score_blocks_exact, on the int codes) instead of its representatives:
+    # the prefill chunk holding the end of the prompt (where the question sits; its pick stays sticky
+    # through decode) and, when exact_every > 0, a decode selection once at least exact_every decode steps
+    # passed since the last exact one. Body chunks keep the representatives (cheap). "off": as before
+    exact: str = "off"
+    exact_every: int = 0  # 0: decode selections never rescore exactly (the sticky question pick stays)
 
     def __post_init__(self):
         assert self.reselect_every >= 1, "reselect_every must be >= 1"
@@ -71,6 +79,8 @@ class RetrievalPolicy:
         assert self.repr_mode in REPR_MODES, f"repr_mode must be one of {REPR_MODES}"
         assert self.unselected in UNSELECTED, f"unselected must be one of {UNSELECTED}"
         assert self.rerank >= 0, "rerank must be >= 0 (0: off)"
+        assert self.exact in EXACT_MODES, f"exact must be one of {EXACT_MODES}"
+        assert self.exact_every >= 0, "exact_every must be >= 0 (0: only the question's prefill chunk)"
 
     def topk_for(self, layer: int, num_blocks: int) -> int:
         if layer in self.dense_layers:

@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from memserve.kernels import QuantizedKV, dequantize_kv, quantize_kv
+from memserve.kernels import QuantizedKV, dequantize_kv, quantize_kv, score_blocks_exact
 from memserve.kernels.kv_quant import dequant_block_heads, dequant_blocks
 
 COMPRESSIONS = ("none", "fp16", "int8", "int4")
@@ -104,6 +104,24 @@ def dequantize_block_heads(qb: QuantizedBlocks, ids: torch.Tensor, heads: torch.
     if qb.exact is not None:
         _put_exact(out, qb.exact[ids, heads], qb.exact_idx[ids, heads])
     return out
+
+
+def exact_block_scores(kq: QuantizedBlocks, q: torch.Tensor, group: int) -> torch.Tensor:
+    """(Hq, NB) fp32: per query head (q (Hq, D)) and block, the max q.k over every stored key of the block
+    (GQA: query head i reads KV head i // G). int8/int4 through the kernel op on the codes; the fp16 rows
+    kept exact (exact_keys) join the max -- the codes at their positions hold their group's mean key, whose
+    score (a mean of the other rows' scores) never exceeds the max anyway."""
+    hq = q.shape[0]
+    if kq.kind in ("none", "fp16"):
+        hkv = kq.data.shape[1]
+        qg = q.float().view(hkv, hq // hkv, -1)
+        return torch.einsum("hgd,nhtd->hgnt", qg, kq.data.float()).amax(-1).reshape(hq, -1)
+    s = score_blocks_exact(q, _kernel_view(kq, True, group))
+    if kq.exact is not None:
+        hkv = kq.exact.shape[1]
+        qg = q.float().view(hkv, hq // hkv, -1)
+        s = torch.maximum(s, torch.einsum("hgd,nhrd->hgnr", qg, kq.exact.float()).amax(-1).reshape(hq, -1))
+    return s
 
 
 def _put_exact(out: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor) -> None:

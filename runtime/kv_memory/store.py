@@ -65,6 +65,10 @@ class KVLayerStore(AttentionMixin, WorkingSetMixin, SnapshotMixin):
         self.selected_total = 0  # block selections (summed over heads and steps)
         self.evicted_total = 0
         self.record_scores = False
+        # RetrievalPolicy.exact: position just past the prompt (the chunk that holds it is scored exactly),
+        # None: unknown (no prefill chunk is); decode steps since the last exact scoring
+        self.prompt_end: int | None = None
+        self.exact_age = 0
         self.tier = None  # TierBudget shared by the engine's memories (budget.py), None = no replica cap
         self.last_scores: torch.Tensor | None = None
 
@@ -187,6 +191,12 @@ class SequenceKVMemory:
     @property
     def num_tokens(self) -> int:
         return self.layers[0].n_tokens
+
+    def set_prompt_end(self, n: int | None) -> None:
+        """Tell every layer where the current prompt ends (RetrievalPolicy.exact="query" scores the chunk
+        holding that position exactly)."""
+        for m in self.layers:
+            m.prompt_end = n
 
     def tier_bytes(self) -> dict[str, int]:
         return {"device": sum(m.device_tier_bytes() for m in self.layers),

@@ -10,7 +10,7 @@ from memserve.kernels import score_block_reprs
 from memserve.scheduler.kv_policy import rerank_candidates, select_blocks
 
 from .buffers import _Rows
-from .quant import dequantize_block_heads
+from .quant import dequantize_block_heads, exact_block_scores
 from .representatives import block_centroids
 
 
@@ -26,15 +26,14 @@ class WorkingSetMixin:
         pick) every `reselect_every` steps into the decode working set and reuses it in between."""
         pol = self.cfg.policy
         t, hq, d = q_glob.shape
+        self.exact_age += t == 1
         if t == 1 and self.dec_slots is not None and self.dec_age < pol.reselect_every:
             if self.dec is None:  # restored from a snapshot: refill the same slots
                 self._refill(None)
             self.dec_age += 1
             return self._decode_blocks()
         nb = self.num_blocks
-        scores = score_block_reprs(q_glob.mean(0)[None], [self.reprs.get().to(q_glob.dtype)], pol.repr_mode)[0]  # (Hq, NB)
-        if pol.rerank:
-            scores = self._rerank(q_glob.mean(0), scores, max(pol.rerank, pol.topk_for(self.layer, nb)))
+        scores = self._block_scores(q_glob)  # (Hq, NB)
         if self.record_scores:  # probes (bench/kv_memory_probe.py) read the last step's block scores
             self.last_scores = scores
         extra = None
@@ -57,6 +56,29 @@ class WorkingSetMixin:
         self._refill(mask)
         self.dec_age = 1
         return self._decode_blocks()
+
+    def _block_scores(self, q_glob: torch.Tensor) -> torch.Tensor:
+        """(Hq, NB) scores of this selection: exact over every stored key where RetrievalPolicy.exact asks for
+        it (`_exact_due`), else the representatives (+ the optional re-ranking stage)."""
+        pol, q = self.cfg.policy, q_glob.mean(0)
+        if self._exact_due(q_glob.shape[0]):
+            self.exact_age = 0
+            return exact_block_scores(self._stored()[0], q, self.cfg.key_group).to(q.dtype)
+        scores = score_block_reprs(q[None], [self.reprs.get().to(q.dtype)], pol.repr_mode)[0]
+        if pol.rerank:
+            scores = self._rerank(q, scores, max(pol.rerank, pol.topk_for(self.layer, self.num_blocks)))
+        return scores
+
+    def _exact_due(self, t: int) -> bool:
+        """exact="query": the chunk holding the prompt's last token (self.prompt_end, set by the backend),
+        or a decode selection once exact_every decode steps passed since the last exact scoring."""
+        pol = self.cfg.policy
+        if pol.exact != "query":
+            return False
+        end = self.prompt_end
+        if end is not None and self.n_tokens < end <= self.n_tokens + t:
+            return True
+        return t == 1 and pol.exact_every > 0 and self.exact_age >= pol.exact_every
 
     def _rerank(self, q: torch.Tensor, scores: torch.Tensor, n: int) -> torch.Tensor:
         """Scores (Hq, NB) of the second stage: for each KV head's candidates (the best n by representative),

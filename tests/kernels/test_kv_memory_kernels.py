@@ -46,3 +46,19 @@ def test_score_block_reprs_torch_matches_float64_reference():
         ref = score_block_reprs_ref(q, reprs, mode)
         for a, b in zip(got, ref):
             torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
+
+
+def test_score_blocks_exact_torch_matches_float64_reference():
+    """Exact block scores computed on int codes (q scaled per token group + q . zero), chunked over blocks,
+    against the float64 max over the dequantized keys; a short last group (bs 48, group 32) included."""
+    from memserve.kernels.block_scoring_exact import score_blocks_exact_ref, score_blocks_exact_torch
+    from memserve.kernels.kv_quant import quantize_kv_ref
+
+    g = torch.Generator().manual_seed(0)
+    for bits in (4, 8):
+        for bs, grp in ((64, 64), (48, 32), (16, 8)):
+            kq = quantize_kv_ref(torch.randn(7, bs, 2, 16, generator=g) * 3 + 1, "k", bits, grp,
+                                 meta_dtype=torch.float16)
+            q = torch.randn(6, 16, generator=g)
+            ref = score_blocks_exact_ref(q, kq)
+            torch.testing.assert_close(score_blocks_exact_torch(q, kq, chunk=3).double(), ref, rtol=1e-5, atol=1e-5)

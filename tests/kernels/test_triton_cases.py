@@ -311,3 +311,15 @@ def test_score_block_reprs_triton():
             reprs = [torch.stack((r.amin(-1), r.amax(-1)), -1) for r in reprs]
         for a, b in zip(score_block_reprs_triton(q, reprs, mode), score_block_reprs_ref(q, reprs, mode)):
             torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
+
+
+def test_score_blocks_exact_triton():
+    """Exact block scores on the codes: int4 / int8, a short last token group, head dim 24, GQA 3."""
+    from memserve.kernels.block_scoring_exact import score_blocks_exact_ref, score_blocks_exact_triton
+
+    g = torch.Generator().manual_seed(3)
+    for bits, bs, grp in ((4, 32, 16), (8, 24, 16), (4, 8, 8)):
+        kq = quantize_kv_ref(torch.randn(5, bs, 3, 24, generator=g) * 2, "k", bits, grp, meta_dtype=torch.float16)
+        q = torch.randn(9, 24, generator=g)
+        torch.testing.assert_close(score_blocks_exact_triton(q, kq).double(), score_blocks_exact_ref(q, kq),
+                                   rtol=1e-5, atol=1e-5)

@@ -1,0 +1,135 @@
+"""RetrievalPolicy(exact="query"): the selection of the prompt's last chunk (and, with exact_every, of
+decode) scores every block by the exact max q.k over all its stored keys (kernel op on the int codes)."""
+
+import pytest
+import torch
+from memserve.runtime.kv_memory import (
+    KVLayerStore,
+    KVMemoryConfig,
+    default_inv_freq,
+    reference_attention,
+    rotate,
+)
+from memserve.runtime.kv_memory.quant import dequantize, exact_block_scores, quantize
+from memserve.scheduler.kv_policy import RetrievalPolicy
+
+HQ, HKV, D = 6, 2, 16
+
+
+def _qkv(t, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(t, h, D, generator=g, dtype=dtype) for h in (HQ, HKV, HKV))
+
+
+def _run(mem, q, k, v, chunks, inv, scale):
+    outs, p, sizes = [], 0, list(chunks)
+    while p < q.shape[0]:
+        n = min(sizes[0], q.shape[0] - p)
+        if len(sizes) > 1:
+            sizes.pop(0)
+        outs.append(mem.attend(q[p : p + n], k[p : p + n], v[p : p + n], p, inv, scale))
+        p += n
+    return outs
+
+
+@pytest.mark.parametrize("kind,exact_keys", [("int4", 0), ("int8", 0), ("int4", 3), ("fp16", 0), ("none", 0)])
+def test_exact_scores_equal_float64_max_over_dequantized_keys(kind, exact_keys):
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(9, HKV, 32, D, generator=g) * 2 + 0.5  # (NB, Hkv, bs, D) blocks
+    idx = torch.randperm(32, generator=g)[:exact_keys].expand(9, HKV, exact_keys).contiguous()
+    kq = quantize(x, kind, per_channel=True, group=16, exact_idx=idx if exact_keys else None)
+    q = torch.randn(HQ, D, generator=g)
+    got = exact_block_scores(kq, q, 16)
+    kd = dequantize(kq, None, per_channel=True, group=16).double()  # exact rows written over their codes
+    ref = torch.einsum("hgd,nhtd->hgnt", q.double().view(HKV, HQ // HKV, D), kd).amax(-1).reshape(HQ, -1)
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("exact_every", [0, 1])
+@pytest.mark.parametrize("chunks", [[100, 1], [37, 100, 5, 64]])
+def test_every_block_selected_with_exact_scoring_is_still_dense(chunks, exact_every):
+    t, n_init, n_local, bs = 420, 8, 64, 16
+    cfg = KVMemoryConfig(n_init=n_init, n_local=n_local, block_size=bs, compression="none",
+                         policy=RetrievalPolicy(topk=10_000, exact="query", exact_every=exact_every,
+                                                reselect_every=3))
+    q, k, v = _qkv(t, seed=1)
+    inv, scale = default_inv_freq(D, 10000.0), D**-0.5
+    mem = KVLayerStore(cfg, 0, HKV, D)
+    mem.prompt_end = 350  # a chunk ends past it: that one is scored exactly
+    out = torch.cat(_run(mem, q, k, v, chunks, inv, scale))
+    assert mem.num_blocks > 15
+    torch.testing.assert_close(out, reference_attention(q, k, v, inv, scale, n_init, n_local), rtol=1e-9, atol=1e-9)
+
+
+def _needle_case(seed=3):
+    """A body whose block 12 holds one key aligned with the last query; nothing in the body attends it
+    (its attention received in the window is ~0), so its block's representatives miss it."""
+    t, bs, n_init, n_local = 600, 16, 8, 64
+    q, k, v = _qkv(t, seed=seed, dtype=torch.float32)
+    inv = default_inv_freq(D, 10000.0)
+    direction = torch.randn(D, generator=torch.Generator().manual_seed(9))
+    direction = direction / direction.norm()
+    needle = n_init + 12 * bs + 5
+    k[needle] = 6 * direction
+    q[:-10] *= 0.3
+    # the question (last 10 tokens): queries that, rotated at n_local as the far keys are, point at the needle
+    q[-10:] = 4 * rotate(direction.expand(1, HQ, D), torch.tensor([-n_local]), inv)[0]
+    return q, k, v, inv, D**-0.5, dict(n_init=n_init, n_local=n_local, block_size=bs, key_group=16), needle
+
+
+def test_exact_query_picks_the_needle_block_the_representatives_miss_and_leaves_the_body_bit_exact():
+    q, k, v, inv, scale, shape, needle = _needle_case()
+    outs, picks = {}, {}
+    for mode in ("off", "query"):
+        cfg = KVMemoryConfig(**shape, compression="int4", repr_topk=1,
+                             policy=RetrievalPolicy(topk=1, next_blocks=0, exact=mode))
+        mem = KVLayerStore(cfg, 0, HKV, D)
+        mem.prompt_end = q.shape[0]
+        outs[mode] = _run(mem, q, k, v, [50] * 11 + [40, 10], inv, scale)
+        blk = int(((mem.block_pos.get() <= needle) & (mem.block_pos.get() + 16 > needle)).nonzero())
+        picks[mode] = bool(mem.sticky[:, blk].all())  # the last (question) chunk's pick, kept for decode
+    assert picks == {"off": False, "query": True}
+    for a, b in zip(outs["off"][:-1], outs["query"][:-1]):  # body chunks: the same scores, bit-exact
+        assert torch.equal(a, b)
+    assert not torch.equal(outs["off"][-1], outs["query"][-1])
+
+
+def test_option_off_is_bit_exact_to_the_default_policy_and_prompt_end_alone_changes_nothing():
+    q, k, v, inv, scale, shape, _ = _needle_case(seed=5)
+    res = []
+    for pol, end in ((RetrievalPolicy(), None), (RetrievalPolicy(exact="off", exact_every=4), q.shape[0]),
+                     (RetrievalPolicy(exact="query"), None)):  # exact, but no known prompt end: never due
+        mem = KVLayerStore(KVMemoryConfig(**shape, compression="int4", policy=pol), 0, HKV, D)
+        mem.prompt_end = end
+        res.append(torch.cat(_run(mem, q, k, v, [50, 50, 1], inv, scale)))
+    assert torch.equal(res[0], res[1]) and torch.equal(res[0], res[2])
+
+
+def test_policy_rejects_bad_exact_settings():
+    with pytest.raises(AssertionError, match="exact must be one of"):
+        RetrievalPolicy(exact="always")
+    with pytest.raises(AssertionError, match="exact_every"):
+        RetrievalPolicy(exact_every=-1)
+
+
+def test_engine_scores_exactly_only_the_chunk_that_ends_the_prompt(tiny_llama_dir, monkeypatch):
+    """Through the engine (backend -> prompt_end): with exact_every 0 only the last prefill chunk of each
+    layer is scored exactly (once per layer), body chunks and decode keep the representatives."""
+    from memserve.runtime.engine import LLMEngine
+    from memserve.runtime.kv_memory import working_set
+    from memserve.runtime.sampling import SamplingParams
+
+    calls = []
+    orig = working_set.exact_block_scores
+    monkeypatch.setattr(working_set, "exact_block_scores",
+                        lambda kq, q, group: calls.append(kq.data.shape[0]) or orig(kq, q, group))
+    cfg = {"n_init": 4, "n_local": 32, "block_size": 8, "repr_topk": 2, "chunk_size": 24, "key_group": 8,
+           "value_group": 8, "topk": 2, "compression": "int4", "exact": "query"}
+    eng = LLMEngine(str(tiny_llama_dir), progress=False, kv_memory="retrieval", kv_memory_config=cfg)
+    prompt = torch.randint(5, 1000, (300,), generator=torch.Generator().manual_seed(1)).tolist()
+    eng.add_request("r", prompt, SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True))
+    while eng.has_unfinished():
+        eng.step()
+    assert len(calls) == eng.config.num_hidden_layers  # one exact scoring per layer, none in decode
+    # chunks of 24: the last starts at 288, when (288 - n_init - n_local) // 8 = 31 blocks are packed
+    assert set(calls) == {31}
