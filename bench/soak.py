@@ -2,12 +2,20 @@
 
     memserve bench soak                                  # default model, 10 min, 16 streams
     memserve bench soak --minutes 2 --streams 4 --model /path/to/hf     # a short look
+    memserve bench soak --serve                          # the same load on a local real Ray Serve
 
 The server is a child process (`soak.py serve`): the default model's AsyncLLMEngine + EngineWorker
 + MemServeIngress's gRPC methods on a plain grpc.aio server (tests/deploy/grpc_local.py), without
 Ray, so its RSS is the whole server's and nothing else's (real Serve spreads it over a proxy,
 an ingress and a replica process, too heavy for the 2-core box this was run on). The child writes
 a JSON line per second: RSS, engine stats (free KV blocks, memory-tier bytes, sessions).
+
+`--serve`: the server is the real serving plane instead (bench/_soak_serve.py: a local Ray cluster,
+Serve's gRPC proxy -> MemServeIngress -> one MemServeEngine replica, deployed as `memserve serve`
+does). Its child samples the RSS of the engine replica (the growth checked), the ingress replica
+and the proxy once per second (pids from Ray's actor table) and reads the engine stats through
+GetModelInfo; an engine replica that changes pid during the run is a restart, counted as an error.
+Outputs are named soak_serve.* by default.
 
 The load: `--streams` client tasks over one real gRPC channel, each looping until the time is up
 over a weighted mix: plain generations (sampled or greedy), generations cancelled by the client
@@ -20,7 +28,7 @@ An error is any status other than OK, except CANCELLED / DEADLINE_EXCEEDED on an
 At the end (load stopped, server idle): free KV blocks, memory-tier bytes and active sessions must
 be back to their values before the load. RSS growth: least-squares slope (MiB/min) of the RSS
 samples after the warm-up (`--warmup-frac` of the run). Outputs bench/results/soak.json,
-soak.md (the table) and soak.png (RSS over time).
+soak.md (the table) and soak.png (RSS over time); with --serve soak_serve.json/.md/.png.
 """
 
 from __future__ import annotations
@@ -223,6 +231,20 @@ def summarize(samples: list[dict], base: dict, t_load: tuple[float, float], fina
         "rss_mib": [base["rss_mib"], max(s["rss_mib"] for s in samples), final["rss_mib"]],
         "rss_growth_mib_per_min": slope_mib_per_min([s["t"] for s in after], [s["rss_mib"] for s in after]),
         "warmup_s": warm_end - t0,
+        **(_by_role(samples, after, base, final) if "rss_by_role" in base else {}),
+    }
+
+
+def _by_role(samples, after, base, final) -> dict:
+    """--serve: RSS start / peak / end and growth of each Serve process, and engine replica restarts
+    (distinct engine pid sets seen, minus one)."""
+    roles = list(base["rss_by_role"])
+    return {
+        "rss_by_role": {r: [base["rss_by_role"][r], max(s["rss_by_role"][r] for s in samples), final["rss_by_role"][r],
+                            slope_mib_per_min([s["t"] for s in after], [s["rss_by_role"][r] for s in after])]
+                        for r in roles},
+        "engine_replica_restarts": len({json.dumps(s["pids"]["engine"], sort_keys=True) for s in [base, *samples, final]}) - 1,
+        "max_stats_age_s": max(s.get("stats_age_s", 0) for s in samples),
     }
 
 
@@ -241,9 +263,14 @@ def table(r: dict) -> str:
         ("requests running / waiting after", " / ".join(map(str, r["running_waiting_after"]))),
         ("peak during load: KV blocks in use / memory-tier bytes / sessions",
          f"{pk['blocks_in_use']} / {pk['memory_tier_bytes']} / {pk['sessions_active']}"),
-        ("server RSS MiB start / peak / end", f"{rss[0]:.0f} / {rss[1]:.0f} / {rss[2]:.0f}"),
+        ("server RSS MiB start / peak / end" if "rss_by_role" not in r else "engine replica RSS MiB start / peak / end",
+         f"{rss[0]:.0f} / {rss[1]:.0f} / {rss[2]:.0f}"),
         (f"RSS growth after {r['warmup_s'] / 60:.1f} min warm-up", f"{r['rss_growth_mib_per_min']:+.2f} MiB/min"),
     ]
+    if "rss_by_role" in r:
+        rows += [(f"{role} RSS MiB start / peak / end, growth after warm-up",
+                  f"{v[0]:.0f} / {v[1]:.0f} / {v[2]:.0f}, {v[3]:+.2f} MiB/min") for role, v in r["rss_by_role"].items()]
+        rows.append(("engine replica restarts", str(r["engine_replica_restarts"])))
     return "| soak | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows) + "\n"
 
 
@@ -256,7 +283,11 @@ def plot(samples: list[dict], t_load, path: Path) -> None:
     t0 = t_load[0]
     xs = [(s["t"] - t0) / 60 for s in samples]
     fig, ax = plt.subplots(figsize=(8, 3.5))
-    ax.plot(xs, [s["rss_mib"] for s in samples], lw=1.2, label="server RSS (MiB)")
+    if "rss_by_role" in samples[0]:
+        for role in samples[0]["rss_by_role"]:
+            ax.plot(xs, [s["rss_by_role"][role] for s in samples], lw=1.2, label=f"{role} RSS (MiB)")
+    else:
+        ax.plot(xs, [s["rss_mib"] for s in samples], lw=1.2, label="server RSS (MiB)")
     ax.axvspan(0, (t_load[1] - t0) / 60, color="0.92", label="load")
     ax.set_xlabel("minutes since load start")
     ax.set_ylabel("RSS MiB")
@@ -265,19 +296,23 @@ def plot(samples: list[dict], t_load, path: Path) -> None:
              color="tab:orange", label="KV blocks in use")
     ax2.set_ylabel("KV blocks in use")
     fig.legend(loc="upper right", fontsize=8)
-    ax.set_title("memserve soak: server RSS and KV blocks over time")
+    ax.set_title("memserve soak" + (" on Ray Serve" if "rss_by_role" in samples[0] else "")
+                 + ": server RSS and KV blocks over time")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
 
 def run(a) -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
+    a.name = a.name or ("soak_serve" if a.serve else "soak")
     stats = RESULTS / f"{a.name}_stats.jsonl"
     stats.unlink(missing_ok=True)
-    child = subprocess.Popen([sys.executable, __file__, "serve", "--model", a.model, "--stats", str(stats)],
-                             env={**os.environ, "OMP_NUM_THREADS": str(a.threads)})
+    cmd = [sys.executable, __file__, "serve-ray" if a.serve else "serve", "--model", a.model, "--stats", str(stats)]
+    if a.serve:
+        cmd += ["--threads", str(a.threads), "--timeout", str(a.timeout)]
+    child = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": str(a.threads)})
     try:
-        deadline = time.time() + 600
+        deadline = time.time() + 900  # Ray + Serve + the default model on a loaded box: minutes
         while time.time() < deadline:
             if child.poll() is not None:
                 raise SystemExit(f"server exited with {child.returncode}")
@@ -307,7 +342,7 @@ def run(a) -> int:
     finally:
         child.terminate()
         try:
-            child.wait(timeout=30)
+            child.wait(timeout=60)
         except subprocess.TimeoutExpired:
             child.kill()
     r = summarize(samples, base, (t_start, t_end), final, load, a)
@@ -317,7 +352,8 @@ def run(a) -> int:
     plot(samples, (t_start, t_end), RESULTS / f"{a.name}.png")
     print(md)
     ok = (r["errors_outside_injected"] == 0 and r["running_waiting_after"] == [0, 0] and r["free_blocks"][0] == r["free_blocks"][1]
-          and r["kv_memory_bytes"][0] == r["kv_memory_bytes"][1] and r["sessions_active"][0] == r["sessions_active"][1])
+          and r["kv_memory_bytes"][0] == r["kv_memory_bytes"][1] and r["sessions_active"][0] == r["sessions_active"][1]
+          and r.get("engine_replica_restarts", 0) == 0)
     return 0 if ok else 1
 
 
@@ -327,6 +363,11 @@ def main(argv=None) -> int:
     s = sub.add_parser("serve", help="(internal) the server child process")
     s.add_argument("--model", default="default")
     s.add_argument("--stats", required=True)
+    s = sub.add_parser("serve-ray", help="(internal) the real-Serve server child process (bench/_soak_serve.py)")
+    s.add_argument("--model", default="default")
+    s.add_argument("--stats", required=True)
+    s.add_argument("--threads", type=int, default=1)
+    s.add_argument("--timeout", type=float, default=600.0)
     p.add_argument("--model", default="default")
     p.add_argument("--minutes", type=float, default=10.0)
     p.add_argument("--streams", type=int, default=16)
@@ -336,8 +377,14 @@ def main(argv=None) -> int:
                         "shared 2-core box 120 s deadlines expired under 16 streams)")
     p.add_argument("--warmup-frac", type=float, default=0.2)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--name", default="soak", help="output name under bench/results/")
+    p.add_argument("--serve", action="store_true", help="against a local real Ray Serve app (bench/_soak_serve.py)")
+    p.add_argument("--name", default=None, help="output name under bench/results/ (soak, or soak_serve with --serve)")
     a = p.parse_args(argv)
+    if a.cmd == "serve-ray":
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from _soak_serve import serve_ray
+
+        return serve_ray(a)
     return serve(a) if a.cmd == "serve" else run(a)
 
 

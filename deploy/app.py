@@ -469,6 +469,19 @@ def init_ray(**kwargs):
     return ray.init(**kwargs)
 
 
+def serve_actor_pids(app_name: str | None = None, deployment: str | None = None) -> dict[str, int]:
+    """pid of every live Serve actor, from Ray's actor table: with app_name + deployment, that
+    deployment's replicas keyed by unique replica id (actor names are
+    'SERVE_REPLICA::<app>#<deployment>#<unique id>'); without, the proxies keyed by actor name.
+    Used to tell a restarted replica from the same one (a new unique id and pid) and to sample
+    their RSS (bench/soak.py --serve)."""
+    from ray._private.state import actors
+
+    prefix = f"SERVE_REPLICA::{app_name}#{deployment}#" if deployment else "SERVE_PROXY_ACTOR"
+    return {(a["Name"].rsplit("#", 1)[1] if deployment else a["Name"]): a["Pid"] for a in actors().values()
+            if a["State"] == "ALIVE" and a["Name"].startswith(prefix)}
+
+
 def grpc_options(port: int = 9000, request_timeout_s: float | None = None):
     from memserve.deploy.health import SERVICER_FN
     from ray.serve.config import gRPCOptions

@@ -346,6 +346,11 @@ class IngressCore:
             if k not in known:
                 out.extra[str(k)] = str(v)
         out.extra["replica"] = str(info.get("replica", ""))
+        # the answering replica's KV-memory state, so a client can check it returns to baseline
+        # (bench/soak.py --serve reads these: the replica's stats are not reachable otherwise)
+        out.extra["sessions_active"] = str(int(stats.get("sessions_active") or 0))
+        for tier, n in (stats.get("kv_memory_bytes") or {}).items():
+            out.extra[f"kv_memory_bytes.{tier}"] = str(int(n))
         return out
 
 

@@ -103,11 +103,10 @@ def _try(fn):
 
 
 def _engine_replicas() -> dict[str, int]:
-    """unique replica id -> pid of every live engine replica actor (names end with '#<unique id>')."""
-    from ray._private.state import actors
+    """unique replica id -> pid of every live engine replica actor."""
+    from memserve.deploy.app import serve_actor_pids
 
-    return {a["Name"].rsplit("#", 1)[1]: a["Pid"] for a in actors().values()
-            if a["State"] == "ALIVE" and a["Name"].startswith(f"SERVE_REPLICA::{APP}#MemServeEngine#")}
+    return serve_actor_pids(APP, "MemServeEngine")
 
 
 def _greedy(n):

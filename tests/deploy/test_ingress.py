@@ -171,4 +171,4 @@ def test_model_info():
     engine, core = make()
     info = asyncio.run(core.get_model_info(pb.GetModelInfoRequest()))
     assert (info.model, info.vocab_size, info.num_total_blocks, info.num_free_blocks) == ("fake", 100, 64, 64)
-    assert info.num_replicas == 1 and info.extra["replica"] == "r0"
+    assert info.num_replicas == 1 and info.extra["replica"] == "r0" and info.extra["sessions_active"] == "0"
