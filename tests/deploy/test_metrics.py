@@ -152,8 +152,10 @@ def test_memory_lookup_counters_from_a_real_memory_model(tmp_path):
     d.mkdir()
     env = {**os.environ, M.MULTIPROC_ENV: str(d), "OMP_NUM_THREADS": "1"}
     tests_dir = str(Path(__file__).resolve().parents[1])
+    # cwd: `python -c` puts its cwd on sys.path, and the checkout root's kernels/ would shadow the hub `kernels`
+    # package that transformers >= 5.25 imports (see tests/conftest.py)
     r = subprocess.run([sys.executable, "-c", MEMORY_WRITER, str(tmp_path), tests_dir], env=env, capture_output=True,
-                       text=True, timeout=120)
+                       text=True, timeout=120, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     want_lookups, seconds = r.stdout.split()
     text = M.render(str(d))

@@ -88,7 +88,8 @@ def test_loading_a_1gib_table_raises_rss_by_under_10_percent(tmp_path):
     save_file(dense, str(d / "model-00001-of-00002.safetensors"))
     _write_big_table(d / "model-00002-of-00002.safetensors")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-c", PROBE, str(d)], env=env, capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, "-c", PROBE, str(d)], env=env, capture_output=True, text=True, timeout=300,
+                       cwd=d)  # not the checkout root on the child's sys.path (tests/conftest.py says why)
     assert r.returncode == 0, r.stderr[-3000:]
     m = json.loads(r.stdout.strip().splitlines()[-1])
     assert m["nbytes"] == GiB and m["tokens"] == 4
