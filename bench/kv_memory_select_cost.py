@@ -8,6 +8,8 @@ shape: 9 query heads, 3 KV heads, head_dim 64, 30 layers; int4 memory by default
 This times what a setting adds to a decode step (selection, re-ranking, gathering, the softmax), not the
 model's linears: compare the added ms/token with the engine's measured ms/token (bench/kv_memory_decode.md).
 Random keys make scores flat, so a fresh selection changes many picks: an upper bound on refill cost.
+RetrievalPolicy.exact variants also report one exact scoring of every block (the question chunk's, once
+per prompt) x layers; their decode rows include the exact rescoring of fresh decode selections (exact_every).
 """
 
 from __future__ import annotations
@@ -60,13 +62,24 @@ def main(argv=None):
                         m.attend(q[p : p + 1], k[p : p + 1], v[p : p + 1], p, inv, scale)
                     times.append((time.perf_counter() - t0) / a.steps * 1000 * a.layers)
                 rows[(L, var)] = statistics.median(times)
-                print(json.dumps(dict(length=L, variant=var, ms_per_token=times, blocks=mem.num_blocks)), flush=True)
+                rec = dict(length=L, variant=var, ms_per_token=times, blocks=mem.num_blocks)
+                if cfg.policy.exact != "off":  # the one exact scoring of the question's chunk (x layers), ms
+                    from memserve.runtime.kv_memory.quant import exact_block_scores
+
+                    one = []
+                    for _ in range(a.repeats):
+                        t0 = time.perf_counter()
+                        exact_block_scores(mem._stored()[0], q[L], cfg.key_group)
+                        one.append((time.perf_counter() - t0) * 1000 * a.layers)
+                    rec["exact_scoring_ms"] = one
+                    rows[(L, var + " one exact scoring (question chunk)")] = statistics.median(one)
+                print(json.dumps(rec), flush=True)
     lengths = sorted({x for x, _ in rows})
     print(f"\nAttention-only decode ms/token (x {a.layers} layers), {a.compression}, "
           f"{torch.get_num_threads()} thread(s), median of {a.repeats}\n")
     print("| variant | " + " | ".join(f"{x} tokens" for x in lengths) + " |")
     print("|---|" + "---|" * len(lengths))
-    for var in a.variants:
+    for var in dict.fromkeys(v for _, v in rows):
         print(f"| `{var}` | " + " | ".join(f"{rows[(x, var)]:.2f}" for x in lengths) + " |")
 
 
