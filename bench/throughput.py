@@ -44,6 +44,24 @@ def peak_rss_mb() -> float:
 
 
 # ----------------------------------------------------------------------------------------------- workers
+def decode_tok_s(eng, n_streams: int, n_tokens: int, prompt_len: int) -> float:
+    """Aggregate greedy decode tok/s of n_streams concurrent streams on an engine: tokens produced by
+    all streams after every stream has its first token / wall time of that decode phase."""
+    from memserve.runtime import SamplingParams
+
+    for i in range(n_streams):
+        eng.add_request(f"d{n_streams}-{i}-{time.monotonic_ns()}", prompt_ids(prompt_len, i),
+                        SamplingParams(max_tokens=n_tokens, temperature=0, ignore_eos=True))
+    started = set()
+    while len(started) < n_streams:  # prefill phase: until every stream has its first token
+        for o in eng.step():
+            started.add(o.request_id)
+    t0, produced = time.perf_counter(), 0
+    while eng.has_unfinished():
+        produced += len(eng.step())
+    return produced / (time.perf_counter() - t0)
+
+
 def run_memserve(cfg: dict, quant: str | None) -> dict:
     from memserve.runtime import LLM, SamplingParams
 
@@ -52,23 +70,9 @@ def run_memserve(cfg: dict, quant: str | None) -> dict:
     eng = llm.engine
     greedy = dict(temperature=0, ignore_eos=True)
     res = {}
-
-    def decode(n_streams: int, n_tokens: int) -> float:
-        for i in range(n_streams):
-            eng.add_request(f"d{n_streams}-{i}", prompt_ids(cfg["decode_prompt"], i),
-                            SamplingParams(max_tokens=n_tokens, **greedy))
-        started = set()
-        while len(started) < n_streams:  # prefill phase: until every stream has its first token
-            for o in eng.step():
-                started.add(o.request_id)
-        t0, produced = time.perf_counter(), 0
-        while eng.has_unfinished():
-            produced += len(eng.step())
-        return produced / (time.perf_counter() - t0)
-
-    decode(1, 8)  # warm-up
+    decode_tok_s(eng, 1, 8, cfg["decode_prompt"])  # warm-up
     for s in cfg["streams"]:
-        res[f"decode_{s}"] = decode(s, cfg["decode_tokens"])
+        res[f"decode_{s}"] = decode_tok_s(eng, s, cfg["decode_tokens"], cfg["decode_prompt"])
     for n in cfg["prefill"]:
         eng.add_request(f"p{n}", prompt_ids(n, 1000 + n), SamplingParams(max_tokens=1, **greedy))
         t0 = time.perf_counter()
