@@ -129,7 +129,7 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--top-t", type=int, default=1000)
-    ap.add_argument("--lr", type=float, default=1e-2)
+    ap.add_argument("--lr", type=float, default=0.1)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--ppl-paragraphs", type=int, default=40)
     ap.add_argument("--work", default="/tmp/memorize_demo")

@@ -518,7 +518,7 @@ def build_parser() -> argparse.ArgumentParser:
     z.add_argument("--out", required=True)
     z.add_argument("--epochs", type=int, default=5)
     z.add_argument("--top-t", type=int, default=1000, help="value rows updated per batch (most fact-specific)")
-    z.add_argument("--lr", type=float, default=1e-2)
+    z.add_argument("--lr", type=float, default=0.1, help="lazy-Adam lr on value rows (value_proj is scaled to the residual, see memorize)")
     z.add_argument("--batch-size", type=int, default=16)
     z.add_argument("--background", help="general text file for slot idf (default: stdlib docstrings)")
     z.add_argument("--seed", type=int, default=0)
