@@ -205,9 +205,50 @@ def decode_cases(a, streams: list[int]) -> dict:
         print(f"  decode {s:2d} streams: base {best['base']:.1f} tok/s, memory {best['memory']:.1f} tok/s, "
               f"ratio {best['memory'] / best['base']:.3f}", flush=True)
     res["greedy_identical"] = greedy_tokens(base, a.prompt, 16) == greedy_tokens(mem, a.prompt, 16)
+    res["components"] = component_ms(mem.model, streams)
     if a.profile:
         res["profile"] = {n: profile_steps(e, a, max(streams)) for n, e in (("base", base), ("memory", mem))}
     return res
+
+
+def component_ms(model, streams: list[int], n: int = 30) -> dict:
+    """Min-of-n ms of one memory layer's pieces (fresh random rows for the bag) against one dense MLP of
+    the same model, per T = streams tokens: what the memory layers add to a step, free of the box's
+    load bursts that move whole decode runs by 2x."""
+    from memserve.kernels import pkm_topk
+
+    mem_i = next(i for i, L in enumerate(model.layers) if L.ffn.memory is not None)
+    ffn = model.layers[mem_i].ffn
+    m, c = ffn.memory, ffn.memory.cfg
+    K = c.heads * c.knn
+    g = torch.Generator().manual_seed(0)
+
+    def t(f):
+        f()
+        best = float("inf")
+        for _ in range(n):
+            t0 = time.perf_counter()
+            f()
+            best = min(best, time.perf_counter() - t0)
+        return best * 1e3
+
+    out = {}
+    for T in streams:
+        x = torch.randn(T, model.config.hidden_size, generator=g)
+        q = F.linear(x, m.query_w, m.query_b).view(T, c.heads, c.k_dim)
+        rows = [(torch.randint(0, m.values.num_rows, (T, K), generator=g), torch.rand(T, K, generator=g))
+                for _ in range(n + 1)]
+        it = iter(rows)
+        with torch.inference_mode():
+            out[T] = {"memory_layer": t(lambda x=x: m(x)),  # noqa: B023
+                      "query_proj": t(lambda x=x: F.linear(x, m.query_w, m.query_b)),  # noqa: B023
+                      "pkm_topk": t(lambda q=q: pkm_topk(q, m.keys, c.knn)),  # noqa: B023
+                      "bag_fresh_rows": t(lambda: m.values.lookup(*next(it))),  # noqa: B023
+                      "dense_mlp": t(lambda x=x: ffn.mlp(x)) if ffn.gate_up is not None else None}  # noqa: B023
+        print(f"  T={T}: one memory layer {out[T]['memory_layer']:.2f} ms (query_proj {out[T]['query_proj']:.2f}, "
+              f"pkm_topk {out[T]['pkm_topk']:.2f}, bag {out[T]['bag_fresh_rows']:.2f}) vs its dense MLP "
+              f"{out[T]['dense_mlp'] or 0:.2f} ms", flush=True)
+    return out
 
 
 def profile_steps(eng, a, streams: int) -> str:
@@ -254,6 +295,12 @@ def report(bags: list[dict], dec: dict | None, read_bw: float, threads: int, cpu
         for k in sorted((k for k in dec if k.startswith("streams_")), key=lambda k: int(k.split("_")[1])):
             d = dec[k]
             lines.append(f"| {k.split('_')[1]} | {d['base']:.1f} | {d['memory']:.1f} | {d['ratio']:.3f} |")
+        lines += ["", "One memory layer's pieces (min of 30 calls, ms; bag over fresh random rows of the mapped "
+                  "table) vs one dense MLP of the same model:", "",
+                  "| T tokens | memory layer | query_proj | pkm_topk | bag | dense MLP |", "|---:|---:|---:|---:|---:|---:|"]
+        for T, d in dec.get("components", {}).items():
+            lines.append(f"| {T} | {d['memory_layer']:.2f} | {d['query_proj']:.2f} | {d['pkm_topk']:.2f} | "
+                         f"{d['bag_fresh_rows']:.2f} | {d['dense_mlp'] or 0:.2f} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -314,15 +361,15 @@ def main(argv=None) -> int:
     ap.add_argument("--k-dim", type=int, default=256)
     ap.add_argument("--values-dtype", default="float32", choices=["float32", "bfloat16", "float16", "int8"])
     ap.add_argument("--streams", default="1,16")
-    ap.add_argument("--decode-tokens", type=int, default=None, help="per stream (default 32; quick: 8)")
+    ap.add_argument("--decode-tokens", type=int, default=None, help="per stream and round (default 16; quick: 8)")
     ap.add_argument("--prompt", type=int, default=32, help="prompt tokens per stream")
-    ap.add_argument("--rounds", type=int, default=None, help="interleaved decode rounds (default 3; quick: 1)")
+    ap.add_argument("--rounds", type=int, default=None, help="interleaved decode rounds, best kept (default 6; quick: 1)")
     ap.add_argument("--profile", action="store_true", help="torch.profiler over memory-model decode steps")
     ap.add_argument("--model-cache", default=str(MODEL_CACHE))
     ap.add_argument("--out", default=str(RESULTS))
     a = ap.parse_args(argv)
-    a.decode_tokens = a.decode_tokens or (8 if a.quick else 32)
-    a.rounds = a.rounds or (1 if a.quick else 3)
+    a.decode_tokens = a.decode_tokens or (8 if a.quick else 16)
+    a.rounds = a.rounds or (1 if a.quick else 6)
     torch.set_num_threads(a.threads)  # a benchmark process, not library code
     dev = torch.device("cpu")
     cpu = cpu_name()
