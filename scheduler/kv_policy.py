@@ -66,10 +66,13 @@ class RetrievalPolicy:
     # "query": the selections that decide an answer score EVERY block by the exact max q.k over all of its
     # stored keys (memserve.kernels.score_blocks_exact, on the int codes) instead of its representatives:
     # the prefill chunk holding the end of the prompt (where the question sits; its pick stays sticky
-    # through decode) and, when exact_every > 0, a decode selection once at least exact_every decode steps
-    # passed since the last exact one. Body chunks keep the representatives (cheap). "off": as before
+    # through decode) and, when exact_every > 0, the first decode selection after it and then a decode
+    # selection once at least exact_every decode steps passed since the last exact one. Body chunks keep
+    # the representatives (cheap). "off": as before
     exact: str = "off"
-    exact_every: int = 0  # 0: decode selections never rescore exactly (the sticky question pick stays)
+    # 0: decode selections never rescore exactly (the sticky question pick stays); fresh decode selections
+    # happen every reselect_every steps and when a block packs, so 1 = all of those
+    exact_every: int = 0
 
     def __post_init__(self):
         assert self.reselect_every >= 1, "reselect_every must be >= 1"

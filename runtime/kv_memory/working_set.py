@@ -62,7 +62,9 @@ class WorkingSetMixin:
         it (`_exact_due`), else the representatives (+ the optional re-ranking stage)."""
         pol, q = self.cfg.policy, q_glob.mean(0)
         if self._exact_due(q_glob.shape[0]):
-            self.exact_age = 0
+            # after the question's chunk the first decode selection is due too (its single query, not the
+            # chunk's mean, finds the needle: tuned 16k cells 1/6 -> 4/6, bench/results/kv_memory_retrieval_16k.md)
+            self.exact_age = pol.exact_every if q_glob.shape[0] > 1 else 0
             return exact_block_scores(self._stored()[0], q, self.cfg.key_group).to(q.dtype)
         scores = score_block_reprs(q[None], [self.reprs.get().to(q.dtype)], pol.repr_mode)[0]
         if pol.rerank:
@@ -71,7 +73,8 @@ class WorkingSetMixin:
 
     def _exact_due(self, t: int) -> bool:
         """exact="query": the chunk holding the prompt's last token (self.prompt_end, set by the backend),
-        or a decode selection once exact_every decode steps passed since the last exact scoring."""
+        then (exact_every > 0) the first decode selection after it and any decode selection once exact_every
+        decode steps passed since the last exact scoring."""
         pol = self.cfg.policy
         if pol.exact != "query":
             return False

@@ -133,3 +133,23 @@ def test_engine_scores_exactly_only_the_chunk_that_ends_the_prompt(tiny_llama_di
     assert len(calls) == eng.config.num_hidden_layers  # one exact scoring per layer, none in decode
     # chunks of 24: the last starts at 288, when (288 - n_init - n_local) // 8 = 31 blocks are packed
     assert set(calls) == {31}
+
+
+@pytest.mark.parametrize("exact_every,expected", [(0, 1), (1, None), (40, 4)])
+def test_exact_every_counts_the_exact_scorings_of_decode(exact_every, expected, monkeypatch):
+    """Question chunk: exact. exact_every N > 0: the first decode selection too, then one once N decode steps
+    passed (fresh selections every reselect_every 4 steps here); N = 1: every fresh selection."""
+    from memserve.runtime.kv_memory import working_set
+
+    calls = []
+    orig = working_set.exact_block_scores
+    monkeypatch.setattr(working_set, "exact_block_scores", lambda *a: calls.append(1) or orig(*a))
+    q, k, v, inv, scale, shape, _ = _needle_case(seed=6)
+    pol = RetrievalPolicy(exact="query", exact_every=exact_every, reselect_every=4)
+    mem = KVLayerStore(KVMemoryConfig(**shape, compression="int4", policy=pol), 0, HKV, D)
+    mem.prompt_end = 500
+    _run(mem, q, k, v, [50] * 10 + [1], inv, scale)  # 100 decode steps after the 500-token prompt
+    if expected is None:  # every fresh decode selection: at least 100 / reselect_every of them
+        assert len(calls) >= 1 + 100 // 4
+    else:
+        assert len(calls) == expected  # 40: question, decode step 1, then ~steps 44 and 84
