@@ -196,7 +196,8 @@ def main(argv=None):
             # policy fields added later are left out of the key at their default, so that states saved
             # before they existed are still found
             cfg_repr = repr(base).replace(", unselected='drop'", "").replace(", rerank=0", "").replace(
-                ", repr_outliers=0", "").replace(", exact='off'", "").replace(", exact_every=0", "")
+                ", repr_outliers=0", "").replace(", exact='off'", "").replace(", exact_every=0", "").replace(
+                ", exact_topk=0", "")
             key = hashlib.md5(json.dumps([a.family, a.task, L, depth, seed, a.compression, a.kv_config,
                                           cfg_repr]).encode()).hexdigest()[:10]
             snap = Path(a.snapshots) / f"{a.family}_{a.length}_{key}.pt"

@@ -73,6 +73,9 @@ class RetrievalPolicy:
     # 0: decode selections never rescore exactly (the sticky question pick stays); fresh decode selections
     # happen every reselect_every steps and when a block packs, so 1 = all of those
     exact_every: int = 0
+    # blocks per step at the exact selections (0: topk). The body's chunks keep topk, so their prefill is
+    # unchanged; 16 answered 5/6 tuned 16k cells where topk 8 answered 4/6 (kv_memory_retrieval_16k.md)
+    exact_topk: int = 0
 
     def __post_init__(self):
         assert self.reselect_every >= 1, "reselect_every must be >= 1"
@@ -84,6 +87,7 @@ class RetrievalPolicy:
         assert self.rerank >= 0, "rerank must be >= 0 (0: off)"
         assert self.exact in EXACT_MODES, f"exact must be one of {EXACT_MODES}"
         assert self.exact_every >= 0, "exact_every must be >= 0 (0: only the question's prefill chunk)"
+        assert self.exact_topk >= 0, "exact_topk must be >= 0 (0: topk)"
 
     def topk_for(self, layer: int, num_blocks: int) -> int:
         if layer in self.dense_layers:

@@ -33,15 +33,17 @@ class WorkingSetMixin:
             self.dec_age += 1
             return self._decode_blocks()
         nb = self.num_blocks
-        scores = self._block_scores(q_glob)  # (Hq, NB)
+        scores, exact = self._block_scores(q_glob)  # (Hq, NB)
+        k = pol.topk_for(self.layer, nb)
+        if exact and pol.exact_topk:
+            k = min(nb, max(k, pol.exact_topk))
         if self.record_scores:  # probes (bench/kv_memory_probe.py) read the last step's block scores
             self.last_scores = scores
         extra = None
         if pol.sticky and t == 1 and self.sticky is not None:
             extra = torch.zeros(hq, nb, dtype=torch.bool, device=q_glob.device)
             extra[:, : self.sticky.shape[1]] = self.sticky
-        idx, valid, mask = select_blocks(scores, pol.topk_for(self.layer, nb), pol.granularity, self.hkv, extra,
-                                         pol.next_blocks)
+        idx, valid, mask = select_blocks(scores, k, pol.granularity, self.hkv, extra, pol.next_blocks)
         if t > 1 and pol.sticky:
             self.sticky = mask
         self.sel_rows = mask if pol.granularity == "q_head" else mask.view(self.hkv, -1, nb)[:, 0]
@@ -57,19 +59,19 @@ class WorkingSetMixin:
         self.dec_age = 1
         return self._decode_blocks()
 
-    def _block_scores(self, q_glob: torch.Tensor) -> torch.Tensor:
-        """(Hq, NB) scores of this selection: exact over every stored key where RetrievalPolicy.exact asks for
-        it (`_exact_due`), else the representatives (+ the optional re-ranking stage)."""
+    def _block_scores(self, q_glob: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """(Hq, NB) scores of this selection and whether they are exact: exact over every stored key where
+        RetrievalPolicy.exact asks for it (`_exact_due`), else the representatives (+ optional re-ranking)."""
         pol, q = self.cfg.policy, q_glob.mean(0)
         if self._exact_due(q_glob.shape[0]):
             # after the question's chunk the first decode selection is due too (its single query, not the
             # chunk's mean, finds the needle: tuned 16k cells 1/6 -> 4/6, bench/results/kv_memory_retrieval_16k.md)
             self.exact_age = pol.exact_every if q_glob.shape[0] > 1 else 0
-            return exact_block_scores(self._stored()[0], q, self.cfg.key_group).to(q.dtype)
+            return exact_block_scores(self._stored()[0], q, self.cfg.key_group).to(q.dtype), True
         scores = score_block_reprs(q[None], [self.reprs.get().to(q.dtype)], pol.repr_mode)[0]
         if pol.rerank:
             scores = self._rerank(q, scores, max(pol.rerank, pol.topk_for(self.layer, self.num_blocks)))
-        return scores
+        return scores, False
 
     def _exact_due(self, t: int) -> bool:
         """exact="query": the chunk holding the prompt's last token (self.prompt_end, set by the backend),

@@ -153,3 +153,18 @@ def test_exact_every_counts_the_exact_scorings_of_decode(exact_every, expected, 
         assert len(calls) >= 1 + 100 // 4
     else:
         assert len(calls) == expected  # 40: question, decode step 1, then ~steps 44 and 84
+
+
+def test_exact_topk_widens_only_the_exact_selections():
+    q, k, v, inv, scale, shape, _ = _needle_case(seed=7)
+    pol = RetrievalPolicy(topk=1, next_blocks=0, exact="query", exact_topk=3)
+    mem = KVLayerStore(KVMemoryConfig(**shape, compression="int4", policy=pol), 0, HKV, D)
+    mem.prompt_end = q.shape[0]
+    body = _run(mem, q[:-10], k[:-10], v[:-10], [50], inv, scale)
+    assert int(mem.sticky.sum(1).max()) == 1  # body chunks: topk
+    mem.attend(q[-10:], k[-10:], v[-10:], q.shape[0] - 10, inv, scale)
+    assert mem.sticky.sum(1).tolist() == [3] * HQ  # the question's chunk: exact_topk
+    ref = KVLayerStore(KVMemoryConfig(**shape, compression="int4", policy=RetrievalPolicy(topk=1, next_blocks=0)),
+                       0, HKV, D)
+    for a, b in zip(body, _run(ref, q[:-10], k[:-10], v[:-10], [50], inv, scale)):
+        assert torch.equal(a, b)
