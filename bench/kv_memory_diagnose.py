@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -196,8 +197,10 @@ def main(argv=None):
             # policy fields added later are left out of the key at their default, so that states saved
             # before they existed are still found
             cfg_repr = repr(base).replace(", unselected='drop'", "").replace(", rerank=0", "").replace(
-                ", repr_outliers=0", "").replace(", exact='off'", "").replace(", exact_every=0", "").replace(
-                ", exact_topk=0", "")
+                ", repr_outliers=0", "")
+            # RetrievalPolicy.exact* act only where the prompt ends (never in the body's prefill, which has no
+            # prompt_end here): left out of the key at any value, so a profile that sets them finds the states
+            cfg_repr = re.sub(r", exact(_every|_topk)?=('[a-z]+'|\d+)", "", cfg_repr)
             key = hashlib.md5(json.dumps([a.family, a.task, L, depth, seed, a.compression, a.kv_config,
                                           cfg_repr]).encode()).hexdigest()[:10]
             snap = Path(a.snapshots) / f"{a.family}_{a.length}_{key}.pt"

@@ -66,7 +66,7 @@ class WorkingSetMixin:
         if self._exact_due(q_glob.shape[0]):
             # after the question's chunk the first decode selection is due too (its single query, not the
             # chunk's mean, finds the needle: tuned 16k cells 1/6 -> 4/6, bench/results/kv_memory_retrieval_16k.md)
-            self.exact_age = pol.exact_every if q_glob.shape[0] > 1 else 0
+            self.exact_age = pol.exact_every if self._holds_prompt_end(q_glob.shape[0]) else 0
             return exact_block_scores(self._stored()[0], q, self.cfg.key_group).to(q.dtype), True
         scores = score_block_reprs(q[None], [self.reprs.get().to(q.dtype)], pol.repr_mode)[0]
         if pol.rerank:
@@ -80,10 +80,13 @@ class WorkingSetMixin:
         pol = self.cfg.policy
         if pol.exact != "query":
             return False
-        end = self.prompt_end
-        if end is not None and self.n_tokens < end <= self.n_tokens + t:
+        if self._holds_prompt_end(t):
             return True
         return t == 1 and pol.exact_every > 0 and self.exact_age >= pol.exact_every
+
+    def _holds_prompt_end(self, t: int) -> bool:
+        """This step's t tokens include the prompt's last one."""
+        return self.prompt_end is not None and self.n_tokens < self.prompt_end <= self.n_tokens + t
 
     def _rerank(self, q: torch.Tensor, scores: torch.Tensor, n: int) -> torch.Tensor:
         """Scores (Hq, NB) of the second stage: for each KV head's candidates (the best n by representative),

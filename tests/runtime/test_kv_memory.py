@@ -219,6 +219,7 @@ def test_memory_tier_bytes_per_token():
     """int4 memory stays under 0.3x of fp16 KV per token over the default model's 30 layers (issue
     target), with the default model's profile (int8 keys in layers 18-21)."""
     from memserve.runtime.kv_memory.profiles import PROFILES
+    from memserve.runtime.kv_memory_backend import make_config
 
     hkv, d, layers = 3, 64, 30  # SmolLM2-135M's KV shape, default config + its profile
     bs = KVMemoryConfig().block_size
@@ -226,7 +227,8 @@ def test_memory_tier_bytes_per_token():
     g = torch.Generator().manual_seed(0)
     res = {}
     for kind in ("fp16", "int8", "int4"):
-        mem = SequenceKVMemory(KVMemoryConfig(compression=kind, **PROFILES["smollm2-135m"].overrides), layers, hkv, d)
+        cfg = make_config({**PROFILES["smollm2-135m"].overrides, "compression": kind})  # policy fields too
+        mem = SequenceKVMemory(cfg, layers, hkv, d)
         k = torch.randn(t, hkv, d, generator=g)
         q = torch.randn(t, 3 * hkv, d, generator=g)
         for lm in mem.layers:
