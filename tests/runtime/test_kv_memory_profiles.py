@@ -22,8 +22,14 @@ def test_engine_defaults_are_model_agnostic_and_profile_is_overridable(tiny_llam
     assert KVMemoryConfig().int4_int8_key_layers == ()  # no SmolLM2 layer indices in engine-wide defaults
     eng = LLMEngine(str(tiny_llama_dir), progress=False, kv_memory="auto")
     assert eng.memory.profile is None and eng.memory.cfg.int4_int8_key_layers == ()  # tiny model: no profile
+    assert eng.memory.cfg.policy.exact == "off"  # question-time exact scoring: the SmolLM2 profile's, not global
     eng = LLMEngine(str(tiny_llama_dir), progress=False, kv_memory="auto", kv_memory_profile="smollm2-135m")
     assert eng.memory.profile == "smollm2-135m" and eng.memory.cfg.int4_int8_key_layers == (18, 19, 20, 21)
+    pol = eng.memory.cfg.policy
+    assert (pol.exact, pol.exact_every, pol.exact_topk, pol.topk) == ("query", 64, 16, 8)
+    off = LLMEngine(str(tiny_llama_dir), progress=False, kv_memory="auto", kv_memory_profile="smollm2-135m",
+                    kv_memory_config={"exact": "off"})
+    assert off.memory.cfg.policy.exact == "off"  # the user's setting wins over the profile's
     eng = LLMEngine(str(tiny_llama_dir), progress=False, kv_memory="auto", kv_memory_profile="smollm2-135m",
                     kv_memory_config={"int4_int8_key_layers": [2]})
     assert eng.memory.cfg.int4_int8_key_layers == (2,)  # the user's kv_memory_config wins
