@@ -16,10 +16,11 @@
    hit the 105 MB L3). A 64 MB table fits that L3: its rows are a cache figure, not DRAM.
 2. Decode tok/s at 1 and 16 streams: the base (default: SmolLM2-135M, the default model) against
    the same base + memory layers (`init-memory`, default layers 8,16,24, n_keys 1024 = 1M slots,
-   one value table shared by the three layers), both loaded in this process and measured in
-   interleaved rounds (best of rounds each); ratio = memory / base. init-memory's value_proj is
-   zero, so both must emit the same greedy tokens (checked): the memory work is all done, its
-   output is 0.
+   one value table shared by the three layers), and a control (the memory model's dense weights,
+   its memory layers skipped), all loaded in this process and measured in interleaved rounds (best
+   of rounds each); ratio = memory / base (control / base ~ 1 is the noise floor). init-memory's
+   value_proj is zero, so base and memory model must emit the same greedy tokens (checked): the
+   memory work is all done, its output is 0. Then min-of-30 timings of one memory layer's pieces.
 
 Prints the tables, writes bench/results/memory_layers.md (+ .json) and memory_layers.png.
 """
@@ -181,6 +182,13 @@ def decode_cases(a, streams: list[int]) -> dict:
     mdir = memory_model_dir(a)
     kw = dict(progress=False, kv_cache_bytes=256 << 20, max_num_seqs=max(streams), max_num_batched_tokens=2048)
     base, mem = LLM(a.base, **kw).engine, LLM(str(mdir), **kw).engine
+    # control: the memory model's own dense weights with its memory layers skipped. control / base ~ 1
+    # says both load the same dense model and shows this run's noise floor; memory / control is then
+    # the memory layers' own cost (a 17:55 A/B: control / base 1.01 and 0.97 at 1 and 16 streams)
+    ctl = LLM(str(mdir), **kw).engine
+    for L in ctl.model.layers:
+        L.ffn.memory = None
+    engines = (("base", base), ("control", ctl), ("memory", mem))
     info = mem.model.config.memory_layers
     # Steady state, as in a server that has run a while: the memory-mapped table's pages are mapped
     # before timing (one sequential read). Cold, the first 16 x 16 tokens of this model took 71k minor
@@ -190,22 +198,24 @@ def decode_cases(a, streams: list[int]) -> dict:
         if hasattr(st, "table"):
             st.table.sum()  # int8 sums in int64: no fp32 copy of the table
     print(f"  value table pages mapped in {time.perf_counter() - t0:.1f} s", flush=True)
-    for eng in (base, mem):  # warm-up (first-call allocations)
+    for _, eng in engines:  # warm-up (first-call allocations)
         decode_tok_s(eng, 1, 4, a.prompt)
     res = {"model": str(mdir), "layers": info.layers, "slots": info.num_slots, "shared": info.shared_values,
            "values_dtype": a.values_dtype, "tokens": a.decode_tokens}
     for s in streams:
-        best, faults = {"base": 0.0, "memory": 0.0}, {"base": 0, "memory": 0}
+        best, faults = {n: 0.0 for n, _ in engines}, {n: 0 for n, _ in engines}
         for _ in range(a.rounds):
-            for name, eng in (("base", base), ("memory", mem)):
+            for name, eng in engines:
                 f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
                 best[name] = max(best[name], decode_tok_s(eng, s, a.decode_tokens, a.prompt))
                 faults[name] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
-        res[f"streams_{s}"] = dict(best, ratio=best["memory"] / best["base"], minor_faults=faults)
-        print(f"  decode {s:2d} streams: base {best['base']:.1f} tok/s, memory {best['memory']:.1f} tok/s, "
+        res[f"streams_{s}"] = dict(best, ratio=best["memory"] / best["base"], minor_faults=faults,
+                                   ratio_control=best["control"] / best["base"])
+        print(f"  decode {s:2d} streams: base {best['base']:.1f} tok/s, control {best['control']:.1f}, "
+              f"memory {best['memory']:.1f} tok/s, "
               f"ratio {best['memory'] / best['base']:.3f}", flush=True)
     res["greedy_identical"] = greedy_tokens(base, a.prompt, 16) == greedy_tokens(mem, a.prompt, 16)
-    res["components"] = component_ms(mem.model, streams)
+    res["components"] = component_ms(mem.model, streams, n=5 if a.quick else 30)
     if a.profile:
         res["profile"] = {n: profile_steps(e, a, max(streams)) for n, e in (("base", base), ("memory", mem))}
     return res
@@ -291,11 +301,13 @@ def report(bags: list[dict], dec: dict | None, read_bw: float, threads: int, cpu
         lines += [f"**Decode** ({dec['tokens']} tokens per stream, greedy; memory model: layers {dec['layers']}, "
                   f"{dec['slots']:,} slots, shared table {dec['shared']}, {dec['values_dtype']}; "
                   f"same greedy tokens as the base: {dec['greedy_identical']}):", "",
-                  "| streams | base tok/s | memory model tok/s | memory / base |", "|---:|---:|---:|---:|"]
+                  "| streams | base tok/s | control tok/s (memory dir, memory skipped) | memory model tok/s | "
+                  "control / base | memory / base |", "|---:|---:|---:|---:|---:|---:|"]
         for k in sorted((k for k in dec if k.startswith("streams_")), key=lambda k: int(k.split("_")[1])):
             d = dec[k]
-            lines.append(f"| {k.split('_')[1]} | {d['base']:.1f} | {d['memory']:.1f} | {d['ratio']:.3f} |")
-        lines += ["", "One memory layer's pieces (min of 30 calls, ms; bag over fresh random rows of the mapped "
+            lines.append(f"| {k.split('_')[1]} | {d['base']:.1f} | {d['control']:.1f} | {d['memory']:.1f} | "
+                         f"{d['ratio_control']:.3f} | {d['ratio']:.3f} |")
+        lines += ["", "One memory layer's pieces (min of 30 calls (quick: 5), ms; bag over fresh random rows of the mapped "
                   "table) vs one dense MLP of the same model:", "",
                   "| T tokens | memory layer | query_proj | pkm_topk | bag | dense MLP |", "|---:|---:|---:|---:|---:|---:|"]
         for T, d in dec.get("components", {}).items():

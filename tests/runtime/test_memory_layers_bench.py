@@ -4,10 +4,13 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "bench"))
 
 
+@pytest.mark.slow  # 4-5 s on a quiet 2-core box, 19-20 s measured with this box at load 6-8
 def test_memory_layers_bench_quick(tiny_llama_dir, tmp_path):
     import memory_layers as bench  # bench/memory_layers.py (no package of that name exists)
 
