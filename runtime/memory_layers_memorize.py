@@ -16,7 +16,7 @@ still exactly the base's (bag = 0), and from there only written rows move it. va
 trained (a dense matrix: every token would feel it), nor are keys / query_proj / swilu_proj (they
 route every token; moving them changes which rows general text reads).
 
-Cost (what makes N = 1,000 facts fit on 2 CPU cores): everything below the first memory layer L is
+Cost (meant to make N = 1,000 facts fit on 2 CPU cores; not yet shown, see README): everything below the first memory layer L is
 frozen and so is L's lookup, so x, the residual without memory and the lookup (indices, weights,
 swilu gate) at L are computed once per training sequence and cached; a step runs layers L+1.. only,
 sequences are cut after their answer, and the LM head runs only on answer-token positions (the loss
