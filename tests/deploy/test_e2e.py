@@ -1,6 +1,10 @@
 """End-to-end: a real local Ray Serve application (gRPC through Serve's proxy) on a tiny random-weight
 model, a real gRPC client, and a real Prometheus server scraping the metrics endpoint.
 
+The app runs with API keys (two tenants, proto_fuzz.KEYS) as a deployment facing a network would:
+the module's stub sends tenant alpha's key, test_auth_* checks every RPC without / with wrong keys
+and across tenants, and the fuzz's random authorization values reach a keyed app through Serve.
+
 One Ray cluster + one Serve app for the whole module (Ray start/stop costs ~15 s on this box).
 Engine settings are small on purpose: max_num_seqs=2 and max_waiting=1 make a full queue easy to
 provoke; every other test stays within that capacity.
@@ -17,6 +21,7 @@ import shutil
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 
@@ -34,6 +39,33 @@ USE_FAKE = os.environ.get("MEMSERVE_E2E_FAKE") == "1"  # harness check against t
 HERE = os.path.dirname(os.path.abspath(__file__))
 ENGINE_ARGS = {"max_num_seqs": 2, "num_kv_blocks": 128, "block_size": 16, "progress": False}
 MAX_WAITING = 1
+KEYS = {"alpha": "alpha-key-" + "a" * 16, "beta": "beta-key-" + "b" * 16}  # proto_fuzz.KEYS: the fuzz sends them
+ALPHA = (("authorization", f"Bearer {KEYS['alpha']}"),)
+BETA = (("authorization", f"Bearer {KEYS['beta']}"),)
+
+
+class _CallDetails(collections.namedtuple("_CallDetails", "method timeout metadata credentials wait_for_ready compression"),
+                   grpc.ClientCallDetails):
+    pass
+
+
+class _DefaultKey(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+    """Adds tenant alpha's key to calls that carry no metadata of their own."""
+
+    def _add(self, d):
+        if d.metadata is not None:
+            return d
+        return _CallDetails(d.method, d.timeout, list(ALPHA), d.credentials, d.wait_for_ready, d.compression)
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._add(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(self._add(details), request)
+
+
+def _keyed(channel) -> pbg.MemServeStub:
+    return pbg.MemServeStub(grpc.intercept_channel(channel, _DefaultKey()))
 
 
 @pytest.fixture(scope="module")
@@ -47,11 +79,13 @@ def model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def app(model_dir):
+def app(model_dir, tmp_path_factory):
     from memserve.deploy import metrics as M
     from memserve.deploy.app import SERVE_ENV, init_ray, start
     from memserve.deploy.config import AppConfig
 
+    keys_file = tmp_path_factory.mktemp("e2e_keys") / "keys"
+    keys_file.write_text("".join(f"{t} {k}\n" for t, k in KEYS.items()))
     saved_env = {k: os.environ.get(k) for k in SERVE_ENV}
     metrics_dir = M.make_multiproc_dir()
     extra = {"engine_args": dict(ENGINE_ARGS)}
@@ -59,14 +93,14 @@ def app(model_dir):
         extra = dict(engine_cls="serving_fake_engine:FakeAsyncEngine", sampling_cls="serving_fake_engine:FakeSampling",
                      env_vars={"PYTHONPATH": HERE}, engine_args={"max_running": 2, "step_s": 0.01, "num_blocks": 256})
     cfg = AppConfig(model=model_dir, max_waiting=MAX_WAITING, metrics_dir=metrics_dir,
-                    unavailable_timeout_s=60, router_seed=0, **extra)
+                    unavailable_timeout_s=60, router_seed=0, api_keys_file=str(keys_file), **extra)
     grpc_port, metrics_port, http_port = _free_port(), _free_port(), _free_port()
     server, _ = M.start_exporter(metrics_dir, port=metrics_port)
     init_ray(num_cpus=2, log_to_driver=False, logging_level="ERROR")
     try:
         start(cfg, grpc_port=grpc_port, http_port=http_port)
         channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
-        yield {"stub": pbg.MemServeStub(channel), "grpc_port": grpc_port, "metrics_port": metrics_port,
+        yield {"stub": _keyed(channel), "grpc_port": grpc_port, "metrics_port": metrics_port,
                "http_port": http_port, "cfg": cfg, "model": model_dir}
         channel.close()
     finally:
@@ -156,7 +190,7 @@ def test_tls_termination_in_front_of_serves_grpc_proxy(app, tmp_path):
     with nginx_tls(tmp_path, cert, key, app["grpc_port"]) as port:
         creds = grpc.ssl_channel_credentials(root_certificates=ca.read_bytes())
         with grpc.secure_channel(f"localhost:{port}", creds) as ch:
-            stub = pbg.MemServeStub(ch)
+            stub = _keyed(ch)  # nginx passes the authorization metadata through
             via = _stream(stub, req)
             assert [t for m in via for t in m.token_ids] == [t for m in direct for t in m.token_ids]
             assert "".join(m.text for m in via) == "".join(m.text for m in direct)
@@ -265,7 +299,7 @@ def test_full_queue_is_resource_exhausted_and_server_recovers(app):
             async def one(i):
                 try:
                     async for _ in s.Generate(pb.GenerateRequest(prompt=f"flood {i}", sampling=pb.SamplingParams(
-                            max_tokens=60, ignore_eos=True, temperature=0.0)), timeout=120):
+                            max_tokens=60, ignore_eos=True, temperature=0.0)), timeout=120, metadata=ALPHA):
                         pass
                     return "OK"
                 except grpc.aio.AioRpcError as e:
@@ -283,7 +317,8 @@ def test_full_queue_is_resource_exhausted_and_server_recovers(app):
 
 def test_cli_generate_streams_from_server(app):
     r = subprocess.run([sys.executable, "-m", "memserve.deploy.cli", "generate", "Hello", "--address",
-                        f"127.0.0.1:{app['grpc_port']}", "--max-tokens", "4", "--temperature", "0", "-v"],
+                        f"127.0.0.1:{app['grpc_port']}", "--max-tokens", "4", "--temperature", "0", "-v",
+                        "--api-key", KEYS["alpha"]],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "finish=" in r.stderr and "completion=4" in r.stderr
@@ -318,7 +353,7 @@ def test_prometheus_scrapes_series_after_traffic(app):
 
 def _http_json(port: int, path: str, body: dict) -> dict:
     req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
+                                 headers={"Content-Type": "application/json", "Authorization": f"Bearer {KEYS['alpha']}"})
     with urllib.request.urlopen(req, timeout=60) as r:
         return json.loads(r.read())
 
@@ -407,10 +442,61 @@ def test_health_and_fuzz_through_serve_proxy(app):
     msgs = _stream(stub, pb.GenerateRequest(prompt="hi", sampling=pb.SamplingParams(max_tokens=2)))
     assert msgs[-1].finish_reason == "length"
     assert hs.Check(health_pb2.HealthCheckRequest(), timeout=30).status == serving
-    for sid in F.SESSION_POOL:  # the fuzz's sessions hold KV blocks until deleted
-        with contextlib.suppress(grpc.RpcError):
-            stub.DeleteSession(pb.DeleteSessionRequest(session_id=sid), timeout=60)
+    assert F.KEYS == KEYS
+    for sid in F.SESSION_POOL:  # the fuzz's sessions (each tenant's own) hold KV blocks until deleted
+        for md in (ALPHA, BETA):
+            with contextlib.suppress(grpc.RpcError):
+                stub.DeleteSession(pb.DeleteSessionRequest(session_id=sid), timeout=60, metadata=md)
     _wait(lambda: _free_blocks(stub) == (free0, 0, 0), 60, "free KV blocks back to their starting count")
+
+
+def test_auth_on_every_rpc_and_tenants_through_serve(app):
+    """Through Serve's proxy into the keyed app: every memserve.v1 RPC without a key, with a wrong key
+    or another scheme is UNAUTHENTICATED (Health answers without one: probes carry no key); another
+    tenant's session reads exactly like an unknown id (NOT_FOUND, same message); the HTTP API is 401."""
+    import proto_fuzz as F
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    stub = app["stub"]
+    ch = grpc.insecure_channel(f"127.0.0.1:{app['grpc_port']}")
+    rpcs = [m for m in F.methods() if m[0] == "memserve.v1.MemServe"]
+    assert {m[1] for m in rpcs} >= {"Generate", "Ingest", "GetSession", "DeleteSession", "GetModelInfo"}
+    for svc, name, req_cls, streaming in rpcs:
+        call = (ch.unary_stream if streaming else ch.unary_unary)(
+            f"/{svc}/{name}", request_serializer=req_cls.SerializeToString, response_deserializer=lambda b: b)
+        for md in (None, (("authorization", "Bearer not-a-key-of-anyone"),), (("authorization", f"Basic {KEYS['alpha']}"),)):
+            with pytest.raises(grpc.RpcError) as ei:
+                out = call(req_cls(), timeout=30, metadata=md)
+                list(out) if streaming else out
+            assert ei.value.code() == grpc.StatusCode.UNAUTHENTICATED, (name, md, ei.value)
+            assert ei.value.details().startswith("authorization:"), ei.value.details()
+    assert health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=30).status == \
+        health_pb2.HealthCheckResponse.SERVING
+
+    prog = list(stub.Ingest(pb.IngestRequest(session_id="priv", text="alpha's secret " * 4), timeout=120))
+    assert prog[-1].done
+    seen = {}
+    for sid in ("priv", "never-made"):
+        for what, fn in (("get", lambda s: stub.GetSession(pb.GetSessionRequest(session_id=s), timeout=60, metadata=BETA)),
+                         ("delete", lambda s: stub.DeleteSession(pb.DeleteSessionRequest(session_id=s), timeout=60,
+                                                                 metadata=BETA))):
+            with pytest.raises(grpc.RpcError) as ei:
+                fn(sid)
+            seen[(what, sid)] = (ei.value.code(), ei.value.details().replace(sid, "<id>"))
+    assert seen[("get", "priv")] == seen[("get", "never-made")] and seen[("get", "priv")][0] == grpc.StatusCode.NOT_FOUND
+    assert seen[("delete", "priv")] == seen[("delete", "never-made")]
+    assert stub.GetSession(pb.GetSessionRequest(session_id="priv"), timeout=60).num_tokens == prog[-1].tokens_done
+    assert stub.DeleteSession(pb.DeleteSessionRequest(session_id="priv"), timeout=60).deleted
+
+    for path, body in (("/v1/models", None), ("/v1/completions", {"model": "x", "prompt": "q", "max_tokens": 2})):
+        req = urllib.request.Request(f"http://127.0.0.1:{app['http_port']}{path}",
+                                     data=None if body is None else json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as ei:
+            urllib.request.urlopen(req, timeout=60)
+        assert ei.value.code == 401, (path, ei.value.code)
+        assert json.loads(ei.value.read())["error"]["message"].startswith("authorization:")
+    ch.close()
 
 
 @pytest.mark.parametrize("topology", ["ingress", "direct"])
