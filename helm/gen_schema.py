@@ -115,6 +115,7 @@ def schema() -> dict:
                         "secretName": {"type": "string", "description": "an existing kubernetes.io/tls Secret "
                                        "(tls.crt, tls.key); required when enabled"},
                         "port": PORT,
+                        "httpPort": PORT,
                         "caKey": {"type": "string", "minLength": 1, "description": "key of tls.secretName "
                                   "that `helm test` trusts: tls.crt (self-signed) or ca.crt (cert-manager)"},
                         "image": obj({"repository": {"type": "string", "minLength": 1},

@@ -13,10 +13,15 @@ client trusting another CA both fail."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import os
+import ssl
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -67,7 +72,7 @@ def stack(tiny_llama_dir, tmp_path_factory):
     srv = ServerThread(ingress)
     try:
         with nginx_tls(d, cert, key, int(srv.addr.rsplit(":", 1)[1])) as tls_port:
-            yield {"engine": engine, "direct": srv.addr, "tls": f"localhost:{tls_port}", "cert": cert, "key": key,
+            yield {"engine": engine, "ingress": ingress, "server": srv, "direct": srv.addr, "tls": f"localhost:{tls_port}", "cert": cert, "key": key,
                    "ca": ca_crt.read_bytes(), "other_ca": other_ca.read_bytes(), "dir": d}
     finally:
         srv.stop()
@@ -172,30 +177,84 @@ def test_client_trusting_another_ca_fails(stack):
     assert "CERTIFICATE_VERIFY_FAILED" in ei.value.details(), ei.value.details()
 
 
+@contextlib.contextmanager
+def openai_http(stack):
+    """The OpenAI API handlers (deploy/openai_api.py) over the stack's ingress core, served by
+    uvicorn on the server thread's loop (Serve's HTTP proxy is uvicorn too); yields the port."""
+    import uvicorn
+    from memserve.deploy.openai_api import OpenAIServer
+    from starlette.requests import Request
+
+    api = OpenAIServer(stack["ingress"].core, aliases=["tiny"])
+
+    async def asgi(scope, receive, send):
+        response = await api(Request(scope, receive))
+        await response(scope, receive, send)
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(asgi, host="127.0.0.1", port=port, lifespan="off", log_level="warning"))
+    running = asyncio.run_coroutine_threadsafe(server.serve(), stack["server"].loop)
+    try:
+        wait_for(lambda: server.started, 20, "uvicorn to start")
+        yield port
+    finally:
+        server.should_exit = True
+        running.result(CALL_S)
+
+
+def sse_text(url: str, body: dict, context=None, key: str | None = KEY) -> str:
+    """The streamed chat completion's text (the deltas joined); HTTPError for a non-200 status."""
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers)
+    out = []
+    with urllib.request.urlopen(req, timeout=CALL_S, context=context) as r:
+        assert r.headers["Content-Type"].startswith("text/event-stream")
+        for line in r:
+            line = line.decode().strip()
+            if line.startswith("data: ") and line != "data: [DONE]":
+                out.append(json.loads(line[6:])["choices"][0]["delta"].get("content", ""))
+    return "".join(out)
+
+
 def test_the_helm_charts_nginx_config_terminates_tls(stack):
     """The nginx.conf of the chart's tls-proxy sidecar (helm/memserve, tls.enabled), rendered by the
-    real helm binary, run by the real nginx: only its file paths are moved into the test's dir."""
+    real helm binary, run by the real nginx (only its file paths are moved into the test's dir): gRPC
+    on tls.port, and the OpenAI HTTP API on tls.httpPort with its event stream and its 401."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "helm"))
     from chart_testlib import by_kind, render
 
-    port, upstream = free_port(), stack["direct"].rsplit(":", 1)[1]
-    objs, _ = render("tls.yaml", sets=(f"tls.port={port}", f"grpc.port={upstream}"))
-    (cm,) = [c for c in by_kind(objs, "ConfigMap") if c["metadata"]["name"].endswith("-tls-nginx")]
-    d = stack["dir"] / "chart"
-    d.mkdir(exist_ok=True)
-    chart_conf = cm["data"]["nginx.conf"]
-    assert chart_conf.count("/tmp/") == 6 and chart_conf.count("/etc/memserve/tls/") == 2
-    conf = (chart_conf.replace("/tmp/", f"{d}/").replace("/etc/memserve/tls/tls.crt", str(stack["cert"]))
-            .replace("/etc/memserve/tls/tls.key", str(stack["key"])))
-    if os.geteuid() == 0:  # the pod runs it as uid 1000; as root nginx would drop its workers to nobody
-        conf = "user root;\n" + conf
-    req = pb.GenerateRequest(prompt="Summer paper glacier", sampling=pb.SamplingParams(max_tokens=8, temperature=0.0,
-                                                                                         ignore_eos=True))
-    with grpc.insecure_channel(stack["direct"]) as ch:
-        direct = generate(ch, req)
-    with run_nginx(d, conf, port):
-        with grpc.secure_channel(f"localhost:{port}", grpc.ssl_channel_credentials(root_certificates=stack["ca"])) as ch:
-            assert generate(ch, req)[:2] == direct[:2]
+    port, https_port, upstream = free_port(), free_port(), stack["direct"].rsplit(":", 1)[1]
+    with openai_http(stack) as http_port:
+        objs, _ = render("tls.yaml", sets=(f"tls.port={port}", f"grpc.port={upstream}", f"tls.httpPort={https_port}",
+                                           f"http.port={http_port}"))
+        (cm,) = [c for c in by_kind(objs, "ConfigMap") if c["metadata"]["name"].endswith("-tls-nginx")]
+        d = stack["dir"] / "chart"
+        d.mkdir(exist_ok=True)
+        chart_conf = cm["data"]["nginx.conf"]
+        assert chart_conf.count("/tmp/") == 6 and chart_conf.count("/etc/memserve/tls/") == 4
+        conf = (chart_conf.replace("/tmp/", f"{d}/").replace("/etc/memserve/tls/tls.crt", str(stack["cert"]))
+                .replace("/etc/memserve/tls/tls.key", str(stack["key"])))
+        if os.geteuid() == 0:  # the pod runs it as uid 1000; as root nginx would drop its workers to nobody
+            conf = "user root;\n" + conf
+        req = pb.GenerateRequest(prompt="Summer paper glacier", sampling=pb.SamplingParams(
+            max_tokens=8, temperature=0.0, ignore_eos=True))
+        with grpc.insecure_channel(stack["direct"]) as ch:
+            direct = generate(ch, req)
+        chat = {"model": "tiny", "messages": [{"role": "user", "content": "Summer paper glacier"}], "max_tokens": 8,
+                "temperature": 0.0, "stream": True}
+        http_direct = sse_text(f"http://127.0.0.1:{http_port}/v1/chat/completions", chat)
+        assert http_direct
+        with run_nginx(d, conf, port):
+            with grpc.secure_channel(f"localhost:{port}", grpc.ssl_channel_credentials(root_certificates=stack["ca"])) as ch:
+                assert generate(ch, req)[:2] == direct[:2]
+            tls = ssl.create_default_context(cadata=stack["ca"].decode())
+            url = f"https://localhost:{https_port}/v1/chat/completions"
+            assert sse_text(url, chat, tls) == http_direct
+            with pytest.raises(urllib.error.HTTPError) as ei:  # the key travels inside TLS and is checked
+                sse_text(url, chat, tls, key=None)
+            assert ei.value.code == 401
+            with pytest.raises(urllib.error.URLError):  # plaintext HTTP to the HTTPS port is refused
+                urllib.request.urlopen(f"http://localhost:{https_port}/v1/models", timeout=CALL_S)
 
 
 def test_memserve_generate_cli_over_tls(stack, capsys, tmp_path):

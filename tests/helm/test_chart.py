@@ -297,11 +297,12 @@ def test_tls_off_renders_no_proxy():
 
 
 def test_tls_on_puts_nginx_before_the_grpc_port():
-    objs, _ = render("tls.yaml", sets=("tls.port=9555", "grpc.port=9100"))
+    objs, _ = render("tls.yaml", sets=("tls.port=9555", "grpc.port=9100", "tls.httpPort=9556", "http.port=9101"))
     (rs,) = by_kind(objs, "RayService")
     head = rs["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]
     (proxy,) = [c for c in head["spec"]["containers"] if c["name"] == "tls-proxy"]
-    assert proxy["ports"] == [{"name": "grpc-tls", "containerPort": 9555, "protocol": "TCP"}]
+    assert proxy["ports"] == [{"name": "grpc-tls", "containerPort": 9555, "protocol": "TCP"},
+                              {"name": "https-tls", "containerPort": 9556, "protocol": "TCP"}]
     # only the head has it; workers keep their plain containers
     for g in rs["spec"]["rayClusterConfig"]["workerGroupSpecs"]:
         assert "tls-proxy" not in [c["name"] for c in g["template"]["spec"]["containers"]]
@@ -312,7 +313,8 @@ def test_tls_on_puts_nginx_before_the_grpc_port():
     assert vols["tls-nginx"]["configMap"]["name"] == cm["metadata"]["name"]
     conf = cm["data"]["nginx.conf"]
     assert "listen 9555 ssl http2;" in conf and "grpc_pass grpc://127.0.0.1:9100;" in conf
-    assert f"client_max_body_size {64 << 20};" in conf
+    assert "listen 9556 ssl;" in conf and "proxy_pass http://127.0.0.1:9101;" in conf and "proxy_buffering off;" in conf
+    assert conf.count(f"client_max_body_size {64 << 20};") == 2
     mounts = {m["mountPath"] for m in proxy["volumeMounts"]}
     assert {"/etc/memserve/tls", "/etc/memserve/nginx", "/tmp"} <= mounts
     # the Service sends gRPC to the sidecar, on the head only; the plaintext port is not exposed
@@ -321,12 +323,13 @@ def test_tls_on_puts_nginx_before_the_grpc_port():
     assert head["metadata"]["labels"]["memserve.io/role"] == "head"
     ports = {p["name"]: p for p in svc["spec"]["ports"]}
     assert "grpc" not in ports and ports["grpc-tls"]["port"] == 9555 and ports["grpc-tls"]["targetPort"] == "grpc-tls"
+    assert "http" not in ports and ports["https"]["port"] == 9556 and ports["https"]["targetPort"] == "https-tls"
     # `helm test` trusts the Secret's certificate (its command: test_helm_test_pod_command_runs)
     (pod,) = by_kind(objs, "Pod")
     assert pod["spec"]["volumes"][0]["secret"] == {"secretName": "memserve-tls", "items": [{"key": "tls.crt", "path": "ca.crt"}]}
     (np,) = by_kind(objs, "NetworkPolicy")
     client_ports = [p["port"] for r in np["spec"]["ingress"] for p in r.get("ports", [])]
-    assert 9555 in client_ports and 9100 not in client_ports
+    assert {9555, 9556} <= set(client_ports) and not {9100, 9101} & set(client_ports)
 
 
 def test_tls_without_a_secret_fails_with_a_message():

@@ -61,8 +61,9 @@ seccompProfile:
     - {name: metrics, mountPath: /tmp/memserve-metrics}
 {{- end -}}
 
-{{/* The TLS sidecar of the head pod (tls.enabled): nginx terminating TLS on tls.port and passing
-gRPC to Serve's plaintext proxy on localhost (templates/tls-configmap.yaml). */}}
+{{/* The TLS sidecar of the head pod (tls.enabled): nginx terminating TLS on tls.port (gRPC) and
+tls.httpPort (the OpenAI API), passing both to Serve's plaintext proxies on localhost
+(templates/tls-configmap.yaml). */}}
 {{- define "memserve.tlsProxy" -}}
 {{- if .Values.tls.enabled }}
 - name: tls-proxy
@@ -71,6 +72,7 @@ gRPC to Serve's plaintext proxy on localhost (templates/tls-configmap.yaml). */}
   command: ["nginx", "-c", "/etc/memserve/nginx/nginx.conf", "-e", "stderr", "-g", "daemon off;"]
   ports:
     - {name: grpc-tls, containerPort: {{ .Values.tls.port }}, protocol: TCP}
+    - {name: https-tls, containerPort: {{ .Values.tls.httpPort }}, protocol: TCP}
   readinessProbe:
     tcpSocket: {port: grpc-tls}
     periodSeconds: 10
