@@ -45,12 +45,12 @@ def engine_for(ckpt, method: str, args, max_len: int):
                      kv_cache_bytes=64 << 20, kv_memory_config={**mem_cfg, "compression": comp})
 
 
-def run_one(eng, method: str, ids: list[int], max_new: int):
+def run_one(eng, method: str, ids: list[int], max_new: int, session_id: str | None = None):
     from memserve.runtime.sampling import SamplingParams
 
     params = SamplingParams(max_tokens=max_new, temperature=0.0, memory_topk=0 if method == "stream" else None)
     rid = f"r{time.monotonic_ns()}"
-    eng.add_request(rid, ids, params)
+    eng.add_request(rid, ids, params, session_id=session_id)
     t0 = time.perf_counter()
     out, mem_bytes, mem_tokens = None, 0, 0
     t_first = None

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -52,31 +53,132 @@ def run(a) -> None:
     plan = [("dense", _parse_len(x)) for x in a.dense_lengths.split(",") if x] + \
            [(a.compression, _parse_len(x)) for x in a.memory_lengths.split(",") if x]
     ns = argparse.Namespace(n_local=None, topk=None, kv_config=a.kv_config, chunk=512)
-    for method, L in plan:
-        eng = engine_for(ckpt, method, ns, L + 256)
-        # seed, depth outer and family inner: a run cut short by its time limit still covers every family
-        for s in seeds:
-            for d in depths:
-                for fam in a.families.split(","):
+    from memserve.runtime.kv_memory.quant import bytes_per_token_fp16
+
+    fp16_tok = bytes_per_token_fp16(ckpt.config.num_key_value_heads, ckpt.config.head_dim)
+    # seconds of the last cell per (method, length), from the resumed rows at first (prefill dominates a cell)
+    t_start, last = time.monotonic(), {(r["method"], r["length"]): r["prefill_s"] + 20 for r in rows}
+    engines = {}  # one engine per (method, length), built when first needed and kept
+    # cell outer and method inner (dense ceiling next to the memory for the same family/depth/seed): a run cut
+    # short by --budget-s leaves complete comparisons; seed, depth outer and family inner: every family progresses
+    for s in seeds:
+        for d in depths:
+            for fam in a.families.split(","):
+                for method, L in plan:
                     k = (fam, a.task, method, L, d, s)
                     if k in done:
                         continue
+                    if a.budget_s and method == "dense" and \
+                            time.monotonic() - t_start + last.get((method, L), 0) > a.budget_s:
+                        print(f"--budget-s {a.budget_s}: stopping before {k} (rerun with --resume)", flush=True)
+                        return
+                    t_cell = time.monotonic()
+                    if (method, L) not in engines:
+                        engines[(method, L)] = engine_for(ckpt, method, ns, L + 256)
                     sample = make_family_sample(fam, a.task, tok, L, d, s)
                     ids = tok.encode(prompt_text(sample, tok))
-                    text, ttft, dms, _, _ = run_one(eng, method, ids, MAX_NEW.get(a.task, 12))
+                    if method == "dense":
+                        res = run_one(engines[(method, L)], method, ids, MAX_NEW.get(a.task, 12))
+                    else:
+                        res = _memory_cell(engines[(method, L)], ids, MAX_NEW.get(a.task, 12), out / "partial",
+                                           "-".join(map(str, k)), t_start + a.budget_s if a.budget_s else None)
+                        if res is None:
+                            print(f"--budget-s {a.budget_s}: {k} saved part-way (rerun with --resume)", flush=True)
+                            return
+                    text, ttft, dms, mb, mt = res
                     sc = score(sample, text)
                     rows.append(dict(family=fam, task=a.task, method=method, length=L, tokens=len(ids), depth=d,
                                      seed=s, score=sc, output=text, answers=sample.answers, prefill_s=ttft,
-                                     decode_ms=dms, kv_config=a.kv_config))
+                                     decode_ms=dms, kv_config=a.kv_config,
+                                     mem_bytes_per_token=(mb / mt / fp16_tok) if mt else None))
                     print(f"{fam:10s} {method:5s} L={L:6d} d={d:.2f} s={s} score={sc:.2f} prefill={ttft:6.1f}s "
                           f"out={text!r}", flush=True)
                     raw.write_text(json.dumps(rows, indent=1))
-        del eng
+                    last[(method, L)] = time.monotonic() - t_cell
     report(rows, out, a)
+
+
+def _memory_cell(eng, ids: list[int], max_new: int, partial: Path, name: str, deadline: float | None):
+    """A memory cell through the engine as a session: the prompt up to its last whole 256-token chunk is ingested
+    in engine-step pieces, then the rest (question) is the request that answers. Chunk-aligned pieces prefill
+    exactly like one prompt (ingests mark no prompt end; session continuation == one-shot is tested), and a
+    cell longer than one bench-lock hold resumes from the session snapshot saved at the deadline.
+    Returns run_one's tuple, or None when the deadline came first (state saved under `partial`)."""
+    from long_context_bench import run_one
+
+    mem, sid = eng.memory, f"cell-{name}"
+    cut = (len(ids) - 1) // 256 * 256
+    snap = partial / f"{name}.safetensors"
+    t0 = time.perf_counter()
+    if snap.exists():
+        mem.load_session(str(snap), sid)
+    done = mem.sessions.get(sid).memory.num_tokens if sid in mem.sessions else 0
+    while done < cut:
+        piece = min(cut, done + 2048)
+        for _ in mem.ingest(sid, ids[done:piece]):
+            pass
+        done = piece
+        if done < cut and deadline is not None and time.monotonic() > deadline:
+            partial.mkdir(parents=True, exist_ok=True)
+            eng.save_session(sid, str(snap))
+            mem.sessions.delete(sid)
+            return None
+    body_s = time.perf_counter() - t0
+    text, ttft, dms, mb, mt = run_one(eng, "memory", ids[cut:], max_new, session_id=sid)
+    mem.sessions.delete(sid)
+    snap.unlink(missing_ok=True)
+    return text, body_s + ttft, dms, mb, mt  # prefill of this piece of the run (a resumed cell: the last part)
 
 
 def _fmt(v, n):
     return f"{100 * v:.0f}% ({n})" if n else "-"
+
+
+def _ceiling(rows) -> dict:
+    """(family, depth, seed) -> dense's score at the largest dense length <= WINDOW of that family."""
+    out = {}
+    for fam in {r["family"] for r in rows}:
+        dl = sorted({r["length"] for r in rows if r["family"] == fam and r["method"] == "dense" and r["length"] <= WINDOW})
+        out.update({(fam, r["depth"], r["seed"]): r["score"] for r in rows
+                    if dl and r["family"] == fam and r["method"] == "dense" and r["length"] == dl[-1]})
+    return out
+
+
+def _split_summary(rows) -> list[str]:
+    """TUNED vs HELD-OUT over the families present: each memory (or dense > WINDOW) column against dense's ceiling
+    on the same (family, depth, seed) cells. 'kept' = accuracy / ceiling accuracy (the issue's >= 95% target)."""
+    ceil = _ceiling(rows)
+    lines = ["## Tuned vs held out", "", "| split | method | length | accuracy (n) | dense ceiling on the same cells | "
+             "kept (accuracy / ceiling) | on cells dense answers | beyond model |", "|---|---|---|---|---|---|---|---|"]
+    for split, fams in (("TUNED", TUNED), ("HELD-OUT", HELD_OUT)):
+        sr = [r for r in rows if r["family"] in fams]
+        for m, L in sorted({(r["method"], r["length"]) for r in sr}, key=lambda x: (x[0] != "dense", x)):
+            if m == "dense" and L <= WINDOW:
+                continue
+            c = [r for r in sr if r["method"] == m and r["length"] == L and (r["family"], r["depth"], r["seed"]) in ceil]
+            if not c:
+                continue
+            acc = sum(r["score"] for r in c) / len(c)
+            cacc = sum(ceil[(r["family"], r["depth"], r["seed"])] for r in c) / len(c)
+            ok = [r for r in c if ceil[(r["family"], r["depth"], r["seed"])] > 0]
+            kept = f"{100 * acc / cacc:.0f}%" if cacc else "-"
+            lines.append(f"| {split} | {m} | {L // 1024}k | {_fmt(acc, len(c))} | {_fmt(cacc, len(c))} | {kept} | "
+                         f"{_fmt(sum(r['score'] for r in ok) / max(1, len(ok)), len(ok))} | {len(c) - len(ok)} |")
+    return lines + [""]
+
+
+def _cells(fr) -> list[str]:
+    """Per (depth, seed): every method/length's score and the start of its answer."""
+    cols = sorted({(r["method"], r["length"]) for r in fr}, key=lambda x: (x[0] != "dense", x))
+    lines = ["| depth | seed | " + " | ".join(f"{m} {L // 1024}k" for m, L in cols) + " |", "|---|---|" + "---|" * len(cols)]
+    by = {(r["method"], r["length"], r["depth"], r["seed"]): r for r in fr}
+    for d, s in sorted({(r["depth"], r["seed"]) for r in fr}):
+        cells = []
+        for m, L in cols:
+            r = by.get((m, L, d, s))
+            cells.append("" if r is None else f"{r['score']:.0f} `{r.get('output', '').strip()[:24]}`".replace("|", "/"))
+        lines.append(f"| {int(100 * d)}% | {s} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def report(rows, out: Path, a) -> None:
@@ -84,6 +186,7 @@ def report(rows, out: Path, a) -> None:
     lines = [f"# Long-context grid (issue 15): task `{a.task}`", "",
              f"TUNED families: {', '.join(TUNED)}; HELD-OUT: {', '.join(HELD_OUT)}. Dense ceiling = dense at the "
              f"largest length <= {WINDOW}; a memory cell whose depth/seed dense misses there is *beyond the model*.", ""]
+    lines += _split_summary([r for r in rows if r["task"] == a.task])
     for fam in [f for f in FAMILIES if any(r["family"] == f for r in rows)]:
         fr = [r for r in rows if r["family"] == fam and r["task"] == a.task]
         split = "TUNED" if fam in TUNED else "HELD-OUT"
@@ -100,7 +203,7 @@ def report(rows, out: Path, a) -> None:
                     _fmt(sum(r["score"] for r in ok) / max(1, len(ok)), len(ok))
                 lines.append(f"| {m} | {L // 1024}k | {_fmt(sum(r['score'] for r in c) / len(c), len(c))} | {vs} | "
                              f"{beyond if m != 'dense' or L > WINDOW else '-'} |")
-        lines.append("")
+        lines += [""] + _cells(fr) + [""]
     lines += ["Command: `" + " ".join(["bench/longctx_grid.py"] + sys.argv[1:]) + "`", ""]
     (out / f"grid_{a.task}.md").write_text("\n".join(lines))
     print("\n".join(lines))
@@ -148,10 +251,18 @@ def main(argv=None):
     ap.add_argument("--model", default="default")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "longctx_grid"))
     ap.add_argument("--resume", action="store_true", help="keep <out>/grid_raw.json's rows, skip their cells")
+    ap.add_argument("--budget-s", type=float, default=0,
+                    help="start no cell that would end past this many seconds (judged by the last cell's time): "
+                         "a shared box's bench lock is held in short pieces; rerun with --resume")
     ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--report-from", default=None,
+                    help="with --report-only: comma-separated grid_raw.json files of runs in pieces (merged)")
     a = ap.parse_args(argv)
     if a.report_only:
-        return report(json.loads((Path(a.out) / "grid_raw.json").read_text()), Path(a.out), a)
+        cells = {}  # a later file's cell replaces an earlier one's
+        for p in (a.report_from.split(",") if a.report_from else [str(Path(a.out) / "grid_raw.json")]):
+            cells.update({_key(r): r for r in json.loads(Path(p).read_text())})
+        return report(list(cells.values()), Path(a.out), a)
     run(a)
 
 

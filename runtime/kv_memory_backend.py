@@ -300,7 +300,11 @@ class KVMemoryManager:
             raise
         self._projected[req.request_id] = seq.num_tokens + req.params.max_tokens
         self.allocator.memory_seqs.add(req.request_id)
-        self.backend.attach(req.request_id, cfg, mem, prompt_end=seq.num_prompt_tokens)
+        # an ingest is a document, not a question: no prompt end, so question-time exact block scoring
+        # (RetrievalPolicy.exact) waits for the request that continues the session, and a document ingested in
+        # pieces (chunk-aligned) is prefilled exactly like one prompt
+        end = None if req.request_id in self._ingest_ids else seq.num_prompt_tokens
+        self.backend.attach(req.request_id, cfg, mem, prompt_end=end)
 
     def on_finish(self, req) -> None:
         """Called by the engine after a request finished/aborted: hand its memory to its session."""

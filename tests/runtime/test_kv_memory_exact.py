@@ -168,3 +168,40 @@ def test_exact_topk_widens_only_the_exact_selections():
                        0, HKV, D)
     for a, b in zip(body, _run(ref, q[:-10], k[:-10], v[:-10], [50], inv, scale)):
         assert torch.equal(a, b)
+
+
+def test_ingest_marks_no_prompt_end_so_a_document_in_pieces_equals_one_prompt(tiny_llama_dir, monkeypatch):
+    """An ingest is a document, not a question: only the continuing request's last chunk is scored exactly, and a
+    document ingested in chunk-aligned pieces then questioned gives the one-shot answer (bench/longctx_grid.py
+    resumes its long cells this way)."""
+    from memserve.runtime.engine import LLMEngine
+    from memserve.runtime.kv_memory import working_set
+    from memserve.runtime.sampling import SamplingParams
+
+    calls = []
+    orig = working_set.exact_block_scores
+    monkeypatch.setattr(working_set, "exact_block_scores",
+                        lambda kq, q, group: calls.append(kq.data.shape[0]) or orig(kq, q, group))
+    cfg = {"n_init": 4, "n_local": 32, "block_size": 8, "repr_topk": 2, "chunk_size": 24, "key_group": 8,
+           "value_group": 8, "topk": 2, "compression": "int4", "exact": "query"}
+    g = torch.Generator().manual_seed(3)
+    doc, question = torch.randint(5, 1000, (240,), generator=g).tolist(), torch.randint(5, 1000, (12,), generator=g).tolist()
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+
+    def answer(eng, prompt, sid=None):
+        eng.add_request("q", prompt, params, session_id=sid)
+        out = None
+        while eng.has_unfinished():
+            out = next((o for o in eng.step() if o.request_id == "q"), out)
+        return out.token_ids
+
+    one = answer(LLMEngine(str(tiny_llama_dir), progress=False, kv_memory="retrieval", kv_memory_config=cfg,
+                           max_num_batched_tokens=48), doc + question)
+    n_one, calls[:] = len(calls), []
+    eng = LLMEngine(str(tiny_llama_dir), progress=False, kv_memory="retrieval", kv_memory_config=cfg,
+                    max_num_batched_tokens=48)
+    for a, b in ((0, 96), (96, 240)):  # two pieces, both ends on a 24-token chunk boundary
+        list(eng.ingest("s", doc[a:b]))
+    assert calls == []  # no exact scoring while ingesting
+    assert answer(eng, question, "s") == one
+    assert len(calls) == n_one == eng.config.num_hidden_layers  # the question's chunk only
