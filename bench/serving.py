@@ -1,22 +1,29 @@
-"""Serving overhead: the in-process async engine vs the same engine behind gRPC + Ray Serve (and,
-with `--api http`, behind the OpenAI-compatible HTTP API on Serve's HTTP proxy too).
+"""Serving overhead: the in-process async engine vs the same engine behind gRPC + Ray Serve, in both
+topologies the app supports (and, with `--api http`, behind the OpenAI-compatible HTTP API too).
 
-    memserve bench serving                         # default model, 1/4/8/16 streams
+    memserve bench serving                         # default model, 1/4/8/16 streams, ingress + direct
     memserve bench serving --model /path/to/hf --streams 1,8 --max-tokens 32
-    memserve bench serving --api http --streams 1,8   # in-process vs gRPC vs HTTP (SSE), same run
+    memserve bench serving --topology ingress --api http --streams 1,8   # + HTTP (SSE), same run
 
 For each concurrency N, N streams start together (distinct prompts, greedy, ignore_eos so every
-stream generates exactly --max-tokens tokens). Measured on the client side:
-TTFT (send -> first token), ITL (gap between token arrivals; a message carrying k tokens counts as
-k gaps of gap/k), throughput (generated tokens / wall time of the waves). Both paths are up at once
-(the in-process AsyncLLMEngine in this process; one Serve engine replica with the same engine
-arguments) and their waves alternate, so load drift on a shared machine hits both alike.
+stream generates exactly --max-tokens tokens). Measured on the client side: TTFT (send -> first
+token), ITL (gap between token arrivals; a message carrying k tokens counts as k gaps of gap/k),
+throughput (generated tokens / wall time of the waves), messages per token (1.0 = one message per
+token; below 1 the server coalesced). Every path is up at once -- the in-process AsyncLLMEngine in
+this process and one Serve app per topology (one engine replica each, same engine arguments,
+`ingress`: Serve's gRPC proxy -> ingress deployment -> engine deployment; `direct`: proxy -> engine
+replica) -- and their waves alternate (then in reverse order), so load drift on a shared machine
+hits every path alike.
 
-HTTP (`--api http`): streamed POST /v1/completions (httpx, one connection per stream), tokens
-counted per server-sent event with the `return_token_ids` extension; its waves alternate with the
-other two, and the table adds its ratio to gRPC.
+CPU per token (psutil, user+system seconds of each process over the path's waves / tokens): the
+in-process row counts this process (engine + client); a Serve row counts Serve's gRPC proxy, the
+ingress replica (topology `ingress`) and the engine replica, and, separately, this process as the
+gRPC client. On a machine where the engine uses every core, the serving processes' CPU is taken
+from the engine: that is where the added latency comes from.
 
-Targets (issue 4): gRPC+Ray throughput >= 0.9x in-process at 8 streams; added p50 ITL <= 5 ms.
+Results: a markdown table + JSON (+ a plot of ITL p50 and tokens/s vs streams) in bench/results/
+(`--name`). Targets (issue 18 item 4): at 8 streams, gRPC + Ray adds <= 5 ms p50 ITL and keeps
+>= 0.95x the in-process tokens/s.
 """
 
 from __future__ import annotations
@@ -25,18 +32,29 @@ import argparse
 import asyncio
 import json
 import os
+import platform
 import socket
 import sys
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 
 PROMPT_WORDS = ("memory river lantern orbit quiet copper meadow signal harbor violet engine summer paper "
                 "glacier whisper canyon").split()
+RESULTS = Path(__file__).resolve().parent / "results"
+TARGET_ADDED_ITL_MS, TARGET_RATIO = 5.0, 0.95
 
 
 def make_prompt(i: int, words: int) -> str:
     return "Story %d: " % i + " ".join(PROMPT_WORDS[(i * 7 + k) % len(PROMPT_WORDS)] for k in range(words))
+
+
+def pct(xs, p):
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
 
 
 @dataclass
@@ -46,19 +64,19 @@ class Wave:
     ttft: list = field(default_factory=list)
     itl: list = field(default_factory=list)
     tokens: int = 0
+    messages: int = 0
     wall_s: float = 0.0
-
-    def pct(self, xs, p):
-        if not xs:
-            return float("nan")
-        xs = sorted(xs)
-        return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
+    cpu_s: dict = field(default_factory=dict)  # process role -> CPU seconds over the wave
 
     def summary(self) -> dict:
+        tok = max(1, self.tokens)
         return {"mode": self.mode, "streams": self.streams,
-                "ttft_p50_ms": 1e3 * self.pct(self.ttft, 50), "ttft_p99_ms": 1e3 * self.pct(self.ttft, 99),
-                "itl_p50_ms": 1e3 * self.pct(self.itl, 50), "itl_p99_ms": 1e3 * self.pct(self.itl, 99),
-                "tok_s": self.tokens / self.wall_s if self.wall_s else 0.0, "tokens": self.tokens}
+                "ttft_p50_ms": 1e3 * pct(self.ttft, 50), "ttft_p99_ms": 1e3 * pct(self.ttft, 99),
+                "itl_p50_ms": 1e3 * pct(self.itl, 50), "itl_p95_ms": 1e3 * pct(self.itl, 95),
+                "itl_p99_ms": 1e3 * pct(self.itl, 99),
+                "tok_s": self.tokens / self.wall_s if self.wall_s else 0.0, "tokens": self.tokens,
+                "msgs_per_token": self.messages / tok,
+                "cpu_ms_per_token": {k: 1e3 * v / tok for k, v in self.cpu_s.items()}}
 
 
 class Stream:
@@ -77,44 +95,60 @@ class Stream:
             self.wave.itl.extend([(now - self.last) / n_tokens] * n_tokens)
         self.last = now
         self.wave.tokens += n_tokens
+        self.wave.messages += 1
 
 
-# ---- in-process ---------------------------------------------------------------------------------
+class CpuMeter:
+    """user+system CPU seconds of named processes (pids), read before and after a wave."""
 
-async def inproc_wave(engine, n: int, a, SamplingParams) -> Wave:
-    wave = Wave("in-process", n)
+    def __init__(self, pids: dict[str, int]):
+        import psutil
 
-    async def one(i):
-        st = Stream(wave)
+        self.procs = {role: psutil.Process(pid) for role, pid in pids.items()}
+
+    def read(self) -> dict[str, float]:
+        out = {}
+        for role, p in self.procs.items():
+            t = p.cpu_times()
+            out[role] = t.user + t.system
+        return out
+
+    async def measure(self, wave_coro) -> Wave:
+        before = self.read()
+        wave = await wave_coro
+        after = self.read()
+        wave.cpu_s = {k: after[k] - before[k] for k in before}
+        return wave
+
+
+async def run_wave(mode: str, n: int, one) -> Wave:
+    wave = Wave(mode, n)
+    t0 = time.perf_counter()
+    await asyncio.gather(*(one(i, Stream(wave)) for i in range(n)))
+    wave.wall_s = time.perf_counter() - t0
+    return wave
+
+
+# ---- the three clients --------------------------------------------------------------------------
+
+def inproc_path(engine, a, SamplingParams):
+    async def one(i, st):
         params = SamplingParams(max_tokens=a.max_tokens, temperature=0.0, ignore_eos=True)
         async for out in engine.generate(make_prompt(i, a.prompt_words), params, uuid.uuid4().hex):
             st.on(len(out.new_token_ids))
-
-    t0 = time.perf_counter()
-    await asyncio.gather(*(one(i) for i in range(n)))
-    wave.wall_s = time.perf_counter() - t0
-    return wave
+    return lambda n: run_wave("in-process", n, one)
 
 
-# ---- gRPC + Ray ---------------------------------------------------------------------------------
+def grpc_path(stub, pb, a, app_name: str, label: str):
+    md = (("application", app_name),)
 
-async def grpc_wave(stub, pb, n: int, a) -> Wave:
-    wave = Wave("gRPC+Ray", n)
-
-    async def one(i):
-        st = Stream(wave)
+    async def one(i, st):
         req = pb.GenerateRequest(prompt=make_prompt(i, a.prompt_words),
                                  sampling=pb.SamplingParams(max_tokens=a.max_tokens, temperature=0.0, ignore_eos=True))
-        async for msg in stub.Generate(req, timeout=600):
+        async for msg in stub.Generate(req, timeout=600, metadata=md):
             st.on(len(msg.token_ids))
+    return lambda n: run_wave(label, n, one)
 
-    t0 = time.perf_counter()
-    await asyncio.gather(*(one(i) for i in range(n)))
-    wave.wall_s = time.perf_counter() - t0
-    return wave
-
-
-# ---- HTTP (OpenAI-compatible) + Ray ------------------------------------------------------------
 
 def _httpx():
     try:  # the openai package's own HTTP client (httpx2 for openai>=3)
@@ -124,24 +158,19 @@ def _httpx():
     return httpx
 
 
-async def http_wave(client, n: int, a) -> Wave:
-    wave = Wave("HTTP+Ray", n)
+def http_path(client, a, prefix: str, label: str):
+    url = prefix.rstrip("/") + "/v1/completions"
 
-    async def one(i):
-        st = Stream(wave)
+    async def one(i, st):
         body = {"model": a.model, "prompt": make_prompt(i, a.prompt_words), "max_tokens": a.max_tokens,
                 "temperature": 0.0, "ignore_eos": True, "stream": True, "return_token_ids": True}
-        async with client.stream("POST", "/v1/completions", json=body) as r:
+        async with client.stream("POST", url, json=body) as r:
             if r.status_code != 200:
                 raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread())[:300]!r}")
             async for line in r.aiter_lines():
                 if line.startswith("data: {"):
                     st.on(len(json.loads(line[6:])["choices"][0].get("token_ids") or ()))
-
-    t0 = time.perf_counter()
-    await asyncio.gather(*(one(i) for i in range(n)))
-    wave.wall_s = time.perf_counter() - t0
-    return wave
+    return lambda n: run_wave(label, n, one)
 
 
 def _merge(waves: list[Wave]) -> Wave:
@@ -151,7 +180,10 @@ def _merge(waves: list[Wave]) -> Wave:
         out.ttft += w.ttft
         out.itl += w.itl
         out.tokens += w.tokens
+        out.messages += w.messages
         out.wall_s += w.wall_s
+        for k, v in w.cpu_s.items():
+            out.cpu_s[k] = out.cpu_s.get(k, 0.0) + v
     return out
 
 
@@ -161,14 +193,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_both(a, engine_args) -> tuple[list[Wave], list[Wave], list[Wave]]:
-    """All paths live at once and their waves alternate (in-process, gRPC[, HTTP], then the reverse
-    order, ...), so load drift on a shared machine hits every side alike."""
+def app_name_of(topology: str) -> str:
+    return f"memserve_{topology}"
+
+
+def run_all(a, engine_args) -> dict[str, list[Wave]]:
+    """Every path live at once; waves alternate (forward, then reverse order, ...). Returns mode -> waves."""
     import grpc
     import ray
     from memserve.deploy import memserve_pb2 as pb
     from memserve.deploy import memserve_pb2_grpc as pbg
-    from memserve.deploy.app import init_ray, start
+    from memserve.deploy.app import (
+        ENGINE_DEPLOYMENT,
+        INGRESS_DEPLOYMENT,
+        build_app,
+        init_ray,
+        serve_actor_pids,
+        start,
+    )
     from memserve.deploy.config import AppConfig
     from memserve.runtime.async_engine import AsyncLLMEngine
     from memserve.runtime.sampling import SamplingParams
@@ -180,8 +222,25 @@ def run_both(a, engine_args) -> tuple[list[Wave], list[Wave], list[Wave]]:
     else:
         init_ray(num_cpus=os.cpu_count(), log_to_driver=False, logging_level="ERROR")
     try:
-        cfg = AppConfig(model=a.model, engine_args=engine_args, max_waiting=256, num_replicas=1, topology=a.topology)
-        start(cfg, grpc_port=port, http_port=http_port)
+        prefixes = {}
+        for k, topo in enumerate(a.topology):
+            cfg = AppConfig(model=a.model, engine_args=engine_args, max_waiting=256, num_replicas=1, topology=topo,
+                            app_name=app_name_of(topo))
+            prefixes[topo] = "/" if k == 0 else f"/{topo}"
+            if k == 0:
+                start(cfg, grpc_port=port, http_port=http_port, route_prefix=prefixes[topo])
+            else:
+                serve.run(build_app(cfg), name=cfg.app_name, route_prefix=prefixes[topo], blocking=False)
+        proxy = next(iter(serve_actor_pids().values()))
+        meters = {}
+        for topo in a.topology:
+            pids = {"proxy": proxy}
+            if topo == "ingress":
+                pids["ingress"] = next(iter(serve_actor_pids(app_name_of(topo), INGRESS_DEPLOYMENT).values()))
+            pids["engine replica"] = next(iter(serve_actor_pids(app_name_of(topo), ENGINE_DEPLOYMENT).values()))
+            pids["client"] = os.getpid()
+            meters[topo] = CpuMeter(pids)
+        self_meter = CpuMeter({"process": os.getpid()})
 
         async def main():
             engine = AsyncLLMEngine(a.model, max_waiting=256, **engine_args)
@@ -190,55 +249,106 @@ def run_both(a, engine_args) -> tuple[list[Wave], list[Wave], list[Wave]]:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch, httpx.AsyncClient(
                     base_url=f"http://127.0.0.1:{http_port}", timeout=600, limits=limits) as hc:
                 stub = pbg.MemServeStub(ch)
-                paths = [lambda n: inproc_wave(engine, n, a, SamplingParams), lambda n: grpc_wave(stub, pb, n, a)]
-                if a.api == "http":
-                    paths.append(lambda n: http_wave(hc, n, a))
-                for run in paths:  # warm-up every path
+                paths = [("in-process", inproc_path(engine, a, SamplingParams), self_meter)]
+                for topo in a.topology:
+                    paths.append((f"gRPC+Ray {topo}", grpc_path(stub, pb, a, app_name_of(topo), f"gRPC+Ray {topo}"),
+                                  meters[topo]))
+                    if a.api == "http":
+                        paths.append((f"HTTP+Ray {topo}", http_path(hc, a, prefixes[topo], f"HTTP+Ray {topo}"),
+                                      meters[topo]))
+                for _, run, _ in paths:  # warm-up every path
                     await run(2)
-                merged: list[list[Wave]] = [[] for _ in paths]
+                merged: dict[str, list[Wave]] = {m: [] for m, _, _ in paths}
                 for n in a.streams:
-                    reps: list[list[Wave]] = [[] for _ in paths]
+                    reps: dict[str, list[Wave]] = {m: [] for m, _, _ in paths}
                     for rep in range(a.repeats):
-                        order = range(len(paths)) if rep % 2 == 0 else reversed(range(len(paths)))
-                        for k in order:
-                            reps[k].append(await paths[k](n))
-                    for k in range(len(paths)):
-                        merged[k].append(_merge(reps[k]))
-                    print(f"  {n:>2} streams: " + ", ".join(f"{m[-1].mode} {m[-1].summary()['tok_s']:.1f} tok/s"
-                                                         for m in merged), flush=True)
+                        order = paths if rep % 2 == 0 else paths[::-1]
+                        for mode, run, meter in order:
+                            reps[mode].append(await meter.measure(run(n)))
+                    for mode in merged:
+                        merged[mode].append(_merge(reps[mode]))
+                    print(f"  {n:>2} streams: " + ", ".join(f"{m} {w[-1].summary()['tok_s']:.1f} tok/s"
+                                                         for m, w in merged.items()), flush=True)
             engine.shutdown()
-            return merged[0], merged[1], (merged[2] if a.api == "http" else [])
+            return merged
 
         return asyncio.run(main())
     finally:
         serve.shutdown()
         ray.shutdown()
 
-def table(inproc: list[Wave], viaray: list[Wave], viahttp: list[Wave] = ()) -> str:
-    """Ratios and added p50 ITL against in-process; HTTP rows also against gRPC (same run)."""
-    rows = ["| streams | path | TTFT p50 / p99 (ms) | ITL p50 / p99 (ms) | tok/s | throughput ratio | added ITL p50 (ms) "
-            "| vs gRPC: tok/s ratio, added ITL p50 (ms) |",
-            "|---:|---|---:|---:|---:|---:|---:|---:|"]
-    by_n = {w.streams: w.summary() for w in inproc}
-    grpc_n = {w.streams: w.summary() for w in viaray}
-    http_n = {w.streams: w.summary() for w in viahttp}
 
-    def row(r, label, base, ref=None):
-        ratio = r["tok_s"] / base["tok_s"] if base else float("nan")
-        added = r["itl_p50_ms"] - base["itl_p50_ms"] if base else float("nan")
-        vs = f"{r['tok_s'] / ref['tok_s']:.2f}, {r['itl_p50_ms'] - ref['itl_p50_ms']:+.1f}" if ref else "—"
-        return (f"| {r['streams']} | {label} | {r['ttft_p50_ms']:.1f} / {r['ttft_p99_ms']:.1f} | "
-                f"{r['itl_p50_ms']:.1f} / {r['itl_p99_ms']:.1f} | {r['tok_s']:.1f} | {ratio:.2f} | {added:+.1f} | {vs} |")
+def _cpu_cell(s: dict) -> str:
+    c = s["cpu_ms_per_token"]
+    return " / ".join(f"{k} {v:.1f}" for k, v in c.items())
 
-    for n, g in grpc_n.items():
-        b = by_n.get(n)
-        if b is not None:
-            rows.append(f"| {n} | in-process | {b['ttft_p50_ms']:.1f} / {b['ttft_p99_ms']:.1f} | "
-                        f"{b['itl_p50_ms']:.1f} / {b['itl_p99_ms']:.1f} | {b['tok_s']:.1f} | 1.00 | — | — |")
-        rows.append(row(g, "gRPC + Ray", b))
-        if n in http_n:
-            rows.append(row(http_n[n], "HTTP (OpenAI SSE) + Ray", b, g))
+
+def table(results: dict[str, list[Wave]]) -> str:
+    """One row per (streams, path): ratios and added ITL against the in-process row of the same run."""
+    rows = ["| streams | path | TTFT p50 / p99 (ms) | ITL p50 / p95 (ms) | tok/s | tok/s ratio | added ITL p50 (ms) "
+            "| msgs/token | CPU ms per token |",
+            "|---:|---|---:|---:|---:|---:|---:|---:|---|"]
+    base = {w.streams: w.summary() for w in results["in-process"]}
+    for n in sorted(base):
+        b = base[n]
+        for mode, waves in results.items():
+            r = next((w.summary() for w in waves if w.streams == n), None)
+            if r is None:
+                continue
+            ratio = r["tok_s"] / b["tok_s"] if b["tok_s"] else float("nan")
+            added = "—" if mode == "in-process" else f"{r['itl_p50_ms'] - b['itl_p50_ms']:+.1f}"
+            rows.append(f"| {n} | {mode} | {r['ttft_p50_ms']:.1f} / {r['ttft_p99_ms']:.1f} | {r['itl_p50_ms']:.1f} / "
+                        f"{r['itl_p95_ms']:.1f} | {r['tok_s']:.1f} | {ratio:.2f} | {added} | {r['msgs_per_token']:.2f} | "
+                        f"{_cpu_cell(r)} |")
     return "\n".join(rows)
+
+
+def verdicts(results: dict[str, list[Wave]], n: int = 8) -> list[str]:
+    base = {w.streams: w.summary() for w in results["in-process"]}.get(n)
+    out = []
+    if base is None:
+        return out
+    for mode, waves in results.items():
+        r = next((w.summary() for w in waves if w.streams == n), None)
+        if mode == "in-process" or r is None:
+            continue
+        ratio, added = r["tok_s"] / base["tok_s"], r["itl_p50_ms"] - base["itl_p50_ms"]
+        out.append(f"{mode} at {n} streams: throughput {ratio:.2f}x (target >= {TARGET_RATIO}: "
+                   f"{'MET' if ratio >= TARGET_RATIO else 'NOT MET'}), added p50 ITL {added:+.1f} ms "
+                   f"(target <= {TARGET_ADDED_ITL_MS:g}: {'MET' if added <= TARGET_ADDED_ITL_MS else 'NOT MET'})")
+    return out
+
+
+def plot(results: dict[str, list[Wave]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    for mode, waves in results.items():
+        ss = [w.summary() for w in waves]
+        xs = [s["streams"] for s in ss]
+        ax1.plot(xs, [s["itl_p50_ms"] for s in ss], "o-", label=mode)
+        ax2.plot(xs, [s["tok_s"] for s in ss], "o-", label=mode)
+    ax1.set(xlabel="concurrent streams", ylabel="ITL p50 (ms)", title="inter-token latency")
+    ax2.set(xlabel="concurrent streams", ylabel="tokens/s (all streams)", title="throughput")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
 
 
 def main(argv=None) -> int:
@@ -246,18 +356,24 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="default")
     ap.add_argument("--streams", default="1,4,8,16", help="comma-separated concurrency levels")
-    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--prompt-words", type=int, default=24)
     ap.add_argument("--plain-serve", action="store_true", help="Serve's defaults instead of its throughput-optimized mode")
-    ap.add_argument("--topology", choices=["ingress", "direct"], default="ingress",
-                    help="ingress deployment + engine deployment (default), or engine replicas as the gRPC ingress")
+    ap.add_argument("--topology", default="ingress,direct",
+                    help="comma-separated: ingress (ingress deployment + engine deployment), direct (engine "
+                         "replicas are the gRPC ingress); one Serve app each, same run")
     ap.add_argument("--api", choices=["grpc", "http"], default="grpc",
                     help="http: also measure the OpenAI-compatible HTTP API (SSE) beside gRPC, in the same run")
     ap.add_argument("--repeats", type=int, default=2, help="alternating repetitions per concurrency level")
     ap.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--name", default=None, help="write bench/results/NAME.md, .json, .png")
     ap.add_argument("--json", default=None, help="also write the raw summaries here")
     a = ap.parse_args(argv)
     a.streams = [int(x) for x in a.streams.split(",") if x]
+    a.topology = [t for t in a.topology.split(",") if t]
+    bad = [t for t in a.topology if t not in ("ingress", "direct")]
+    if bad or not a.topology:
+        ap.error(f"--topology: ingress and/or direct, got {bad or 'none'}")
     engine_args = {}
     for kv in a.engine_arg:
         k, v = kv.split("=", 1)
@@ -267,22 +383,30 @@ def main(argv=None) -> int:
             engine_args[k] = v
     engine_args.setdefault("max_num_seqs", max(a.streams))
 
-    print(f"memserve serving benchmark: api={a.api} topology={a.topology} model={a.model!r} streams={a.streams} max_tokens={a.max_tokens} "
-          f"engine_args={engine_args} cpus={os.cpu_count()}", flush=True)
-    inproc, viaray, viahttp = run_both(a, engine_args)
+    head = (f"memserve serving benchmark: api={a.api} topology={','.join(a.topology)} model={a.model!r} "
+            f"streams={a.streams} max_tokens={a.max_tokens} repeats={a.repeats} engine_args={engine_args} "
+            f"CPU {cpu_name()} x{os.cpu_count()}")
+    print(head, flush=True)
+    load0 = os.getloadavg()
+    results = run_all(a, engine_args)
+    load1 = os.getloadavg()
+    text = "\n".join([table(results), "", *verdicts(results)])
     print()
-    print(table(inproc, viaray, viahttp))
-    b8 = {w.streams: w.summary() for w in inproc}.get(8)
-    r8 = {w.streams: w.summary() for w in viaray}.get(8)
-    if b8 and r8:
-        ratio, added = r8["tok_s"] / b8["tok_s"], r8["itl_p50_ms"] - b8["itl_p50_ms"]
-        print(f"\ntarget throughput >= 0.9x at 8 streams: {ratio:.2f}x -> {'MET' if ratio >= 0.9 else 'NOT MET'}")
-        print(f"target added p50 ITL <= 5 ms at 8 streams: {added:+.1f} ms -> {'MET' if added <= 5 else 'NOT MET'}")
+    print(text)
+    print(f"\nload average before / after: {load0[0]:.1f} / {load1[0]:.1f}")
+    summaries = {m: [w.summary() for w in ws] for m, ws in results.items()}
     if a.json:
-        with open(a.json, "w") as f:
-            json.dump({"inproc": [w.summary() for w in inproc], "ray": [w.summary() for w in viaray],
-                       "http": [w.summary() for w in viahttp],
-                       "args": {k: v for k, v in vars(a).items()}}, f, indent=2)
+        Path(a.json).write_text(json.dumps({"results": summaries, "args": vars(a)}, indent=2))
+    if a.name:
+        RESULTS.mkdir(exist_ok=True)
+        cmd = "memserve bench serving " + " ".join(argv if argv is not None else sys.argv[1:])
+        (RESULTS / f"{a.name}.md").write_text(
+            f"# {a.name}\n\n`{cmd.strip()}` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})\n\n{head}\n\n"
+            f"load average before / after: {load0[0]:.1f} / {load1[0]:.1f}\n\n{text}\n")
+        (RESULTS / f"{a.name}.json").write_text(json.dumps({"results": summaries, "args": vars(a), "cpu": cpu_name(),
+                                                             "load": [load0[0], load1[0]]}, indent=2))
+        plot(results, RESULTS / f"{a.name}.png")
+        print(f"wrote {RESULTS / a.name}.md / .json / .png")
     return 0
 
 

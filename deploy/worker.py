@@ -6,15 +6,14 @@ Wire format (what crosses the Ray hop, plain dicts so no class has to be importa
     {"text": str, "token_ids": [...], "finish_reason": str|None, "usage": {...}|None}
     {"error": {"code": "RESOURCE_EXHAUSTED"|..., "message": str}}   then the stream ends
 
-Coalescing: a pump task moves engine outputs into a queue; the stream drains everything queued
-into one message. When the consumer (Ray hop + gRPC proxy) keeps up, every token is its own
-message; when it falls behind, chunks grow instead of the backlog, so per-message overhead
-cannot cap throughput.
+Coalescing: the engine stream is read with `coalesce=True`, so each message carries every token
+that arrived since the previous message. When the consumer (Ray hop + gRPC proxy) keeps up, every
+token is its own message; when it falls behind, chunks grow instead of the backlog, so
+per-message overhead cannot cap throughput.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import importlib
 import logging
@@ -34,9 +33,6 @@ from memserve.runtime.errors import (
 )
 
 log = logging.getLogger("memserve.deploy")
-
-_DONE = object()
-
 
 def error(code: str, message: str) -> dict:
     return {"error": {"code": code, "message": message}}
@@ -108,72 +104,52 @@ class EngineWorker:
                 raise
             yield mapped
             return
-        queue: asyncio.Queue = asyncio.Queue()
-        pump = asyncio.ensure_future(self._pump(prompt, params, req, queue))
         recorder = None
         if self.metrics is not None:
             from memserve.deploy.metrics import RequestRecorder
 
             recorder = RequestRecorder(self.metrics, self.model_name, arrival, api=req.get("api", "grpc"))
-        last = None
+        # coalesce=True: each output carries every token that arrived since the previous one, so a
+        # consumer that falls behind (Ray hop + gRPC proxy) gets fewer, larger messages, and none
+        # waits on a token that was already there. No pump task and no second queue here: the
+        # engine stream is the only buffer between the engine thread and the wire.
+        agen = self.engine.generate(prompt, params, req["request_id"], session_id=req.get("session_id") or None,
+                                    coalesce=True)
+        finished = False
         try:
-            while True:
-                items = [await queue.get()]
-                while not queue.empty():
-                    items.append(queue.get_nowait())
-                text, ids, end = [], [], None
-                for item in items:
-                    if item is _DONE or isinstance(item, BaseException):
-                        end = item
-                        break
-                    last = item
-                    text.append(item.new_text or "")
-                    ids.extend(item.new_token_ids or [])
-                if last is not None and (ids or any(text) or last.finish_reason is not None):
+            async for out in agen:
+                ids, fin = out.new_token_ids or [], out.finish_reason
+                if not (ids or out.new_text or fin is not None):
+                    continue
+                if recorder is not None:
+                    recorder.on_tokens(len(ids))
+                msg = {"text": out.new_text or "", "token_ids": ids, "finish_reason": fin, "usage": None}
+                if fin is not None:
+                    finished = True
+                    msg["usage"] = _usage(out)
                     if recorder is not None:
-                        recorder.on_tokens(len(ids))
-                    msg = {"text": "".join(text), "token_ids": ids, "finish_reason": last.finish_reason, "usage": None}
-                    if last.finish_reason is not None:
-                        msg["usage"] = _usage(last)
-                        if recorder is not None:
-                            recorder.finish(last.finish_reason, len(last.prompt_token_ids or []), _queue_time(last))
+                        recorder.finish(fin, len(out.prompt_token_ids or []), _queue_time(out))
                     yield msg
-                    if last.finish_reason is not None:
-                        return
-                if isinstance(end, BaseException):
-                    mapped = error_of(end)
-                    if mapped is None:
-                        raise end
-                    yield mapped
                     return
-                if end is _DONE:
-                    return
+                yield msg
+            finished = True
+        except Exception as e:  # noqa: BLE001 - mapped below
+            finished = True
+            mapped = error_of(e)
+            if mapped is None:
+                raise
+            yield mapped
         except BaseException as e:
             log.debug("generate %s ended by %r", req["request_id"], e)
             raise
         finally:
-            log.debug("generate %s finally pump_done=%s", req["request_id"], pump.done())
-            if not pump.done():
-                pump.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await pump
-                # belt and braces: the iterator's close already aborts (contract), abort is idempotent
-                with contextlib.suppress(Exception):
-                    await self.engine.abort(req["request_id"])
-
-    async def _pump(self, prompt, params, req: dict, queue: asyncio.Queue) -> None:
-        agen = self.engine.generate(prompt, params, req["request_id"], session_id=req.get("session_id") or None)
-        try:
-            async for out in agen:
-                queue.put_nowait(out)
-            queue.put_nowait(_DONE)
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:  # noqa: BLE001 - forwarded to the stream
-            queue.put_nowait(e)
-        finally:
+            # closing the engine iterator aborts the request (contract); abort is idempotent, and
+            # covers an iterator that never started
             with contextlib.suppress(Exception):
                 await agen.aclose()
+            if not finished:
+                with contextlib.suppress(Exception):
+                    await self.engine.abort(req["request_id"])
 
     # ---- sessions -----------------------------------------------------------------------------
 

@@ -3,9 +3,16 @@
 The LLMEngine runs in ONE background thread (torch releases the GIL inside its ops, so the event
 loop stays responsive during a step). Callers never touch the engine directly: `generate` validates
 the request synchronously (bad input raises at once, in the caller), then hands it to the engine
-thread through a command queue; the engine thread pushes each RequestOutput into the request's
-asyncio.Queue with `loop.call_soon_threadsafe`. Closing or cancelling the async iterator enqueues
-an abort, which frees the request's KV blocks before the next step.
+thread through a command queue. After each step the engine thread hands that step's outputs to the
+caller's event loop in ONE `loop.call_soon_threadsafe` (not one per request: each call writes the
+loop's self-pipe and wakes it), which appends each to its request's `OutputStream` (a deque plus
+one waiter future: no asyncio.Queue). Closing or cancelling the async iterator enqueues an abort,
+which frees the request's KV blocks before the next step.
+
+Coalescing (`generate(..., coalesce=True)`, what the serving worker uses): each item carries every
+output delivered since the previous item (`merge_outputs`: token ids and text concatenated, the
+cumulative fields and finish_reason of the newest), so a consumer that falls behind gets fewer,
+larger items instead of a backlog, and never waits for an output that had already arrived.
 
 One owner: session get/delete/list, ingest progress and the drain run on the engine thread too
 (`_call`: a command carrying a function and an asyncio future), so they never race with the
@@ -22,27 +29,57 @@ import asyncio
 import itertools
 import queue
 import threading
+from collections import deque
 from collections.abc import AsyncIterator
 
 from .engine import EngineArgs, EngineStats, LLMEngine
 from .errors import EngineDrainingError, EngineStepError, QueueFullError
 from .loader import Checkpoint
-from .outputs import RequestOutput
+from .outputs import RequestOutput, merge_outputs
 from .sampling import SamplingParams
 
 
-class _Stream:
-    __slots__ = ("loop", "queue")
+class OutputStream:
+    """One request's items (outputs, or an exception that ends it) on the consumer's event loop.
+    `push` runs on that loop; `next` waits until something is there and takes one item, or, with
+    `coalesce`, every output there up to the first final one or exception, merged into one item."""
+
+    __slots__ = ("loop", "items", "waiter")
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
-        self.queue: asyncio.Queue = asyncio.Queue()
+        self.items: deque = deque()
+        self.waiter: asyncio.Future | None = None
 
-    def put(self, item) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
-        except RuntimeError:  # the caller's loop is closed: nobody listens any more
-            pass
+    def push(self, item) -> None:
+        self.items.append(item)
+        w = self.waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    async def next(self, coalesce: bool = False):
+        """The next item; raises the exception item (after every output pushed before it)."""
+        items = self.items
+        while not items:
+            self.waiter = self.loop.create_future()
+            try:
+                await self.waiter
+            finally:
+                self.waiter = None
+        item = items.popleft()
+        if isinstance(item, BaseException):
+            raise item
+        if coalesce and items and item.finish_reason is None:
+            parts = [item]
+            while items and not isinstance(items[0], BaseException) and parts[-1].finish_reason is None:
+                parts.append(items.popleft())
+            item = merge_outputs(parts)
+        return item
+
+
+def _push_all(batch: list) -> None:
+    for stream, item in batch:
+        stream.push(item)
 
 
 UNHEALTHY_AFTER = 3  # consecutive failing steps before the engine reports itself unhealthy
@@ -57,7 +94,7 @@ class AsyncLLMEngine:
         self.max_waiting = max_waiting
         self._cmds: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
-        self._streams: dict[str, _Stream] = {}
+        self._streams: dict[str, OutputStream] = {}
         self._lock = threading.Lock()  # guards _streams and _pending
         self._pending = 0  # adds enqueued but not yet seen by the engine thread
         self._ids = itertools.count()
@@ -69,9 +106,10 @@ class AsyncLLMEngine:
 
     # ------------------------------------------------------------------------------------ public API
     async def generate(self, prompt: str | list[int], params: SamplingParams | None = None,
-                       request_id: str | None = None, session_id: str | None = None
+                       request_id: str | None = None, session_id: str | None = None, coalesce: bool = False
                        ) -> AsyncIterator[RequestOutput]:
-        """Async iterator of RequestOutput (one per generated token; the last has finish_reason)."""
+        """Async iterator of RequestOutput (one per generated token; the last has finish_reason).
+        `coalesce`: each item merges every output that arrived since the previous one (see module doc)."""
         request_id = request_id if request_id is not None else f"async-{next(self._ids)}"
         self._refuse_if_closing()
         with self._lock:
@@ -82,7 +120,7 @@ class AsyncLLMEngine:
                 raise QueueFullError(f"{self.max_waiting} requests are already waiting; retry later "
                                      "(or raise max_waiting)")
             req = self.engine.prepare_request(request_id, prompt, params, session_id)  # raises on bad input
-            stream = _Stream(asyncio.get_running_loop())
+            stream = OutputStream(asyncio.get_running_loop())
             self._streams[request_id] = stream
             self._pending += 1
         self._cmds.put(("add", req))
@@ -91,10 +129,11 @@ class AsyncLLMEngine:
         finished = False
         try:
             while True:
-                item = await stream.queue.get()
-                if isinstance(item, BaseException):
-                    finished = True
-                    raise item
+                try:
+                    item = await stream.next(coalesce)
+                except Exception:
+                    finished = True  # the engine ended the request (failed step, rejected add)
+                    raise
                 finished = item.finished
                 yield item
                 if finished:
@@ -253,10 +292,21 @@ class AsyncLLMEngine:
                     arg.set()
 
     def _deliver(self, request_id: str, item) -> None:
+        self._deliver_all([(request_id, item)])
+
+    def _deliver_all(self, pairs: list) -> None:
+        """Hand (request_id, item) pairs to their streams: one wake-up of each consumer loop."""
+        by_loop: dict = {}
         with self._lock:
-            stream = self._streams.get(request_id)
-        if stream is not None:
-            stream.put(item)
+            for rid, item in pairs:
+                stream = self._streams.get(rid)
+                if stream is not None:
+                    by_loop.setdefault(stream.loop, []).append((stream, item))
+        for loop, batch in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_push_all, batch)
+            except RuntimeError:  # the caller's loop is closed: nobody listens any more
+                pass
 
     def _loop(self) -> None:
         while not self._stopped:
@@ -271,15 +321,17 @@ class AsyncLLMEngine:
                 self.errors += 1
                 self.consecutive_errors += 1
                 failed = [rid for rid in self.engine.last_step_ids if rid in self.engine.requests]
+                errors = []
                 for rid in failed or list(self.engine.requests):  # failed outside the forward: all of them
                     self.engine.abort_request(rid)  # frees its KV blocks
                     err = EngineStepError(f"engine step failed: {type(e).__name__}: {e}")
                     err.__cause__ = e  # deploy/worker.py reads a DependencyUnavailableError's name from it
-                    self._deliver(rid, err)
+                    errors.append((rid, err))
+                self._deliver_all(errors)
                 continue
             self.consecutive_errors = 0
-            for out in outputs:
-                self._deliver(out.request_id, out)
+            if outputs:
+                self._deliver_all([(out.request_id, out) for out in outputs])
 
 
 def _resolve(fut: asyncio.Future, res, exc) -> None:

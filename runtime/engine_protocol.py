@@ -60,9 +60,13 @@ class ServingEngine(Protocol):
     def __init__(self, model: str, *, max_waiting: int, **engine_args: Any) -> None: ...
 
     def generate(self, prompt: str | list[int], params: Any, request_id: str,
-                 session_id: str | None = None) -> AsyncIterator[OutputLike]:
-        """Bad input raises InvalidRequestError at the first `__anext__` (creating the iterator never
-        raises); a full waiting queue QueueFullError. Closing the iterator aborts the request and frees
+                 session_id: str | None = None, coalesce: bool = False) -> AsyncIterator[OutputLike]:
+        """One item per generated token (the last has finish_reason); with `coalesce`, each item
+        merges every output produced since the previous item (runtime/outputs.merge_outputs: deltas
+        joined, cumulative fields of the newest), so a slow consumer gets fewer items with the same
+        tokens and text, and an item is never held back waiting for more. Outputs are produced
+        whether or not the consumer keeps up. Bad input raises InvalidRequestError at the first
+        `__anext__` (creating the iterator never raises); a full waiting queue QueueFullError. Closing the iterator aborts the request and frees
         its KV blocks. On a session, continues from (and afterwards updates) its memory; an unknown
         session is opened (the test double's open_unknown_sessions=False answers SessionNotFoundError
         instead, to expose misrouting); a session with a running request -> InvalidRequestError

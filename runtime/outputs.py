@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(slots=True)
@@ -43,3 +43,14 @@ class RequestOutput:
     def outputs(self) -> list[RequestOutput]:
         """vLLM-style `out.outputs[0].text` access (one completion per request)."""
         return [self]
+
+
+def merge_outputs(parts: list):
+    """Consecutive outputs of one request as one: the deltas (`new_token_ids`, `new_text`) joined in
+    order, every cumulative field (`token_ids`, `text`, finish_reason, ...) from the newest. Streaming
+    the merged output gives a client the same tokens and text as streaming the parts one by one.
+    Works on any dataclass output (RequestOutput, the serving test double's)."""
+    if len(parts) == 1:
+        return parts[0]
+    return replace(parts[-1], new_token_ids=[t for p in parts for t in p.new_token_ids],
+                   new_text="".join(p.new_text for p in parts))

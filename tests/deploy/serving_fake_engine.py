@@ -16,10 +16,12 @@ as a failing model forward does in AsyncLLMEngine.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
+from memserve.runtime.async_engine import OutputStream
 from memserve.runtime.errors import (
     EngineDrainingError,
     EngineStepError,
@@ -135,7 +137,36 @@ class FakeAsyncEngine:
         if not prompt:
             raise InvalidRequestError("prompt", "is empty")
 
-    async def generate(self, prompt, params, request_id, session_id=None):
+    async def generate(self, prompt, params, request_id, session_id=None, coalesce=False):
+        """Like the real engine, tokens are produced by a task of their own whether or not the consumer
+        keeps up (a slow consumer with coalesce=True gets merged items)."""
+        stream = OutputStream(asyncio.get_running_loop())
+
+        async def produce():
+            try:
+                async for out in self._produce(prompt, params, request_id, session_id):
+                    stream.push(out)
+            except Exception as e:  # noqa: BLE001 - ends the stream, as the real engine's failures do
+                stream.push(e)
+
+        task = asyncio.ensure_future(produce())
+        finished = False
+        try:
+            while not finished:
+                try:
+                    item = await stream.next(coalesce)
+                except Exception:
+                    finished = True
+                    raise
+                finished = item.finish_reason is not None
+                yield item
+        finally:
+            if not finished:  # closed or cancelled by the consumer: stop producing, free the blocks
+                task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _produce(self, prompt, params, request_id, session_id):
         self._refuse_if_drained()
         self._check_prompt(prompt, request_id)
         cached = 0

@@ -227,6 +227,19 @@ def test_long_release_name_fails_without_override():
     assert p.returncode != 0 and "at most 47" in p.stderr
 
 
+def test_ray_containers_get_the_serve_env_of_a_local_cluster():
+    """Throughput-optimized Serve, gRPC between proxy / ingress / engine and its receive limit, nice 0:
+    the same settings `memserve serve` gives a local cluster (deploy/app.py SERVE_ENV)."""
+    from memserve.deploy.app import SERVE_ENV
+
+    _, ctrs = containers(render()[0])
+    ray_ctrs = [c for c in ctrs if c["name"].startswith("ray-")]
+    assert len(ray_ctrs) >= 2
+    for c in ray_ctrs:
+        envs = {e["name"]: e.get("value") for e in c.get("env", [])}
+        assert {k: envs.get(k) for k in SERVE_ENV} == SERVE_ENV, c["name"]
+
+
 def test_api_keys_come_only_from_an_existing_secret():
     objs, p = render("auth.yaml")
     assert not by_kind(objs, "Secret")

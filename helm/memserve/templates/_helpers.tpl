@@ -136,6 +136,11 @@ tls.httpPort (the OpenAI API), passing both to Serve's plaintext proxies on loca
 
 {{- define "memserve.env" -}}
 - {name: PROMETHEUS_MULTIPROC_DIR, value: /tmp/memserve-metrics}
+{{- /* deploy/app.py SERVE_ENV (read by every Serve process at import; tests/helm/test_chart.py keeps them equal) */}}
+- {name: RAY_SERVE_THROUGHPUT_OPTIMIZED, value: "1"}
+- {name: RAY_worker_niceness, value: "0"}
+- {name: RAY_SERVE_PROXY_USE_GRPC, value: "1"}
+- {name: RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH, value: "2147483647"}
 {{- if .Values.auth.existingSecret }}
 - {name: MEMSERVE_API_KEYS_FILE, value: /etc/memserve/auth/api-keys}
 {{- end }}
