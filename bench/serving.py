@@ -283,16 +283,17 @@ def _cpu_cell(s: dict) -> str:
     return " / ".join(f"{k} {v:.1f}" for k, v in c.items())
 
 
-def table(results: dict[str, list[Wave]]) -> str:
-    """One row per (streams, path): ratios and added ITL against the in-process row of the same run."""
+def table(results: dict[str, list[dict]]) -> str:
+    """One row per (streams, path) from Wave summaries: ratios and added ITL against the in-process
+    row of the same run."""
     rows = ["| streams | path | TTFT p50 / p99 (ms) | ITL p50 / p95 (ms) | tok/s | tok/s ratio | added ITL p50 (ms) "
             "| msgs/token | CPU ms per token |",
             "|---:|---|---:|---:|---:|---:|---:|---:|---|"]
-    base = {w.streams: w.summary() for w in results["in-process"]}
+    base = {s["streams"]: s for s in results["in-process"]}
     for n in sorted(base):
         b = base[n]
-        for mode, waves in results.items():
-            r = next((w.summary() for w in waves if w.streams == n), None)
+        for mode, summaries in results.items():
+            r = next((s for s in summaries if s["streams"] == n), None)
             if r is None:
                 continue
             ratio = r["tok_s"] / b["tok_s"] if b["tok_s"] else float("nan")
@@ -303,13 +304,13 @@ def table(results: dict[str, list[Wave]]) -> str:
     return "\n".join(rows)
 
 
-def verdicts(results: dict[str, list[Wave]], n: int = 8) -> list[str]:
-    base = {w.streams: w.summary() for w in results["in-process"]}.get(n)
+def verdicts(results: dict[str, list[dict]], n: int = 8) -> list[str]:
+    base = {s["streams"]: s for s in results["in-process"]}.get(n)
     out = []
     if base is None:
         return out
-    for mode, waves in results.items():
-        r = next((w.summary() for w in waves if w.streams == n), None)
+    for mode, summaries in results.items():
+        r = next((s for s in summaries if s["streams"] == n), None)
         if mode == "in-process" or r is None:
             continue
         ratio, added = r["tok_s"] / base["tok_s"], r["itl_p50_ms"] - base["itl_p50_ms"]
@@ -319,15 +320,14 @@ def verdicts(results: dict[str, list[Wave]], n: int = 8) -> list[str]:
     return out
 
 
-def plot(results: dict[str, list[Wave]], path: Path) -> None:
+def plot(results: dict[str, list[dict]], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    for mode, waves in results.items():
-        ss = [w.summary() for w in waves]
+    for mode, ss in results.items():
         xs = [s["streams"] for s in ss]
         ax1.plot(xs, [s["itl_p50_ms"] for s in ss], "o-", label=mode)
         ax2.plot(xs, [s["tok_s"] for s in ss], "o-", label=mode)
@@ -339,6 +339,19 @@ def plot(results: dict[str, list[Wave]], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+def write_results(name: str, summaries: dict, head: str, cmd: str, load: list, when: str) -> None:
+    """bench/results/NAME.md (+ .json, .png)."""
+    RESULTS.mkdir(exist_ok=True)
+    text = "\n".join([table(summaries), "", *verdicts(summaries)])
+    (RESULTS / f"{name}.md").write_text(
+        f"# {name}\n\n`{cmd.strip()}` ({when})\n\n{head}\n\n"
+        f"load average before / after: {load[0]:.1f} / {load[1]:.1f}\n\n{text}\n")
+    (RESULTS / f"{name}.json").write_text(json.dumps({"results": summaries, "head": head, "cmd": cmd, "when": when,
+                                                      "load": load}, indent=2))
+    plot(summaries, RESULTS / f"{name}.png")
+    print(f"wrote {RESULTS / name}.md / .json / .png")
 
 
 def cpu_name() -> str:
@@ -368,6 +381,7 @@ def main(argv=None) -> int:
     ap.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--name", default=None, help="write bench/results/NAME.md, .json, .png")
     ap.add_argument("--json", default=None, help="also write the raw summaries here")
+    ap.add_argument("--from-json", default=None, help="re-render the table / --name files of a saved --json run")
     a = ap.parse_args(argv)
     a.streams = [int(x) for x in a.streams.split(",") if x]
     a.topology = [t for t in a.topology.split(",") if t]
@@ -386,27 +400,26 @@ def main(argv=None) -> int:
     head = (f"memserve serving benchmark: api={a.api} topology={','.join(a.topology)} model={a.model!r} "
             f"streams={a.streams} max_tokens={a.max_tokens} repeats={a.repeats} engine_args={engine_args} "
             f"CPU {cpu_name()} x{os.cpu_count()}")
-    print(head, flush=True)
-    load0 = os.getloadavg()
-    results = run_all(a, engine_args)
-    load1 = os.getloadavg()
-    text = "\n".join([table(results), "", *verdicts(results)])
+    cmd = "memserve bench serving " + " ".join(argv if argv is not None else sys.argv[1:])
+    if a.from_json:  # re-render a saved run (the --json file of this benchmark)
+        saved = json.loads(Path(a.from_json).read_text())
+        summaries, load = saved["results"], saved.get("load", [float("nan")] * 2)
+        head, cmd, when = saved.get("head", head), saved.get("cmd", cmd), saved.get("when", "saved run")
+    else:
+        print(head, flush=True)
+        load0 = os.getloadavg()
+        results = run_all(a, engine_args)
+        load = [load0[0], os.getloadavg()[0]]
+        summaries = {m: [w.summary() for w in ws] for m, ws in results.items()}
+        when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     print()
-    print(text)
-    print(f"\nload average before / after: {load0[0]:.1f} / {load1[0]:.1f}")
-    summaries = {m: [w.summary() for w in ws] for m, ws in results.items()}
+    print("\n".join([table(summaries), "", *verdicts(summaries)]))
+    print(f"\nload average before / after: {load[0]:.1f} / {load[1]:.1f}")
     if a.json:
-        Path(a.json).write_text(json.dumps({"results": summaries, "args": vars(a)}, indent=2))
+        Path(a.json).write_text(json.dumps({"results": summaries, "head": head, "cmd": cmd, "when": when,
+                                            "load": load}, indent=2))
     if a.name:
-        RESULTS.mkdir(exist_ok=True)
-        cmd = "memserve bench serving " + " ".join(argv if argv is not None else sys.argv[1:])
-        (RESULTS / f"{a.name}.md").write_text(
-            f"# {a.name}\n\n`{cmd.strip()}` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})\n\n{head}\n\n"
-            f"load average before / after: {load0[0]:.1f} / {load1[0]:.1f}\n\n{text}\n")
-        (RESULTS / f"{a.name}.json").write_text(json.dumps({"results": summaries, "args": vars(a), "cpu": cpu_name(),
-                                                             "load": [load0[0], load1[0]]}, indent=2))
-        plot(results, RESULTS / f"{a.name}.png")
-        print(f"wrote {RESULTS / a.name}.md / .json / .png")
+        write_results(a.name, summaries, head, cmd, load, when)
     return 0
 
 
