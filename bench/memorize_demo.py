@@ -2,10 +2,11 @@
 
     python bench/memorize_demo.py --n 1000 --layer 24 --work /tmp/memdemo [--epochs E --top-t T --lr LR]
 
-Steps: init-memory on the base (value_proj = 0: the memory model equals the base) -> exact-match
-recall on the HELD-OUT question phrasings (and on training phrasings cut before the answer) ->
-memorize (timed) -> the same recall; perplexity of general text (stdlib docstring paragraphs that
-the slot idf never saw) before / after; greedy agreement on unrelated prompts before / after.
+Steps: init-memory on the base (value_proj = 0: the memory model equals the base) -> memorize (timed)
+-> exact-match recall on the HELD-OUT question phrasings (and on training phrasings cut before the
+answer) of the model before (the init-memory directory) and after; perplexity of general text (stdlib
+docstring paragraphs that the slot idf never saw) before / after; greedy agreement on 20 unrelated chat
+prompts before / after. Before and after share the frozen layers below the memory (run once).
 Prints a markdown table and writes results JSON to --work.
 """
 
@@ -42,45 +43,6 @@ def general_text(n_par: int) -> tuple[list[str], list[str]]:
     return bg, list(paras[1::2])[:n_par]
 
 
-@torch.no_grad()
-def perplexity(model_dir: str, texts: list[str]) -> float:
-    """exp(mean token NLL) of each paragraph (truncated to 256 tokens) under the frozen stack."""
-    st, ck, tables = _stack(model_dir)
-    nll, n = 0.0, 0
-    for t in texts:
-        ids = torch.tensor([ck.tokenizer.encode(t, add_special_tokens=True)[:256]])
-        h = st.above(torch.nn.functional.embedding(ids, ck.weights["model.embed_tokens.weight"]), 0, tables)
-        logits = st.logits(h[0, :-1])
-        nll += float(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum"))
-        n += ids.shape[1] - 1
-    return math.exp(nll / n)
-
-
-@torch.no_grad()
-def _answer_argmax(st, tok, embed, tables, pairs: list[tuple[str, str]], batch: int = 32) -> list[bool]:
-    """Teacher-forced exact match: at every answer token (the space before it included) the argmax of
-    the model is that token. Equivalent to "greedy decoding from the prompt produces the answer's
-    tokens", at one batched forward per prompt instead of a decode loop (the box is shared)."""
-    seqs = []
-    for prompt, ans in pairs:
-        p = tok.encode(prompt, add_special_tokens=True)
-        full = tok.encode(prompt + " " + ans, add_special_tokens=True)
-        k = next((i for i, (x, y) in enumerate(zip(p, full)) if x != y), min(len(p), len(full)))
-        seqs.append((full, k))
-    out = []
-    for a in range(0, len(seqs), batch):
-        part = seqs[a:a + batch]
-        T = max(len(f) for f, _ in part)
-        ids = torch.zeros(len(part), T, dtype=torch.long)
-        for b, (f, _) in enumerate(part):
-            ids[b, :len(f)] = torch.tensor(f)
-        h = st.above(torch.nn.functional.embedding(ids, embed), 0, tables)
-        for b, (f, k) in enumerate(part):
-            pred = st.logits(h[b, k - 1:len(f) - 1]).argmax(-1)
-            out.append(bool((pred == ids[b, k:len(f)]).all()))
-    return out
-
-
 def _stack(model_dir: str):
     from memserve.runtime.ffn import values_name
     from memserve.runtime.loader import load_checkpoint
@@ -96,24 +58,73 @@ def _stack(model_dir: str):
     return FrozenStack(ck.config, ck.weights), ck, tables
 
 
-def recall(model_dir: str, facts: list[dict]) -> dict:
-    st, ck, tables = _stack(model_dir)
-    emb = ck.weights["model.embed_tokens.weight"]
+@torch.no_grad()
+def _hidden(models: list, ids: torch.Tensor) -> list[torch.Tensor]:
+    """Final hidden states of each model (same base below their first memory layer L, e.g. a memory model
+    before and after memorize): layers below L run once, each model runs its memory at L and the rest."""
+    st0, _, tab0 = models[0]
+    L = min(st0.mc.layers)
+    x, r = st0.below(ids, L, tab0)
+    return [st.above(r + st.memory_out(L, *st.lookup(L, x), tab), L + 1, tab) for st, _, tab in models]
+
+
+@torch.no_grad()
+def perplexity(models: list, texts: list[str]) -> list[float]:
+    """exp(mean token NLL) of the paragraphs (each truncated to 256 tokens), per model."""
+    tok = models[0][1].tokenizer
+    nll, n = [0.0] * len(models), 0
+    for t in texts:
+        ids = torch.tensor([tok.encode(t, add_special_tokens=True)[:256]])
+        for m, h in enumerate(_hidden(models, ids)):
+            nll[m] += float(torch.nn.functional.cross_entropy(models[m][0].logits(h[0, :-1]), ids[0, 1:],
+                                                              reduction="sum"))
+        n += ids.shape[1] - 1
+    return [math.exp(x / n) for x in nll]
+
+
+@torch.no_grad()
+def _answer_argmax(models: list, pairs: list[tuple[str, str]], batch: int = 32) -> list[list[bool]]:
+    """Teacher-forced exact match, per model: at every answer token (the space before it included) the
+    argmax of the model is that token. Equivalent to "greedy decoding from the prompt produces the
+    answer's tokens", at one batched forward per prompt instead of a decode loop (the box is shared)."""
+    tok = models[0][1].tokenizer
+    seqs = []
+    for prompt, ans in pairs:
+        p = tok.encode(prompt, add_special_tokens=True)
+        full = tok.encode(prompt + " " + ans, add_special_tokens=True)
+        k = next((i for i, (x, y) in enumerate(zip(p, full)) if x != y), min(len(p), len(full)))
+        seqs.append((full, k))
+    out: list[list[bool]] = [[] for _ in models]
+    for a in range(0, len(seqs), batch):
+        part = seqs[a:a + batch]
+        T = max(len(f) for f, _ in part)
+        ids = torch.zeros(len(part), T, dtype=torch.long)
+        for b, (f, _) in enumerate(part):
+            ids[b, :len(f)] = torch.tensor(f)
+        for m, h in enumerate(_hidden(models, ids)):
+            for b, (f, k) in enumerate(part):
+                pred = models[m][0].logits(h[b, k - 1:len(f) - 1]).argmax(-1)
+                out[m].append(bool((pred == ids[b, k:len(f)]).all()))
+    return out
+
+
+def recall(models: list, facts: list[dict]) -> list[dict]:
     qp = [(p, f["answer"]) for f in facts for p in f["question_prompts"]]
     tp = [(answer_prompt(f["train"][0], f["answer"]), f["answer"]) for f in facts]
-    held = _answer_argmax(st, ck.tokenizer, emb, tables, qp)
-    per_fact = [all(held[i:i + 2]) for i in range(0, len(held), 2)]  # both held-out phrasings right
-    train = _answer_argmax(st, ck.tokenizer, emb, tables, tp)
-    return {"heldout_phrasings": sum(held) / len(held), "heldout_facts_all": sum(per_fact) / len(per_fact),
-            "train_phrasing": sum(train) / len(train)}
+    res = []
+    for held, train in zip(_answer_argmax(models, qp), _answer_argmax(models, tp)):
+        per_fact = [all(held[i:i + 2]) for i in range(0, len(held), 2)]  # both held-out phrasings right
+        res.append({"heldout_phrasings": sum(held) / len(held), "heldout_facts_all": sum(per_fact) / len(per_fact),
+                    "train_phrasing": sum(train) / len(train)})
+    return res
 
 
-def greedy(model_dir: str) -> list[list[int]]:
+def greedy(model_dir: str, questions: list[str] = UNRELATED) -> list[list[int]]:
     from memserve.runtime import LLM, SamplingParams
 
     llm = LLM(model_dir)
     tok = llm.engine.tokenizer
-    prompts = [tok.apply_chat_template([{"role": "user", "content": p}]) for p in UNRELATED]
+    prompts = [tok.apply_chat_template([{"role": "user", "content": p}]) for p in questions]
     outs = llm.generate(prompts, SamplingParams(max_tokens=32, temperature=0.0), use_tqdm=False)
     return [o.outputs[0].token_ids for o in outs]
 
@@ -132,8 +143,14 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=0.1)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--ppl-paragraphs", type=int, default=40)
+    ap.add_argument("--sharpen", type=float, default=0.0)
+    ap.add_argument("--memory-at", default="answer", choices=["answer", "all"])
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default; on a loaded box 1 "
+                    "thread ran 3-5x faster than 2, measured)")
     ap.add_argument("--work", default="/tmp/memorize_demo")
     a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
     from memserve.runtime.memory_layers_init import init_memory
     from memserve.runtime.memory_layers_memorize import memorize
 
@@ -145,20 +162,20 @@ def main() -> None:
     if not (mem / "config.json").is_file():
         init_memory(a.base, str(mem), [a.layer], n_keys=a.n_keys, heads=a.heads, knn=a.knn, k_dim=256)
     bg, ppl_text = general_text(a.ppl_paragraphs)
-    res = {"args": vars(a)}
-    res["before"] = recall(str(mem), facts)
-    res["ppl_before"] = perplexity(str(mem), ppl_text)
-    g0 = greedy(str(mem))
-    print("before:", res["before"], "ppl", res["ppl_before"], flush=True)
+    res = {"args": vars(a), "cpu_threads": torch.get_num_threads()}
     t0 = time.perf_counter()
     r = memorize(str(mem), facts, str(work / "taught"), epochs=a.epochs, top_t=a.top_t, lr=a.lr,
-                 batch_size=a.batch_size, background=bg, seed=a.seed)
+                 batch_size=a.batch_size, background=bg, seed=a.seed, sharpen=a.sharpen, memory_at=a.memory_at)
     res["memorize_wall_s"] = time.perf_counter() - t0
     res["memorize"] = {"examples": r.examples, "steps": r.steps, "cache_s": r.cache_seconds,
-                       "rows_written": r.rows_written, "losses": r.losses}
-    res["after"] = recall(str(r.out), facts)
-    res["ppl_after"] = perplexity(str(r.out), ppl_text)
-    g1 = greedy(str(r.out))
+                       "rows_written": r.rows_written, "losses": r.losses, "alpha": r.value_proj_scale,
+                       "beta": r.query_scale}
+    print("memorize:", res["memorize_wall_s"], res["memorize"], flush=True)
+    models = [_stack(str(mem)), _stack(str(r.out))]  # before = the init-memory model (= the base)
+    res["before"], res["after"] = recall(models, facts)
+    res["ppl_before"], res["ppl_after"] = perplexity(models, ppl_text)
+    del models
+    g0, g1 = greedy(str(mem)), greedy(str(r.out))
     res["greedy_identical"] = sum(x == y for x, y in zip(g0, g1)) / len(g0)
     tok_agree = [sum(1 for _ in iter_prefix(x, y)) / max(len(x), 1) for x, y in zip(g0, g1)]
     res["greedy_prefix_agreement"] = sum(tok_agree) / len(tok_agree)

@@ -346,6 +346,18 @@ def _itemsize(dtype: str) -> int:
 def cmd_convert_memory(a: argparse.Namespace) -> int:
     from memserve.runtime.memory_layers_convert import convert_lucidrains
 
+    if a.source == "lingua":
+        from memserve.runtime.memory_layers_convert_lingua import convert_lingua
+
+        if not a.checkpoint or a.pkm:
+            print("memserve convert-memory --from lingua: needs --checkpoint DIR (params.json + consolidated.pth) "
+                  "and no --pkm", file=sys.stderr)
+            return 2
+        print(f"memserve convert-memory: wrote {convert_lingua(a.checkpoint, a.out, tokenizer=a.tokenizer)}")
+        return 0
+    if not a.pkm:
+        print("memserve convert-memory --from lucidrains: needs --pkm LAYER=PATH[#PREFIX]", file=sys.stderr)
+        return 2
     pkms = {}
     for spec in a.pkm:  # LAYER=PATH[#PREFIX]
         layer, _, rest = spec.partition("=")
@@ -381,7 +393,7 @@ def cmd_memorize(a: argparse.Namespace) -> int:
         facts = [json.loads(line) for line in f if line.strip()]
     bg = open(a.background, encoding="utf-8").read().split("\n\n") if a.background else None
     r = memorize(a.model, facts, a.out, epochs=a.epochs, top_t=a.top_t, lr=a.lr, batch_size=a.batch_size,
-                 background=bg, seed=a.seed)
+                 background=bg, seed=a.seed, sharpen=a.sharpen, memory_at=a.memory_at)
     print(f"memserve memorize: {len(facts)} facts, {r.steps} steps in {r.seconds:.0f}s, {r.rows_written} rows "
           f"written, loss {r.losses[0]:.3f} -> {r.losses[-1]:.3f}; wrote {r.out}")
     return 0
@@ -500,10 +512,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(fn=cmd_init_memory)
 
     cv = sub.add_parser("convert-memory", help="a memory model from lucidrains' product-key-memory PKM state dicts "
-                        "on a dense base (Meta lingua checkpoints: not yet)")
-    cv.add_argument("--from", dest="source", choices=["lucidrains"], default="lucidrains")
+                        "on a dense base, or from a Meta lingua memory checkpoint (facebookresearch/memory)")
+    cv.add_argument("--from", dest="source", choices=["lucidrains", "lingua"], default="lucidrains")
+    cv.add_argument("--checkpoint", help="lingua: the consolidated directory (params.json + consolidated.pth)")
+    cv.add_argument("--tokenizer", help="lingua: an HF tokenizer directory to copy (lingua's is not in the checkpoint)")
     cv.add_argument("--base", default="default", help="dense base: 'default', an HF dir or a .gguf")
-    cv.add_argument("--pkm", action="append", required=True,
+    cv.add_argument("--pkm", action="append",
                     help="LAYER=PATH[#PREFIX]: a torch.save'd state dict (loaded weights_only) whose PKM tensors start "
                          "with PREFIX, for decoder layer LAYER; repeat per layer")
     cv.add_argument("--mode", choices=["replace", "parallel"], default="replace")
@@ -522,6 +536,10 @@ def build_parser() -> argparse.ArgumentParser:
     z.add_argument("--batch-size", type=int, default=16)
     z.add_argument("--background", help="general text file for slot idf (default: stdlib docstrings)")
     z.add_argument("--seed", type=int, default=0)
+    z.add_argument("--sharpen", type=float, default=0.0,
+                   help="fresh model: scale query_proj so the mean top-1 slot weight per head is this (0 = off)")
+    z.add_argument("--memory-at", choices=["answer", "all"], default="answer",
+                   help="positions where the trained memory speaks during training (see memorize)")
     z.set_defaults(fn=cmd_memorize)
 
     b = sub.add_parser("bench", help="run bench/NAME.py from the source checkout")

@@ -13,6 +13,8 @@ Tensor names (the public checkpoint contract, config.json `memory_layers`):
     model.layers.{i}.memory.keys (heads, 2, n_keys, k_dim/2)
     model.layers.{i}.memory.value_proj.weight (hidden, v_dim)   optional: absent = identity (v_dim == hidden)
     model.layers.{i}.memory.swilu_proj.weight (v_dim, hidden)   when swilu
+    optional biases: …value_proj.bias (hidden,), …swilu_proj.bias (v_dim,)  (Meta's lingua memories have
+    them: nn.Linear defaults; absent = zero)
 int8 value tables: the table tensor above stored as I8 (n_keys**2, v_dim) plus its per-row scales
     model.memory_values.scales | model.layers.{i}.memory.values.scales             (n_keys**2,) F32
     (row r = weight[r] * scales[r]; symmetric, scale = max|row| / 127; `memserve init-memory
@@ -63,8 +65,11 @@ def memory_weight_shapes(cfg: MemoryLayersConfig, hidden: int, layer: int) -> di
 
 def optional_memory_shapes(cfg: MemoryLayersConfig, hidden: int, layer: int) -> dict[str, tuple[int, ...]]:
     p = f"model.layers.{layer}.memory."
-    return {p + "query_proj.bias": (cfg.heads * cfg.k_dim,), p + "value_proj.weight": (hidden, cfg.v_dim),
-            scales_name(values_name(cfg, layer)): (cfg.num_slots,)}
+    opt = {p + "query_proj.bias": (cfg.heads * cfg.k_dim,), p + "value_proj.weight": (hidden, cfg.v_dim),
+           p + "value_proj.bias": (hidden,), scales_name(values_name(cfg, layer)): (cfg.num_slots,)}
+    if cfg.swilu:
+        opt[p + "swilu_proj.bias"] = (cfg.v_dim,)
+    return opt
 
 
 class LookupStats:
@@ -119,16 +124,19 @@ def build_memory_layers(cfg: MemoryLayersConfig, hidden: int, w, has) -> tuple[d
             stores[vname] = TensorValueStore(w(vname, keep_dtype=True),
                                              w(sname, keep_dtype=True) if has(sname) else None)
         p = f"model.layers.{i}.memory."
+
+        def opt(name, p=p):
+            return w(p + name) if has(p + name) else None
+
         layers[i] = MemoryLayer(
-            cfg, w(p + "query_proj.weight"), w(p + "query_proj.bias") if has(p + "query_proj.bias") else None,
-            w(p + "keys"), stores[vname],
-            value_proj=w(p + "value_proj.weight") if has(p + "value_proj.weight") else None,
-            swilu_proj=w(p + "swilu_proj.weight") if cfg.swilu else None)
+            cfg, w(p + "query_proj.weight"), opt("query_proj.bias"), w(p + "keys"), stores[vname],
+            value_proj=opt("value_proj.weight"), swilu_proj=w(p + "swilu_proj.weight") if cfg.swilu else None,
+            value_bias=opt("value_proj.bias"), swilu_bias=opt("swilu_proj.bias") if cfg.swilu else None)
     return layers, stores
 
 
 def memory_param_bytes(m: MemoryLayer) -> int:
-    ts = [m.query_w, m.query_b, m.keys, m.value_proj, m.swilu_proj]
+    ts = [m.query_w, m.query_b, m.keys, m.value_proj, m.swilu_proj, m.value_bias, m.swilu_bias]
     return sum(t.numel() * t.element_size() for t in ts if t is not None)
 
 

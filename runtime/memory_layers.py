@@ -6,7 +6,8 @@ read by product-key lookup in place of, or beside, a decoder layer's MLP (issue 
 For the layer's post-attention-normed input x (T, hidden):
     q = query_proj(x) -> (T, heads, k_dim); pkm_topk -> per head knn slot indices + softmax weights;
     bag = sum over heads and slots of weight * values[index]            (a ValueStore lookup)
-    out = value_proj(bag * silu(swilu_proj(x)))   (or value_proj(bag) without swilu; no value_proj = identity)
+    out = value_proj(bag * silu(swilu_proj(x)))   (or value_proj(bag) without swilu; no value_proj = identity;
+                                                    both projections may carry a bias)
 
 Value-table reads go through `ValueStore.submit(indices, weights).result() -> rows` (or the blocking
 `lookup`) so a store can serve them from remote shards (issue 17). The decoder layer's FFN slot
@@ -124,15 +125,18 @@ class TensorValueStore(ValueStore):
 
 
 class MemoryLayer:
-    """One memory read: query_proj, keys, optional value_proj / swilu_proj, a (possibly shared) ValueStore."""
+    """One memory read: query_proj, keys, optional value_proj / swilu_proj (each with an optional bias), a
+    (possibly shared) ValueStore."""
 
-    __slots__ = ("cfg", "query_w", "query_b", "keys", "value_proj", "swilu_proj", "values")
+    __slots__ = ("cfg", "query_w", "query_b", "keys", "value_proj", "swilu_proj", "values", "value_bias",
+                 "swilu_bias")
 
     def __init__(self, cfg: MemoryLayersConfig, query_w, query_b, keys, values: ValueStore,
-                 value_proj=None, swilu_proj=None):
+                 value_proj=None, swilu_proj=None, value_bias=None, swilu_bias=None):
         self.cfg = cfg
         self.query_w, self.query_b, self.keys = query_w, query_b, keys
         self.values, self.value_proj, self.swilu_proj = values, value_proj, swilu_proj
+        self.value_bias, self.swilu_bias = value_bias, swilu_bias
 
     def submit(self, x: torch.Tensor):
         """Query + product-key top-k, then start the value read; `finish(x, pending)` completes it."""
@@ -145,8 +149,8 @@ class MemoryLayer:
     def finish(self, x: torch.Tensor, pending) -> torch.Tensor:
         bag = pending.result().to(x.dtype)  # (T, v_dim)
         if self.swilu_proj is not None:
-            bag = bag * F.silu(F.linear(x, self.swilu_proj))
-        return bag if self.value_proj is None else F.linear(bag, self.value_proj)
+            bag = bag * F.silu(F.linear(x, self.swilu_proj, self.swilu_bias))
+        return bag if self.value_proj is None else F.linear(bag, self.value_proj, self.value_bias)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.finish(x, self.submit(x))

@@ -15,7 +15,7 @@ bag itself (no value_proj, no swilu), so v_dim = dim must equal the base's hidde
 the BatchNorm eps are constructor arguments, not in the state dict: pass them (defaults = PKM's).
 Not convertible: EvoNorm query norms (`use_evonorm=True`), named in the error.
 
-Meta's lingua memory checkpoints (facebookresearch/memory): not converted yet.
+Meta's lingua memory checkpoints (facebookresearch/memory): runtime/memory_layers_convert_lingua.py.
 """
 
 from __future__ import annotations
@@ -45,6 +45,13 @@ def _pkm_state(src, prefix: str) -> dict[str, torch.Tensor]:
     return out
 
 
+def fold_batchnorm(W, bias, gamma, beta, mean, var, eps: float = 1e-5):
+    """An eval-mode BatchNorm1d after the linear (W, bias) folded into it (float64): with a = gamma /
+    sqrt(var + eps), W' = W * a (per output row), bias' = (bias - mean) * a + beta."""
+    a = gamma.double() / torch.sqrt(var.double() + eps)
+    return W.double() * a[:, None], (bias.double() - mean.double()) * a + beta.double()
+
+
 def lucidrains_pkm_tensors(sd: dict[str, torch.Tensor], layer: int, bn_eps: float = 1e-5):
     """(our memory tensors of `layer`, heads, n_keys, k_dim, dim) from one PKM's state dict."""
     keys = sd["keys"].double()
@@ -59,9 +66,8 @@ def lucidrains_pkm_tensors(sd: dict[str, torch.Tensor], layer: int, bn_eps: floa
     vals = sd["values.weight"]
     if tuple(vals.shape) != (n * n, dim):
         raise ValueError(f"PKM values.weight {tuple(vals.shape)}: expected (num_keys**2, dim) = {(n * n, dim)}")
-    g, b, mu, var = (sd[k].double() for k in LUCIDRAINS_BN)
-    a = g / torch.sqrt(var + bn_eps)
-    W, bias = W * a[:, None], b - mu * a  # eval-mode BatchNorm folded into the projection
+    W, bias = fold_batchnorm(W, torch.zeros(W.shape[0], dtype=torch.float64), *(sd[k] for k in LUCIDRAINS_BN),
+                             eps=bn_eps)
     # their row p*H*half + h*half + d -> ours h*dh + p*half + d
     W = W.view(2, H, half, dim).permute(1, 0, 2, 3).reshape(H * dh, dim)
     bias = bias.view(2, H, half).permute(1, 0, 2).reshape(H * dh)

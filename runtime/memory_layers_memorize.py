@@ -57,6 +57,7 @@ class MemorizeResult:
     rows_written: int
     losses: list[float] = field(default_factory=list)  # mean answer-token loss per epoch
     value_proj_scale: float = 1.0  # alpha of the fresh value_proj = alpha * I (1.0: value_proj was given)
+    query_scale: float = 1.0  # beta of the sharpened query_proj (1.0: not sharpened)
 
 
 def fact_examples(facts: list[dict], tok, max_len: int = 128) -> list[tuple[list[int], list[int]]]:
@@ -108,13 +109,17 @@ def _pad(seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
 
 @torch.no_grad()
 def background_doc_freq(stack: FrozenStack, tok, texts: list[str], tables, doc_tokens: int = 64,
-                        batch: int = 16) -> tuple[dict[str, torch.Tensor], int]:
-    """Per table: how many background documents (chunks of doc_tokens) read each slot, and the doc count."""
+                        batch: int = 32, max_docs: int = 256) -> tuple[dict[str, torch.Tensor], int]:
+    """Per table: how many background documents (chunks of doc_tokens, at most max_docs of them, spread
+    over the texts) read each slot, and the doc count. Runs the stack up to the highest memory layer."""
     mc = stack.mc
     docs = []
     for t in texts:
         ids = tok.encode(t, add_special_tokens=False)
         docs += [ids[i:i + doc_tokens] for i in range(0, len(ids), doc_tokens) if len(ids[i:i + doc_tokens]) > 8]
+    if len(docs) > max_docs:  # evenly spaced: every text family keeps its share
+        docs = [docs[round(k * len(docs) / max_docs)] for k in range(max_docs)]
+    docs.sort(key=len)
     df = {n: torch.zeros(t.shape[0], dtype=torch.long) for n, t in tables.items()}
     top = max(mc.layers)
     for a in range(0, len(docs), batch):
@@ -123,9 +128,11 @@ def background_doc_freq(stack: FrozenStack, tok, texts: list[str], tables, doc_t
         h = F.embedding(ids, stack.w["model.embed_tokens.weight"])
         for i in range(top + 1):
             h = stack.layer(i, h, tables, hits)
-        for name, idx in hits:
-            for b in range(ids.shape[0]):
-                df[name][idx[b][mask[b]].unique()] += 1
+        for name, idx, _ in hits:  # one (doc, slot) hit per doc however often it reads the slot
+            n = df[name].shape[0]
+            occ = torch.zeros(ids.shape[0], n + 1, dtype=torch.bool)
+            occ.scatter_(1, idx.masked_fill(~mask[..., None], n).reshape(ids.shape[0], -1), True)
+            df[name] += occ[:, :n].sum(0)
     return df, len(docs)
 
 
@@ -170,20 +177,18 @@ def _prepare_value_proj(config, w: dict, tables: dict, seed: int) -> bool:
     return True
 
 
-def _scale_value_proj(stack: FrozenStack, L: int, cache: list) -> float:
+def _scale_value_proj(stack: FrozenStack, cache: list[_Cached]) -> float:
     """Scale the freshly set value_proj(s) by alpha = rms(residual at L) / rms(gate) over the training
     tokens, so that a value row of rms 1 read at weight 1 moves the residual by about its own rms.
 
     Why (measured on SmolLM2-135M, memory at layer 24): the residual has rms ~17, the post-attention-
-    normed FFN input x rms ~0.2, so the swilu gate silu(swilu_proj(x)) has mean |.| ~0.08, and the
-    slot weights are flat (max ~0.04 of 32 per head). With value_proj = identity, a row must reach
-    ~10^2..10^3 before the answer changes: lazy Adam at lr 1e-2 (0.01 per step) never got there (loss
-    4.74 -> 4.68 in 5 epochs) and even lr 1.0 moved N = 30 facts' loss only 4.45 -> 3.33 in 6 epochs
-    with 0% recall. alpha is fixed (not trained) and the tables are still zero, so the output is still
-    exactly the base's."""
-    r = torch.cat([e[1] for e in cache])
-    rr = float(r.pow(2).mean(-1).sqrt().mean())
-    rg = 1.0 if cache[0][4] is None else float(torch.cat([e[4] for e in cache]).pow(2).mean(-1).sqrt().mean())
+    normed FFN input x rms ~0.2, so the swilu gate silu(swilu_proj(x)) has mean |.| ~0.08. With
+    value_proj = identity, a row must reach ~10^2..10^3 before the answer changes: lazy Adam at lr 1e-2
+    (0.01 per step) never got there (loss 4.74 -> 4.68 in 5 epochs) and even lr 1.0 moved N = 30 facts'
+    loss only 4.45 -> 3.33 in 6 epochs with 0% recall. alpha is fixed (not trained) and the tables are
+    still zero, so the output is still exactly the base's."""
+    rr = float(torch.cat([e.r for e in cache]).pow(2).mean(-1).sqrt().mean())
+    rg = 1.0 if cache[0].gate is None else float(torch.cat([e.gate for e in cache]).pow(2).mean(-1).sqrt().mean())
     alpha = rr / max(rg, 1e-6)
     for i in stack.mc.layers:
         n = f"model.layers.{i}.memory.value_proj.weight"
@@ -192,16 +197,97 @@ def _scale_value_proj(stack: FrozenStack, L: int, cache: list) -> float:
     return alpha
 
 
+def _sharpen(stack: FrozenStack, cache: list[_Cached], target: float) -> float:
+    """Scale every memory layer's query_proj (and bias) by beta so that the mean top-1 slot weight per
+    head over the training tokens is `target`; returns beta. Scores are linear in q, so this is a
+    softmax temperature: the same slots are selected, only their weights sharpen (w -> w**beta
+    renormalized per head, applied to the cached weights too). Why: init-memory's random routing reads
+    knn slots per head at near-flat weights (~1/knn), so every token of unrelated text took ~1/knn of
+    each written row it happened to select; with sharp weights a row speaks only where it is a token's
+    top read (measured in the README: drift and greedy agreement vs target)."""
+    mc = stack.mc
+    lw = torch.cat([e.wt for e in cache]).view(-1, mc.heads, mc.knn).double().clamp_min(1e-30).log()
+
+    def top1(beta):
+        return float(torch.softmax(beta * lw, -1).amax(-1).mean())
+
+    lo, hi = math.log(1e-3), math.log(1e6)
+    if top1(1.0) >= target:
+        beta = 1.0
+    else:
+        for _ in range(40):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if top1(math.exp(mid)) < target else (lo, mid)
+        beta = math.exp(hi)
+    for i in mc.layers:
+        for n in (f"model.layers.{i}.memory.query_proj.weight", f"model.layers.{i}.memory.query_proj.bias"):
+            if n in stack.w:
+                stack.w[n] = stack.w[n] * beta
+    for e in cache:
+        e.wt = torch.softmax(beta * e.wt.view(-1, mc.heads, mc.knn).clamp_min(1e-30).log(), -1).view_as(e.wt)
+    return beta
+
+
+@dataclass
+class _Cached:
+    """One training phrasing, split at P (memory_at "answer": its first answer-predicting position; "all":
+    0): the P tokens before it are frozen context (their keys/values per layer above L are cached), the
+    S tokens from P to the last answer-predicting one are what a step runs above L."""
+
+    P: int
+    r: torch.Tensor  # (S, hidden) residual at L without memory
+    idx: torch.Tensor  # (S, K) slot ids read at L
+    wt: torch.Tensor  # (S, K) their weights
+    gate: torch.Tensor | None  # (S, v_dim)
+    kv: list  # per layer above L: (k, v) (P, Hkv, D)
+    targets: torch.Tensor  # (S,) the next token where it is an answer token, else -100 (no loss)
+
+
+@torch.no_grad()
+def _build_cache(stack: FrozenStack, L: int, ex, tables, batch: int = 32, progress: bool = True,
+                 memory_at: str = "answer") -> list[_Cached]:
+    """memory_at "answer": P = the first answer-predicting position; "all": P = 0 (the memory speaks, and
+    its rows are trained, at every position; the loss is still on answer tokens only)."""
+    from tqdm.auto import tqdm
+
+    order = sorted(range(len(ex)), key=lambda k: len(ex[k][0]))  # similar lengths pad less
+    cache: list = [None] * len(ex)
+    for a in tqdm(range(0, len(order), batch), desc="memorize: frozen forward", unit="batch",
+                  disable=not progress):
+        part = order[a:a + batch]
+        ids, _ = _pad([ex[k][0] for k in part])
+        if memory_at == "all":  # no prefix: nothing above L to cache
+            (x, r), kvs = stack.below(ids, L, tables), []
+        else:
+            x, r, kvs = stack.prefix_kv(ids, L, tables)
+        idx, wt, gate = stack.lookup(L, x)
+        for b, k in enumerate(part):
+            seq, pos = ex[k]
+            P = pos[0] - 1 if memory_at == "answer" else 0
+            S = pos[-1] - P
+            cache[k] = _Cached(P, r[b, P:P + S].clone(), idx[b, P:P + S].to(torch.int32), wt[b, P:P + S].clone(),
+                               None if gate is None else gate[b, P:P + S].clone(),
+                               [(kk[b, :P].clone(), vv[b, :P].clone()) for kk, vv in kvs],
+                               torch.tensor([seq[t + 1] if t + 1 in pos else -100 for t in range(P, P + S)]))
+    return cache
+
+
 def memorize(src: str, facts: list[dict], out: str, *, epochs: int = 5, top_t: int = 1000, lr: float = 0.1,
-             batch_size: int = 16, background: list[str] | None = None, seed: int = 0,
-             progress: bool = True, on_epoch=None) -> MemorizeResult:
+             batch_size: int = 16, background: list[str] | None = None, seed: int = 0, sharpen: float = 0.0,
+             memory_at: str = "answer", progress: bool = True, on_epoch=None) -> MemorizeResult:
     """on_epoch(epoch, stack, tables), if given, runs after each epoch with the fp32 tables being trained
-    (e.g. recall on validation phrasings, to choose settings without touching held-out ones)."""
+    (e.g. recall on validation phrasings, to choose settings without touching held-out ones).
+    sharpen (0 < sharpen < 1; 0 = off): on a fresh model, the target mean top-1 slot weight per head
+    (see `_sharpen`)."""
     from tqdm.auto import tqdm
 
     srcp = Path(src)
     if not srcp.is_dir():
         raise ValueError(f"memorize needs a memory-layer model directory (from init-memory); {src!r} is not one")
+    if memory_at not in ("answer", "all"):
+        raise ValueError(f"memory_at {memory_at!r}: expected 'answer' or 'all'")
+    if not 0 <= sharpen < 1:
+        raise ValueError(f"sharpen {sharpen}: expected a target top-1 slot weight in (0, 1), or 0 for off")
     ck = load_checkpoint(src, progress=progress)
     c, mc = ck.config, ck.config.memory_layers
     if mc is None:
@@ -221,25 +307,14 @@ def memorize(src: str, facts: list[dict], out: str, *, epochs: int = 5, top_t: i
     if not ex:
         raise ValueError("no usable training phrasing (each needs the answer after the subject)")
 
-    df, n_docs = background_doc_freq(stack, tok, background or default_background(), tables)
-    idf = {n: torch.log((n_docs + 1) / (d.double() + 1)).float() for n, d in df.items()}
-
     L = min(mc.layers)
     t0 = time.perf_counter()
-    cache = []  # per example: (ids, r, idx, wt, gate) at L, cut to its length
-    with torch.no_grad():
-        order = sorted(range(len(ex)), key=lambda k: len(ex[k][0]))  # similar lengths pad less
-        for a in range(0, len(order), 64):
-            part = order[a:a + 64]
-            ids, mask = _pad([ex[k][0] for k in part])
-            x, r = stack.below(ids, L, tables)
-            idx, wt, gate = stack.lookup(L, x)
-            for b, k in enumerate(part):
-                n = len(ex[k][0])
-                cache.append((k, r[b, :n].clone(), idx[b, :n].to(torch.int32), wt[b, :n].clone(),
-                              None if gate is None else gate[b, :n].clone()))
-    cache.sort(key=lambda e: e[0])
-    scale = _scale_value_proj(stack, L, cache) if fresh else 1.0
+    # the frozen forward with the tables as they are; on a fresh model (tables zero) that is the base's
+    cache = _build_cache(stack, L, ex, tables, progress=progress, memory_at=memory_at)
+    beta = _sharpen(stack, cache, sharpen) if fresh and sharpen else 1.0
+    scale = _scale_value_proj(stack, cache) if fresh else 1.0
+    df, n_docs = background_doc_freq(stack, tok, background or default_background(), tables)
+    idf = {n: torch.log((n_docs + 1) / (d.double() + 1)).float() for n, d in df.items()}
     cache_s = time.perf_counter() - t0
 
     opt = {n: LazyAdam(t, lr) for n, t in tables.items()}
@@ -254,8 +329,7 @@ def memorize(src: str, facts: list[dict], out: str, *, epochs: int = 5, top_t: i
         tot = 0.0
         for a in range(0, len(perm), batch_size):
             part = perm[a:a + batch_size]
-            loss = _step(stack, L, [ex[k] for k in part], [cache[k] for k in part], tables, idf, opt, written,
-                         top_t)
+            loss = _step(stack, L, [cache[k] for k in part], tables, idf, opt, written, top_t)
             tot += loss * len(part)
             steps += 1
             bar.update(1)
@@ -280,34 +354,50 @@ def memorize(src: str, facts: list[dict], out: str, *, epochs: int = 5, top_t: i
     write_safetensors_model(outp, {"model-00001-of-00002.safetensors": {k: v for k, v in w.items() if k not in tabs},
                                    "model-00002-of-00002.safetensors": {k: v for k, v in w.items() if k in tabs}})
     info = {"facts": len(facts), "examples": len(ex), "epochs": epochs, "top_t": top_t, "lr": lr,
-            "batch_size": batch_size, "steps": steps, "seconds": round(secs, 1), "cache_seconds": round(cache_s, 1),
-            "rows_written": int(sum(v.sum() for v in written.values())), "value_proj_scale": scale,
-            "epoch_losses": losses}
+            "batch_size": batch_size, "sharpen": sharpen, "memory_at": memory_at, "steps": steps, "seconds": round(secs, 1),
+            "cache_seconds": round(cache_s, 1), "rows_written": int(sum(v.sum() for v in written.values())),
+            "value_proj_scale": scale, "query_scale": beta, "epoch_losses": losses}
     (outp / "memorize.json").write_text(json.dumps(info, indent=2))
-    return MemorizeResult(outp, len(ex), steps, secs, cache_s, info["rows_written"], losses, scale)
+    return MemorizeResult(outp, len(ex), steps, secs, cache_s, info["rows_written"], losses, scale, beta)
 
 
-def _step(stack, L, exs, cached, tables, idf, opt, written, top_t) -> float:
-    ids, mask = _pad([e[0] for e in exs])
-    B, T = ids.shape
+def suffix_logits(stack: FrozenStack, L: int, batch: list[_Cached], tables, hits: list | None = None):
+    """Logits at the answer-predicting tokens of each cached phrasing (concatenated in order): they run
+    layers L+1.. attending to their cached prefix keys/values. hits collects (table, idx, wt, valid)."""
+    B, S, P = len(batch), max(e.r.shape[0] for e in batch), max(e.P for e in batch)
+    e0 = batch[0]
+    r = torch.zeros(B, S, e0.r.shape[1])
+    idx = torch.zeros(B, S, e0.idx.shape[1], dtype=torch.int64)
+    wt = torch.zeros(B, S, e0.wt.shape[1])  # padding: weight 0 -> no read, no grad
+    gate = None if e0.gate is None else torch.zeros(B, S, e0.gate.shape[1])
+    valid = torch.zeros(B, S, dtype=torch.bool)
+    mask = torch.zeros(B, 1, S, P + S, dtype=torch.bool)
+    mask[..., P:] = torch.ones(S, S, dtype=torch.bool).tril()
+    past = [(torch.zeros(B, P, *k.shape[1:]), torch.zeros(B, P, *v.shape[1:])) for k, v in e0.kv]
+    for b, e in enumerate(batch):
+        n = e.r.shape[0]
+        r[b, :n], idx[b, :n], wt[b, :n], valid[b, :n] = e.r, e.idx, e.wt, True
+        if gate is not None:
+            gate[b, :n] = e.gate
+        mask[b, :, :, :e.P] = True
+        for (pk, pv), (k, v) in zip(past, e.kv):
+            pk[b, :e.P], pv[b, :e.P] = k, v
+    pos = torch.tensor([e.P for e in batch])[:, None] + torch.arange(S)
+    layer_hits = [(values_name(stack.mc, L), idx, wt)]
+    h = stack.above(r + stack.memory_out(L, idx, wt, gate, tables), L + 1, tables, layer_hits, pos,
+                    [(k, v, mask) for k, v in past] if P else None)
+    if hits is not None:
+        hits += [(n, ix, wx, valid) for n, ix, wx in layer_hits]
+    return stack.logits(h[valid])
 
-    def padded(j, width, dtype):
-        t = torch.zeros(B, T, width, dtype=dtype)
-        for b, e in enumerate(cached):
-            t[b, :e[j].shape[0]] = e[j]
-        return t
 
-    r = padded(1, cached[0][1].shape[1], torch.float32)
-    idx = padded(2, cached[0][2].shape[1], torch.int64)
-    wt = padded(3, cached[0][3].shape[1], torch.float32)  # padding: weight 0 -> no read, no grad
-    gate = None if cached[0][4] is None else padded(4, cached[0][4].shape[1], torch.float32)
+def _step(stack: FrozenStack, L: int, batch: list[_Cached], tables, idf, opt, written, top_t) -> float:
+    """One step: the answer-token cross-entropy (`suffix_logits`), then the top-t rows by tf-idf updated."""
     for t in tables.values():
         t.requires_grad_(True)
-    hits = [(values_name(stack.mc, L), idx)]
-    h = stack.above(r + stack.memory_out(L, idx, wt, gate, tables), L + 1, tables, hits)
-    bi = torch.tensor([b for b, e in enumerate(exs) for _ in e[1]])
-    ti = torch.tensor([p for e in exs for p in e[1]])
-    loss = F.cross_entropy(stack.logits(h[bi, ti - 1]), ids[bi, ti])
+    hits: list = []
+    logits = suffix_logits(stack, L, batch, tables, hits)
+    loss = F.cross_entropy(logits, torch.cat([e.targets for e in batch]))
     loss.backward()
     for name, t in tables.items():
         t.requires_grad_(False)
@@ -316,12 +406,12 @@ def _step(stack, L, exs, cached, tables, idf, opt, written, top_t) -> float:
             continue
         g = g.coalesce()
         rows, vals = g.indices()[0], g.values()
-        tf = torch.zeros(t.shape[0])
-        for n, ix in hits:
+        tf = torch.zeros(t.shape[0])  # how much weight the batch's answer-predicting tokens put on each slot
+        for n, ix, wx, valid in hits:
             if n == name:
-                tf.index_add_(0, ix[mask].reshape(-1), torch.ones(ix[mask].numel()))
+                tf.index_add_(0, ix[valid].reshape(-1), wx[valid].reshape(-1).detach())
         score = tf[rows] * idf[name][rows]
-        keep = (score > 0) & (vals != 0).any(1)  # a zero-gradient row (read only by a last token) is no write
+        keep = (score > 0) & (vals != 0).any(1)
         rows, vals, score = rows[keep], vals[keep], score[keep]
         if rows.numel() > top_t:
             sel = score.topk(top_t).indices

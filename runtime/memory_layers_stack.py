@@ -9,7 +9,9 @@ token never attends to a later (padded) position.
 Split points (why memorize is cheap): `below(ids, L)` runs layers [0, L) and layer L's attention and
 dense MLP, returning what a memory read at L needs (`x`, the FFN input) and the residual without the
 memory (`r`). The base below L is frozen and the first memory layer's lookup depends only on x, so
-both are computed once, cached, and every training step runs only `above(h, L + 1)`.
+both are computed once, cached, and every training step runs only `above(h, L + 1)`. `prefix_kv` also
+returns the keys/values of every layer above L, so a step can run above L on a sequence's last tokens
+only (`above(..., pos=, past=)`), attending to the cached keys/values of the tokens before them.
 """
 
 from __future__ import annotations
@@ -34,10 +36,11 @@ class FrozenStack:
     def _norm(self, x, name):
         return F.rms_norm(x, (x.shape[-1],), self.w[name], self.c.rms_norm_eps)
 
-    def _rope(self, T):
-        ang = torch.arange(T, dtype=torch.float32)[:, None] * self.inv_freq[None, :]  # (T, D/2)
+    def _rope(self, pos: torch.Tensor):
+        """cos, sin for positions pos ((T,) or (B, T)) -> (..., T, 1, D), broadcast over heads."""
+        ang = pos.float()[..., None] * self.inv_freq  # (..., T, D/2)
         cos, sin = ang.cos(), ang.sin()
-        return torch.cat((cos, cos), -1)[:, None], torch.cat((-sin, sin), -1)[:, None]  # (T, 1, D)
+        return torch.cat((cos, cos), -1).unsqueeze(-2), torch.cat((-sin, sin), -1).unsqueeze(-2)
 
     @staticmethod
     def _rot(x, cos, sin):  # x (B, T, H, D); rotate-half RoPE in the HF layout
@@ -48,17 +51,28 @@ class FrozenStack:
         b = self.w.get(name.removesuffix("weight") + "bias") if bias else None
         return F.linear(x, self.w[name], b)
 
-    def attention(self, i: int, h: torch.Tensor) -> torch.Tensor:
+    def attention(self, i: int, h: torch.Tensor, pos=None, past=None, kv_out: list | None = None) -> torch.Tensor:
+        """Causal self-attention of layer i (+ residual). pos: (B, T) positions (default 0..T-1); past =
+        (k, v, mask): cached post-RoPE keys/values (B, P, Hkv, D) in front of h's tokens and a boolean
+        attention mask (B, 1, T, P + T); kv_out collects this layer's post-RoPE (k, v)."""
         c, p = self.c, f"model.layers.{i}."
         B, T, _ = h.shape
         x = self._norm(h, p + "input_layernorm.weight")
         q = self._lin(x, p + "self_attn.q_proj.weight", c.attention_bias).view(B, T, c.num_attention_heads, -1)
         k = self._lin(x, p + "self_attn.k_proj.weight", c.attention_bias).view(B, T, c.num_key_value_heads, -1)
         v = self._lin(x, p + "self_attn.v_proj.weight", c.attention_bias).view(B, T, c.num_key_value_heads, -1)
-        cos, sin = self._rope(T)
+        cos, sin = self._rope(torch.arange(T) if pos is None else pos)
         q, k = self._rot(q, cos, sin), self._rot(k, cos, sin)
-        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                           is_causal=True, enable_gqa=True)  # (B, Hq, T, D)
+        if kv_out is not None:
+            kv_out.append((k, v))
+        if past is None:
+            o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                               is_causal=True, enable_gqa=True)  # (B, Hq, T, D)
+        else:
+            pk, pv, mask = past
+            o = F.scaled_dot_product_attention(q.transpose(1, 2), torch.cat((pk, k), 1).transpose(1, 2),
+                                               torch.cat((pv, v), 1).transpose(1, 2), attn_mask=mask,
+                                               enable_gqa=True)
         return h + self._lin(o.transpose(1, 2).reshape(B, T, -1), p + "self_attn.o_proj.weight")
 
     def mlp(self, i: int, x: torch.Tensor) -> torch.Tensor:
@@ -74,7 +88,7 @@ class FrozenStack:
         xf = x.reshape(-1, x.shape[-1])
         q = F.linear(xf, self.w[p + "query_proj.weight"], self.w.get(p + "query_proj.bias"))
         idx, wt = pkm_topk_torch(q.view(xf.shape[0], mc.heads, mc.k_dim), self.w[p + "keys"], mc.knn)
-        gate = F.silu(F.linear(xf, self.w[p + "swilu_proj.weight"])) if mc.swilu else None
+        gate = F.silu(F.linear(xf, self.w[p + "swilu_proj.weight"], self.w.get(p + "swilu_proj.bias"))) if mc.swilu else None
         K = idx.shape[-1]
         return idx.view(*lead, K), wt.view(*lead, K), None if gate is None else gate.view(*lead, -1)
 
@@ -87,7 +101,7 @@ class FrozenStack:
         if gate is not None:
             bag = bag * gate
         vp = self.w.get(f"model.layers.{i}.memory.value_proj.weight")
-        return bag if vp is None else F.linear(bag, vp)
+        return bag if vp is None else F.linear(bag, vp, self.w.get(f"model.layers.{i}.memory.value_proj.bias"))
 
     # ---- the two halves --------------------------------------------------------------------------------
     def below(self, ids: torch.Tensor, L: int, tables) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,24 +113,38 @@ class FrozenStack:
         x = self._norm(h, f"model.layers.{L}.post_attention_layernorm.weight")
         return x, h + self.mlp(L, x) if self._has_mlp(L) else h
 
+    def prefix_kv(self, ids: torch.Tensor, L: int, tables):
+        """The full forward (memory read with `tables` as they are): x and r at L (see `below`) and, per
+        layer above L, its post-RoPE (k, v) (B, T, Hkv, D)."""
+        x, r = self.below(ids, L, tables)
+        h = r + self.memory_out(L, *self.lookup(L, x), tables)
+        kvs: list = []
+        for i in range(L + 1, self.c.num_hidden_layers):
+            h = self.layer(i, h, tables, kv_out=kvs)
+        return x, r, kvs
+
     def _has_mlp(self, i: int) -> bool:
         return f"model.layers.{i}.mlp.down_proj.weight" in self.w
 
-    def layer(self, i: int, h: torch.Tensor, tables, hits: list | None = None) -> torch.Tensor:
-        h = self.attention(i, h)
+    def layer(self, i: int, h: torch.Tensor, tables, hits: list | None = None, pos=None, past=None,
+              kv_out: list | None = None) -> torch.Tensor:
+        """Decoder layer i; hits collects (table name, indices, weights) of its memory read (if any)."""
+        h = self.attention(i, h, pos, past, kv_out)
         x = self._norm(h, f"model.layers.{i}.post_attention_layernorm.weight")
         y = self.mlp(i, x) if self._has_mlp(i) else 0
         if self.mc is not None and i in self.mc.layers:
             idx, wt, gate = self.lookup(i, x)
             if hits is not None:
-                hits.append((values_name(self.mc, i), idx))
+                hits.append((values_name(self.mc, i), idx, wt))
             y = y + self.memory_out(i, idx, wt, gate, tables)
         return h + y
 
-    def above(self, h: torch.Tensor, start: int, tables, hits: list | None = None) -> torch.Tensor:
-        """Layers [start, n) then the final norm: hidden states (B, T, hidden) for the LM head."""
-        for i in range(start, self.c.num_hidden_layers):
-            h = self.layer(i, h, tables, hits)
+    def above(self, h: torch.Tensor, start: int, tables, hits: list | None = None, pos=None,
+              past: list | None = None) -> torch.Tensor:
+        """Layers [start, n) then the final norm: hidden states (B, T, hidden) for the LM head. past: per
+        layer from `start`, (k, v, mask) cached in front of h's tokens (see `attention`)."""
+        for n, i in enumerate(range(start, self.c.num_hidden_layers)):
+            h = self.layer(i, h, tables, hits, pos, None if past is None else past[n])
         return self._norm(h, "model.norm.weight")
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:

@@ -107,3 +107,36 @@ def test_memorize_rejects_dense_model(tiny):
     base, _, d = tiny
     with pytest.raises(ValueError, match="init-memory"):
         memorize(str(base), make_facts(2), str(d / "x"), progress=False)
+
+
+@pytest.mark.parametrize("memory_at", ["answer", "all"])
+def test_step_on_cached_prefix_equals_full_forward(tiny, memory_at):
+    """A step runs layers above L only on each phrasing's answer-predicting tokens, attending to keys/values
+    cached from the full forward: its logits equal the full forward's at those positions (random nonzero
+    tables and value_proj, so the memory speaks at every position; ragged prefixes and suffixes)."""
+    from memserve.runtime.memory_layers_memorize import _build_cache, fact_examples, suffix_logits
+
+    _, mem, _ = tiny
+    ck = load_checkpoint(str(mem), progress=False)
+    g = torch.Generator().manual_seed(3)
+    w = dict(ck.weights)
+    w["model.layers.1.memory.value_proj.weight"] = torch.randn(128, 128, generator=g) * 0.3
+    tables = {"model.memory_values.weight": w.pop("model.memory_values.weight").float().clone()}
+    st = FrozenStack(ck.config, w)
+    ex = fact_examples(make_facts(5, seed=2), ck.tokenizer)
+    assert len({e[1][0] for e in ex}) > 1 and len({len(e[1]) for e in ex}) > 1  # ragged P and S
+    cache = _build_cache(st, 1, ex, tables, batch=3, progress=False, memory_at=memory_at)
+    with torch.no_grad():
+        for k in range(0, len(ex), 4):
+            part = list(range(k, min(k + 4, len(ex))))
+            ours = suffix_logits(st, 1, [cache[j] for j in part], tables)
+            refs = []
+            for j in part:
+                seq, p = ex[j]
+                full = st.logits(st.above(torch.nn.functional.embedding(torch.tensor([seq]),
+                                                                        w["model.embed_tokens.weight"]), 0, tables))
+                refs.append(full[0, cache[j].P:p[-1]])
+                tg = cache[j].targets
+                assert torch.equal(tg[tg >= 0], torch.tensor([seq[q] for q in p]))
+            ref = torch.cat(refs)
+            assert torch.allclose(ours, ref, rtol=1e-4, atol=1e-4), (ours - ref).abs().max()
