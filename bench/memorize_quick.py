@@ -2,7 +2,7 @@
 question phrasings are never looked at here), plus drift proxies: perplexity on 10 stdlib paragraphs
 the idf never counts and greedy agreement on 10 chat prompts that are NOT the demo's 20 unrelated ones.
 
-    python bench/memorize_quick.py --n 100 --mem MEMDIR [--sharpen 0.5 --top-t 1000 --lr 0.1 --epochs 5]
+    python bench/memorize_quick.py --n 100 --mem MEMDIR [--no-gate --top-t 1000 --lr 0.1 --epochs 5]
 
 Facts of seed 7 (the demo uses seed 0); memorize trains on each fact's 3 statements + first QA pair and
 recall is measured on the second QA pair (a question template training never sees), per epoch.
@@ -35,8 +35,8 @@ def main() -> None:
     ap.add_argument("--top-t", type=int, default=1000)
     ap.add_argument("--lr", type=float, default=0.1)
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--sharpen", type=float, default=0.0)
-    ap.add_argument("--memory-at", default="answer", choices=["answer", "all"])
+    ap.add_argument("--no-gate", action="store_true")
+    ap.add_argument("--memory-at", default="all", choices=["answer", "all"])
     ap.add_argument("--greedy", action="store_true", help="also greedy agreement on the 10 validation chat prompts")
     a = ap.parse_args()
     facts = make_facts(a.n, 7)
@@ -53,11 +53,11 @@ def main() -> None:
         print(f"epoch {e} {time.time() - t0:.0f}s validation recall {sum(v) / len(v):.1%}", flush=True)
 
     r = memorize(a.mem, train, a.out, epochs=a.epochs, top_t=a.top_t, lr=a.lr, batch_size=a.batch_size,
-                 background=bg, sharpen=a.sharpen, memory_at=a.memory_at, progress=False, on_epoch=on_epoch)
+                 background=bg, gate=not a.no_gate, memory_at=a.memory_at, progress=False, on_epoch=on_epoch)
     (p0, p1) = perplexity([m0, _stack(str(r.out))], ppl_text)
     res |= {"wall_s": round(time.time() - t0), "cache_s": round(r.cache_seconds), "steps": r.steps,
             "rows": r.rows_written, "losses": [round(x, 3) for x in r.losses], "alpha": round(r.value_proj_scale, 1),
-            "beta": round(r.query_scale, 2), "ppl_before": p0, "ppl_after": p1}
+            "gate": r.gate, "ppl_before": p0, "ppl_after": p1}
     res["ppl_drift_pct"] = 100 * (res["ppl_after"] / p0 - 1)
     if a.greedy:
         g0, g1 = greedy(a.mem, VALIDATION_CHAT), greedy(str(r.out), VALIDATION_CHAT)

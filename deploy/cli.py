@@ -393,7 +393,7 @@ def cmd_memorize(a: argparse.Namespace) -> int:
         facts = [json.loads(line) for line in f if line.strip()]
     bg = open(a.background, encoding="utf-8").read().split("\n\n") if a.background else None
     r = memorize(a.model, facts, a.out, epochs=a.epochs, top_t=a.top_t, lr=a.lr, batch_size=a.batch_size,
-                 background=bg, seed=a.seed, sharpen=a.sharpen, memory_at=a.memory_at)
+                 background=bg, seed=a.seed, gate=not a.no_gate, memory_at=a.memory_at)
     print(f"memserve memorize: {len(facts)} facts, {r.steps} steps in {r.seconds:.0f}s, {r.rows_written} rows "
           f"written, loss {r.losses[0]:.3f} -> {r.losses[-1]:.3f}; wrote {r.out}")
     return 0
@@ -536,9 +536,9 @@ def build_parser() -> argparse.ArgumentParser:
     z.add_argument("--batch-size", type=int, default=16)
     z.add_argument("--background", help="general text file for slot idf (default: stdlib docstrings)")
     z.add_argument("--seed", type=int, default=0)
-    z.add_argument("--sharpen", type=float, default=0.0,
-                   help="fresh model: scale query_proj so the mean top-1 slot weight per head is this (0 = off)")
-    z.add_argument("--memory-at", choices=["answer", "all"], default="answer",
+    z.add_argument("--no-gate", action="store_true",
+                   help="do not train the per-token memory gate (it keeps the memory silent on general text)")
+    z.add_argument("--memory-at", choices=["answer", "all"], default="all",
                    help="positions where the trained memory speaks during training (see memorize)")
     z.set_defaults(fn=cmd_memorize)
 

@@ -15,6 +15,8 @@ Tensor names (the public checkpoint contract, config.json `memory_layers`):
     model.layers.{i}.memory.swilu_proj.weight (v_dim, hidden)   when swilu
     optional biases: …value_proj.bias (hidden,), …swilu_proj.bias (v_dim,)  (Meta's lingua memories have
     them: nn.Linear defaults; absent = zero)
+    optional gate: …memory.gate.weight (1, hidden) [+ .bias (1,)]: out *= sigmoid(gate(x)) (lingua's
+    mem_gated; memorize trains one so the memory stays silent on general text)
 int8 value tables: the table tensor above stored as I8 (n_keys**2, v_dim) plus its per-row scales
     model.memory_values.scales | model.layers.{i}.memory.values.scales             (n_keys**2,) F32
     (row r = weight[r] * scales[r]; symmetric, scale = max|row| / 127; `memserve init-memory
@@ -66,7 +68,8 @@ def memory_weight_shapes(cfg: MemoryLayersConfig, hidden: int, layer: int) -> di
 def optional_memory_shapes(cfg: MemoryLayersConfig, hidden: int, layer: int) -> dict[str, tuple[int, ...]]:
     p = f"model.layers.{layer}.memory."
     opt = {p + "query_proj.bias": (cfg.heads * cfg.k_dim,), p + "value_proj.weight": (hidden, cfg.v_dim),
-           p + "value_proj.bias": (hidden,), scales_name(values_name(cfg, layer)): (cfg.num_slots,)}
+           p + "value_proj.bias": (hidden,), scales_name(values_name(cfg, layer)): (cfg.num_slots,),
+           p + "gate.weight": (1, hidden), p + "gate.bias": (1,)}
     if cfg.swilu:
         opt[p + "swilu_proj.bias"] = (cfg.v_dim,)
     return opt
@@ -131,12 +134,13 @@ def build_memory_layers(cfg: MemoryLayersConfig, hidden: int, w, has) -> tuple[d
         layers[i] = MemoryLayer(
             cfg, w(p + "query_proj.weight"), opt("query_proj.bias"), w(p + "keys"), stores[vname],
             value_proj=opt("value_proj.weight"), swilu_proj=w(p + "swilu_proj.weight") if cfg.swilu else None,
-            value_bias=opt("value_proj.bias"), swilu_bias=opt("swilu_proj.bias") if cfg.swilu else None)
+            value_bias=opt("value_proj.bias"), swilu_bias=opt("swilu_proj.bias") if cfg.swilu else None,
+            gate_w=opt("gate.weight"), gate_b=opt("gate.bias"))
     return layers, stores
 
 
 def memory_param_bytes(m: MemoryLayer) -> int:
-    ts = [m.query_w, m.query_b, m.keys, m.value_proj, m.swilu_proj, m.value_bias, m.swilu_bias]
+    ts = [m.query_w, m.query_b, m.keys, m.value_proj, m.swilu_proj, m.value_bias, m.swilu_bias, m.gate_w, m.gate_b]
     return sum(t.numel() * t.element_size() for t in ts if t is not None)
 
 

@@ -8,6 +8,7 @@ For the layer's post-attention-normed input x (T, hidden):
     bag = sum over heads and slots of weight * values[index]            (a ValueStore lookup)
     out = value_proj(bag * silu(swilu_proj(x)))   (or value_proj(bag) without swilu; no value_proj = identity;
                                                     both projections may carry a bias)
+    out *= sigmoid(gate(x))                        (optional per-token gate, lingua's mem_gated)
 
 Value-table reads go through `ValueStore.submit(indices, weights).result() -> rows` (or the blocking
 `lookup`) so a store can serve them from remote shards (issue 17). The decoder layer's FFN slot
@@ -129,14 +130,15 @@ class MemoryLayer:
     (possibly shared) ValueStore."""
 
     __slots__ = ("cfg", "query_w", "query_b", "keys", "value_proj", "swilu_proj", "values", "value_bias",
-                 "swilu_bias")
+                 "swilu_bias", "gate_w", "gate_b")
 
     def __init__(self, cfg: MemoryLayersConfig, query_w, query_b, keys, values: ValueStore,
-                 value_proj=None, swilu_proj=None, value_bias=None, swilu_bias=None):
+                 value_proj=None, swilu_proj=None, value_bias=None, swilu_bias=None, gate_w=None, gate_b=None):
         self.cfg = cfg
         self.query_w, self.query_b, self.keys = query_w, query_b, keys
         self.values, self.value_proj, self.swilu_proj = values, value_proj, swilu_proj
         self.value_bias, self.swilu_bias = value_bias, swilu_bias
+        self.gate_w, self.gate_b = gate_w, gate_b  # optional scalar gate per token: out *= sigmoid(gate(x))
 
     def submit(self, x: torch.Tensor):
         """Query + product-key top-k, then start the value read; `finish(x, pending)` completes it."""
@@ -150,7 +152,8 @@ class MemoryLayer:
         bag = pending.result().to(x.dtype)  # (T, v_dim)
         if self.swilu_proj is not None:
             bag = bag * F.silu(F.linear(x, self.swilu_proj, self.swilu_bias))
-        return bag if self.value_proj is None else F.linear(bag, self.value_proj, self.value_bias)
+        out = bag if self.value_proj is None else F.linear(bag, self.value_proj, self.value_bias)
+        return out if self.gate_w is None else out * torch.sigmoid(F.linear(x, self.gate_w, self.gate_b))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.finish(x, self.submit(x))

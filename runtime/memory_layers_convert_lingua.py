@@ -13,12 +13,13 @@ Names and shapes, read from their source (lingua/transformer.py, lingua/product_
       layers.{i}.feed_forward.query_proj.query_mlps.0.{weight,bias}   (heads*k_dim, dim) [+ BatchNorm1d at .1]
       layers.{i}.feed_forward.value_proj.{weight,bias}    (dim, v_dim)   when swilu or mem_v_dim > 0
       layers.{i}.feed_forward.swilu_projection.{weight,bias}  (v_dim, dim)  when swilu
+      layers.{i}.feed_forward.gating.{weight,bias}        (1, dim)  when mem_gated: output *= sigmoid(gating(x))
 Their math matches the format's: the query viewed (tokens*heads, k_dim), halves q[:k_dim/2], q[k_dim/2:],
 top-knn per half, top-knn of the knn x knn sums, index i1*n_keys + i2, fp32 softmax per head, sum bag,
 value_proj(bag * silu(swilu_projection(x))) - both projections are nn.Linear with a bias, which the
 format carries as optional `.bias` tensors. Their RoPE rotates interleaved pairs (2j, 2j+1); the HF
 layout pairs (j, j + head_dim/2), so wq/wk rows are permuted per head (scores are unchanged).
-Not convertible (named in the error): gated memories (mem_gated), the PEER variant, weight tying.
+Not convertible (named in the error): the PEER variant, weight tying.
 """
 
 from __future__ import annotations
@@ -79,8 +80,7 @@ def convert_lingua(src: str, out: str, tokenizer: str | None = None, bn_eps: flo
     params, sd = load_lingua(src)
     m = params.get("model", params)
     pk = m.get("productkey_args") or {}
-    for flag, what in (("mem_gated", "gated memories (mem_gated)"), ("peer_variant", "the PEER variant"),
-                       ("weight_tying", "weight tying")):
+    for flag, what in (("peer_variant", "the PEER variant"), ("weight_tying", "weight tying")):
         if (pk if flag.startswith(("mem_", "peer")) else m).get(flag):
             raise ValueError(f"{src}: {what} cannot be converted (the issue-16 format has no equivalent)")
     if not pk.get("is_enabled") or not _layers(pk.get("layers", "")):
@@ -139,6 +139,10 @@ def convert_lingua(src: str, out: str, tokenizer: str | None = None, bn_eps: flo
             f32[mp + "value_proj.weight"] = get(f + "value_proj.weight", (dim, vd)).float()
             if f + "value_proj.bias" in sd:
                 f32[mp + "value_proj.bias"] = get(f + "value_proj.bias", (dim,)).float()
+        if pk.get("mem_gated"):  # output *= sigmoid(gating(x))
+            f32[mp + "gate.weight"] = get(f + "gating.weight", (1, dim)).float()
+            if f + "gating.bias" in sd:
+                f32[mp + "gate.bias"] = get(f + "gating.bias", (1,)).float()
         if swilu:
             f32[mp + "swilu_proj.weight"] = get(f + "swilu_projection.weight", (vd, dim)).float()
             if f + "swilu_projection.bias" in sd:

@@ -57,7 +57,7 @@ class MemorizeResult:
     rows_written: int
     losses: list[float] = field(default_factory=list)  # mean answer-token loss per epoch
     value_proj_scale: float = 1.0  # alpha of the fresh value_proj = alpha * I (1.0: value_proj was given)
-    query_scale: float = 1.0  # beta of the sharpened query_proj (1.0: not sharpened)
+    gate: dict | None = None  # the trained memory gate's statistics (None: no gate trained)
 
 
 def fact_examples(facts: list[dict], tok, max_len: int = 128) -> list[tuple[list[int], list[int]]]:
@@ -109,9 +109,10 @@ def _pad(seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
 
 @torch.no_grad()
 def background_doc_freq(stack: FrozenStack, tok, texts: list[str], tables, doc_tokens: int = 64,
-                        batch: int = 32, max_docs: int = 256) -> tuple[dict[str, torch.Tensor], int]:
+                        batch: int = 32, max_docs: int = 256, xs: list | None = None):
     """Per table: how many background documents (chunks of doc_tokens, at most max_docs of them, spread
-    over the texts) read each slot, and the doc count. Runs the stack up to the highest memory layer."""
+    over the texts) read each slot, and the doc count. Runs the stack up to the highest memory layer;
+    xs, if given, collects the FFN input x at the first memory layer of every background token."""
     mc = stack.mc
     docs = []
     for t in texts:
@@ -121,12 +122,16 @@ def background_doc_freq(stack: FrozenStack, tok, texts: list[str], tables, doc_t
         docs = [docs[round(k * len(docs) / max_docs)] for k in range(max_docs)]
     docs.sort(key=len)
     df = {n: torch.zeros(t.shape[0], dtype=torch.long) for n, t in tables.items()}
-    top = max(mc.layers)
+    L = min(mc.layers)
     for a in range(0, len(docs), batch):
         ids, mask = _pad(docs[a:a + batch])
-        hits: list = []
-        h = F.embedding(ids, stack.w["model.embed_tokens.weight"])
-        for i in range(top + 1):
+        x, r = stack.below(ids, L, tables)
+        idx, wt, gate = stack.lookup(L, x)
+        hits: list = [(values_name(mc, L), idx, wt)]
+        if xs is not None:
+            xs.append(x[mask])
+        h = r + stack.memory_out(L, idx, wt, gate, tables)
+        for i in range(L + 1, max(mc.layers) + 1):
             h = stack.layer(i, h, tables, hits)
         for name, idx, _ in hits:  # one (doc, slot) hit per doc however often it reads the slot
             n = df[name].shape[0]
@@ -197,35 +202,32 @@ def _scale_value_proj(stack: FrozenStack, cache: list[_Cached]) -> float:
     return alpha
 
 
-def _sharpen(stack: FrozenStack, cache: list[_Cached], target: float) -> float:
-    """Scale every memory layer's query_proj (and bias) by beta so that the mean top-1 slot weight per
-    head over the training tokens is `target`; returns beta. Scores are linear in q, so this is a
-    softmax temperature: the same slots are selected, only their weights sharpen (w -> w**beta
-    renormalized per head, applied to the cached weights too). Why: init-memory's random routing reads
-    knn slots per head at near-flat weights (~1/knn), so every token of unrelated text took ~1/knn of
-    each written row it happened to select; with sharp weights a row speaks only where it is a token's
-    top read (measured in the README: drift and greedy agreement vs target)."""
-    mc = stack.mc
-    lw = torch.cat([e.wt for e in cache]).view(-1, mc.heads, mc.knn).double().clamp_min(1e-30).log()
-
-    def top1(beta):
-        return float(torch.softmax(beta * lw, -1).amax(-1).mean())
-
-    lo, hi = math.log(1e-3), math.log(1e6)
-    if top1(1.0) >= target:
-        beta = 1.0
-    else:
-        for _ in range(40):
-            mid = (lo + hi) / 2
-            lo, hi = (mid, hi) if top1(math.exp(mid)) < target else (lo, mid)
-        beta = math.exp(hi)
-    for i in mc.layers:
-        for n in (f"model.layers.{i}.memory.query_proj.weight", f"model.layers.{i}.memory.query_proj.bias"):
-            if n in stack.w:
-                stack.w[n] = stack.w[n] * beta
-    for e in cache:
-        e.wt = torch.softmax(beta * e.wt.view(-1, mc.heads, mc.knn).clamp_min(1e-30).log(), -1).view_as(e.wt)
-    return beta
+def _train_gate(pos: torch.Tensor, neg: torch.Tensor, steps: int = 300, seed: int = 0):
+    """A logistic gate g(x) = sigmoid(w.x + b) on the FFN input at L: 1 where the training phrasings read
+    the memory (pos), 0 on background text (neg); classes weighted equally, Adam on (w, b) in fp32.
+    Why: with random routing every token reads heads*knn slots at near-flat weights, so rows written for
+    facts are also read by unrelated text (a few % of its reads); the gate makes the memory's output
+    ~0 there by construction, whatever rows it reads. Returns (w (1, hidden), b (1,), stats)."""
+    g = torch.Generator().manual_seed(seed)
+    mu, sd = torch.cat((pos, neg)).mean(0), torch.cat((pos, neg)).std(0).clamp_min(1e-6)
+    w = torch.zeros(pos.shape[1], requires_grad=True)
+    b = torch.zeros(1, requires_grad=True)
+    opt = torch.optim.Adam([w, b], lr=0.05)
+    for _ in range(steps):
+        ip = torch.randint(0, pos.shape[0], (min(4096, pos.shape[0]),), generator=g)
+        ineg = torch.randint(0, neg.shape[0], (min(4096, neg.shape[0]),), generator=g)
+        lp, ln = ((pos[ip] - mu) / sd) @ w + b, ((neg[ineg] - mu) / sd) @ w + b
+        loss = F.softplus(-lp).mean() + F.softplus(ln).mean() + 1e-4 * w.pow(2).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():  # fold the standardization into (w, b)
+        wf = (w / sd)[None]
+        bf = b - (mu / sd) @ w
+        gp, gn = torch.sigmoid(pos @ wf[0] + bf), torch.sigmoid(neg @ wf[0] + bf)
+    stats = {"gate_pos_mean": float(gp.mean()), "gate_neg_mean": float(gn.mean()),
+             "gate_neg_over_0.5": float((gn > 0.5).float().mean()), "gate_pos_under_0.5": float((gp < 0.5).float().mean())}
+    return wf.detach(), bf.detach(), stats
 
 
 @dataclass
@@ -245,9 +247,10 @@ class _Cached:
 
 @torch.no_grad()
 def _build_cache(stack: FrozenStack, L: int, ex, tables, batch: int = 32, progress: bool = True,
-                 memory_at: str = "answer") -> list[_Cached]:
+                 memory_at: str = "all", xs: list | None = None) -> list[_Cached]:
     """memory_at "answer": P = the first answer-predicting position; "all": P = 0 (the memory speaks, and
-    its rows are trained, at every position; the loss is still on answer tokens only)."""
+    its rows are trained, at every position; the loss is still on answer tokens only). xs, if given,
+    gets each phrasing's x at L over its S positions (in ex order)."""
     from tqdm.auto import tqdm
 
     order = sorted(range(len(ex)), key=lambda k: len(ex[k][0]))  # similar lengths pad less
@@ -269,16 +272,19 @@ def _build_cache(stack: FrozenStack, L: int, ex, tables, batch: int = 32, progre
                                None if gate is None else gate[b, P:P + S].clone(),
                                [(kk[b, :P].clone(), vv[b, :P].clone()) for kk, vv in kvs],
                                torch.tensor([seq[t + 1] if t + 1 in pos else -100 for t in range(P, P + S)]))
+        if xs is not None:
+            for b, k in enumerate(part):
+                xs[k] = x[b, cache[k].P:cache[k].P + cache[k].r.shape[0]].clone()
     return cache
 
 
 def memorize(src: str, facts: list[dict], out: str, *, epochs: int = 5, top_t: int = 1000, lr: float = 0.1,
-             batch_size: int = 16, background: list[str] | None = None, seed: int = 0, sharpen: float = 0.0,
-             memory_at: str = "answer", progress: bool = True, on_epoch=None) -> MemorizeResult:
+             batch_size: int = 16, background: list[str] | None = None, seed: int = 0, gate: bool = True,
+             memory_at: str = "all", progress: bool = True, on_epoch=None) -> MemorizeResult:
     """on_epoch(epoch, stack, tables), if given, runs after each epoch with the fp32 tables being trained
     (e.g. recall on validation phrasings, to choose settings without touching held-out ones).
-    sharpen (0 < sharpen < 1; 0 = off): on a fresh model, the target mean top-1 slot weight per head
-    (see `_sharpen`)."""
+    gate: on a fresh model, train a per-token gate at the first memory layer (see `_train_gate`) before
+    the value rows, and write it as `memory.gate.*`."""
     from tqdm.auto import tqdm
 
     srcp = Path(src)
@@ -286,8 +292,6 @@ def memorize(src: str, facts: list[dict], out: str, *, epochs: int = 5, top_t: i
         raise ValueError(f"memorize needs a memory-layer model directory (from init-memory); {src!r} is not one")
     if memory_at not in ("answer", "all"):
         raise ValueError(f"memory_at {memory_at!r}: expected 'answer' or 'all'")
-    if not 0 <= sharpen < 1:
-        raise ValueError(f"sharpen {sharpen}: expected a target top-1 slot weight in (0, 1), or 0 for off")
     ck = load_checkpoint(src, progress=progress)
     c, mc = ck.config, ck.config.memory_layers
     if mc is None:
@@ -310,10 +314,19 @@ def memorize(src: str, facts: list[dict], out: str, *, epochs: int = 5, top_t: i
     L = min(mc.layers)
     t0 = time.perf_counter()
     # the frozen forward with the tables as they are; on a fresh model (tables zero) that is the base's
-    cache = _build_cache(stack, L, ex, tables, progress=progress, memory_at=memory_at)
-    beta = _sharpen(stack, cache, sharpen) if fresh and sharpen else 1.0
+    train_gate = fresh and gate
+    pos_x: list | None = [None] * len(ex) if train_gate else None
+    neg_x: list | None = [] if train_gate else None
+    cache = _build_cache(stack, L, ex, tables, progress=progress, memory_at=memory_at, xs=pos_x)
     scale = _scale_value_proj(stack, cache) if fresh else 1.0
-    df, n_docs = background_doc_freq(stack, tok, background or default_background(), tables)
+    df, n_docs = background_doc_freq(stack, tok, background or default_background(), tables, xs=neg_x)
+    gate_stats = None
+    if train_gate:
+        gw, gb, gate_stats = _train_gate(torch.cat(pos_x), torch.cat(neg_x), seed=seed)
+        w[f"model.layers.{L}.memory.gate.weight"], w[f"model.layers.{L}.memory.gate.bias"] = gw, gb
+        for e, xe in zip(cache, pos_x):  # the gate folds into the cached slot weights (see FrozenStack.lookup)
+            e.wt = e.wt * torch.sigmoid(xe @ gw[0] + gb)[:, None]
+        del pos_x, neg_x
     idf = {n: torch.log((n_docs + 1) / (d.double() + 1)).float() for n, d in df.items()}
     cache_s = time.perf_counter() - t0
 
@@ -354,11 +367,11 @@ def memorize(src: str, facts: list[dict], out: str, *, epochs: int = 5, top_t: i
     write_safetensors_model(outp, {"model-00001-of-00002.safetensors": {k: v for k, v in w.items() if k not in tabs},
                                    "model-00002-of-00002.safetensors": {k: v for k, v in w.items() if k in tabs}})
     info = {"facts": len(facts), "examples": len(ex), "epochs": epochs, "top_t": top_t, "lr": lr,
-            "batch_size": batch_size, "sharpen": sharpen, "memory_at": memory_at, "steps": steps, "seconds": round(secs, 1),
+            "batch_size": batch_size, "memory_at": memory_at, "gate": gate_stats, "steps": steps, "seconds": round(secs, 1),
             "cache_seconds": round(cache_s, 1), "rows_written": int(sum(v.sum() for v in written.values())),
-            "value_proj_scale": scale, "query_scale": beta, "epoch_losses": losses}
+            "value_proj_scale": scale, "epoch_losses": losses}
     (outp / "memorize.json").write_text(json.dumps(info, indent=2))
-    return MemorizeResult(outp, len(ex), steps, secs, cache_s, info["rows_written"], losses, scale, beta)
+    return MemorizeResult(outp, len(ex), steps, secs, cache_s, info["rows_written"], losses, scale, gate_stats)
 
 
 def suffix_logits(stack: FrozenStack, L: int, batch: list[_Cached], tables, hits: list | None = None):

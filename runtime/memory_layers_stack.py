@@ -82,13 +82,18 @@ class FrozenStack:
 
     def lookup(self, i: int, x: torch.Tensor):
         """Memory read plan of layer i for FFN input x (..., hidden): (idx, weights, gate) with idx/weights
-        (..., heads*knn) and gate = silu(swilu_proj(x)) (..., v_dim) or None."""
+        (..., heads*knn) and gate = silu(swilu_proj(x)) (..., v_dim) or None. A memory gate
+        (`memory.gate.weight`) is folded into the weights."""
         mc, p = self.mc, f"model.layers.{i}.memory."
         lead = x.shape[:-1]
         xf = x.reshape(-1, x.shape[-1])
         q = F.linear(xf, self.w[p + "query_proj.weight"], self.w.get(p + "query_proj.bias"))
         idx, wt = pkm_topk_torch(q.view(xf.shape[0], mc.heads, mc.k_dim), self.w[p + "keys"], mc.knn)
         gate = F.silu(F.linear(xf, self.w[p + "swilu_proj.weight"], self.w.get(p + "swilu_proj.bias"))) if mc.swilu else None
+        if p + "gate.weight" in self.w:  # out *= sigmoid(gate(x)): folded into the slot weights (exact
+            if p + "value_proj.bias" in self.w:  # while value_proj has no bias)
+                raise NotImplementedError("FrozenStack: a memory gate with a value_proj bias")
+            wt = wt * torch.sigmoid(F.linear(xf, self.w[p + "gate.weight"], self.w.get(p + "gate.bias")))
         K = idx.shape[-1]
         return idx.view(*lead, K), wt.view(*lead, K), None if gate is None else gate.view(*lead, -1)
 

@@ -24,7 +24,7 @@ MH, NK, KNN, KD = 2, 8, 4, 16
 INTER = 256  # lingua: int(2 * 4 * 64 / 3) = 170 -> multiple_of 256
 
 
-def lingua_params(shared=True, swilu=True, v_dim=-1, mem_layers="1"):
+def lingua_params(shared=True, swilu=True, v_dim=-1, mem_layers="1", gated=False):
     return {"name": "tiny", "distributed": {"model_dtype": "bf16"},
             "model": {"dim": DIM, "n_layers": LAYERS, "head_dim": None, "n_heads": HEADS, "n_kv_heads": KV,
                       "ffn_dim_multiplier": None, "multiple_of": 256, "norm_eps": 1e-5, "rope_theta": 10000.0,
@@ -32,7 +32,7 @@ def lingua_params(shared=True, swilu=True, v_dim=-1, mem_layers="1"):
                       "productkey_args": {"is_enabled": True, "layers": mem_layers, "mem_n_keys": NK,
                                           "mem_heads": MH, "mem_knn": KNN, "mem_share_values": shared,
                                           "mem_k_dim": KD, "mem_v_dim": v_dim, "swilu_projection": swilu,
-                                          "value_fixed_lr": 0.001, "mem_gated": False, "peer_variant": False}}}
+                                          "value_fixed_lr": 0.001, "mem_gated": gated, "peer_variant": False}}}
 
 
 def lingua_state(params, seed=0):
@@ -59,6 +59,8 @@ def lingua_state(params, seed=0):
                f + "values.weight": table if pk["mem_share_values"] else r(NK * NK, vd).to(torch.bfloat16)}
         if pk["swilu_projection"] or pk["mem_v_dim"] > 0:
             sd |= {f + "value_proj.weight": r(DIM, vd, std=0.3), f + "value_proj.bias": r(DIM, std=0.3)}
+        if pk["mem_gated"]:
+            sd |= {f + "gating.weight": r(1, DIM, std=1.0), f + "gating.bias": r(1)}
         if pk["swilu_projection"]:
             sd |= {f + "swilu_projection.weight": r(vd, DIM, std=0.3), f + "swilu_projection.bias": r(vd, std=0.3)}
     return sd
@@ -114,6 +116,8 @@ def reference_logits(params, sd, ids):
             bag = bag * torch.nn.functional.silu(x @ s[f + "swilu_projection.weight"].T + s[f + "swilu_projection.bias"])
         if pk["swilu_projection"] or pk["mem_v_dim"] > 0:
             bag = bag @ s[f + "value_proj.weight"].T + s[f + "value_proj.bias"]
+        if pk["mem_gated"]:
+            bag = torch.sigmoid(x @ s[f + "gating.weight"].T + s[f + "gating.bias"]) * bag
         h = h + bag
     return norm(h, s["norm.weight"]) @ s["output.weight"].T
 
@@ -125,10 +129,11 @@ def write_ckpt(d, params, sd):
     return d
 
 
-@pytest.mark.parametrize("shared,swilu,v_dim,layers", [(True, True, -1, "0,2"), (False, False, -1, "1"),
-                                                         (True, False, 48, "1")])
-def test_lingua_converted_logits_match_float64_reference(tmp_path, shared, swilu, v_dim, layers):
-    params = lingua_params(shared, swilu, v_dim, layers)
+@pytest.mark.parametrize("shared,swilu,v_dim,layers,gated", [(True, True, -1, "0,2", False),
+                                                               (False, False, -1, "1", False),
+                                                               (True, False, 48, "1", True)])
+def test_lingua_converted_logits_match_float64_reference(tmp_path, shared, swilu, v_dim, layers, gated):
+    params = lingua_params(shared, swilu, v_dim, layers, gated)
     sd = lingua_state(params)
     if shared and "," in layers:  # a consolidated shared table may sit under the first memory layer only
         del sd[f"layers.{layers.split(',')[-1]}.feed_forward.values.weight"]
@@ -163,10 +168,10 @@ def test_lingua_errors_name_what_to_change(tmp_path):
     bad = dict(sd) | {"layers.1.feed_forward.values.weight": torch.zeros(NK * NK + 1, DIM)}
     with pytest.raises(ValueError, match=r"values\.weight has shape \(65, 64\); expected \(64, 64\)"):
         convert_lingua(str(write_ckpt(tmp_path / "b", params, bad)), str(tmp_path / "o"))
-    gated = json.loads(json.dumps(params))
-    gated["model"]["productkey_args"]["mem_gated"] = True
-    with pytest.raises(ValueError, match="mem_gated"):
-        convert_lingua(str(write_ckpt(tmp_path / "c", gated, sd)), str(tmp_path / "o"))
+    peer = json.loads(json.dumps(params))
+    peer["model"]["productkey_args"]["peer_variant"] = True
+    with pytest.raises(ValueError, match="PEER"):
+        convert_lingua(str(write_ckpt(tmp_path / "c", peer, sd)), str(tmp_path / "o"))
 
 
 def test_convert_memory_cli_lingua(tmp_path):

@@ -71,7 +71,9 @@ def test_memorize_teaches_facts_and_changes_only_value_rows(tiny):
 
     old = load_file(str(mem / "model-00001-of-00002.safetensors"))
     new = load_file(str(res.out / "model-00001-of-00002.safetensors"))
-    assert sorted(old) == sorted(new)
+    gate = {"model.layers.1.memory.gate.weight", "model.layers.1.memory.gate.bias"}  # new: the trained gate
+    assert sorted(new) == sorted(set(old) | gate)
+    assert res.gate["gate_pos_mean"] > 0.5 > res.gate["gate_neg_mean"], res.gate
     vp = "model.layers.1.memory.value_proj.weight"
     for k in old:
         if k != vp:
