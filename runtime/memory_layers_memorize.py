@@ -374,9 +374,12 @@ def memorize(src: str, facts: list[dict], out: str, *, epochs: int = 5, top_t: i
     return MemorizeResult(outp, len(ex), steps, secs, cache_s, info["rows_written"], losses, scale, gate_stats)
 
 
-def suffix_logits(stack: FrozenStack, L: int, batch: list[_Cached], tables, hits: list | None = None):
-    """Logits at the answer-predicting tokens of each cached phrasing (concatenated in order): they run
-    layers L+1.. attending to their cached prefix keys/values. hits collects (table, idx, wt, valid)."""
+def suffix_logits(stack: FrozenStack, L: int, batch: list[_Cached], tables, hits: list | None = None,
+                  answers_only: bool = False):
+    """Logits at the S suffix tokens of each cached phrasing (concatenated in order; answers_only: only
+    where the target is an answer token, so the LM head - 7 layers' worth of FLOPs on SmolLM2 - skips
+    the rest): they run layers L+1.. attending to their cached prefix keys/values. hits collects
+    (table, idx, wt, valid)."""
     B, S, P = len(batch), max(e.r.shape[0] for e in batch), max(e.P for e in batch)
     e0 = batch[0]
     r = torch.zeros(B, S, e0.r.shape[1])
@@ -401,6 +404,11 @@ def suffix_logits(stack: FrozenStack, L: int, batch: list[_Cached], tables, hits
                     [(k, v, mask) for k, v in past] if P else None)
     if hits is not None:
         hits += [(n, ix, wx, valid) for n, ix, wx in layer_hits]
+    if answers_only:
+        tg = torch.full((B, S), -100, dtype=torch.long)
+        for b, e in enumerate(batch):
+            tg[b, :e.targets.shape[0]] = e.targets
+        return stack.logits(h[tg >= 0])
     return stack.logits(h[valid])
 
 
@@ -409,8 +417,9 @@ def _step(stack: FrozenStack, L: int, batch: list[_Cached], tables, idf, opt, wr
     for t in tables.values():
         t.requires_grad_(True)
     hits: list = []
-    logits = suffix_logits(stack, L, batch, tables, hits)
-    loss = F.cross_entropy(logits, torch.cat([e.targets for e in batch]))
+    logits = suffix_logits(stack, L, batch, tables, hits, answers_only=True)
+    tg = torch.cat([e.targets for e in batch])
+    loss = F.cross_entropy(logits, tg[tg >= 0])
     loss.backward()
     for name, t in tables.items():
         t.requires_grad_(False)
