@@ -1,8 +1,16 @@
-"""Throughput of memserve (fp32, int8, int4) vs HF transformers `generate` and llama.cpp, same GGUF, same box.
+"""Throughput of memserve (fp32, int8, int4; eager or compiled decode step) vs HF transformers `generate`
+and llama.cpp (Q4_1: the default model's GGUF; Q8_0: requantized from it), same box, at 1 and 2 threads.
 
-    .venv/bin/python bench/throughput.py            # full run (~15-20 min on 2 cores)
-    .venv/bin/python bench/throughput.py --quick    # short sequences, fewer streams (~3-5 min)
+    .venv/bin/python bench/throughput.py                 # full run, threads 1 and 2 (~30-40 min on 2 cores)
+    .venv/bin/python bench/throughput.py --threads 1     # one thread count
+    .venv/bin/python bench/throughput.py --quick         # short sequences, fewer streams
     memserve bench throughput [--quick]
+
+Engines: memserve-{fp32,int8,int4}[-compile] (`-compile`: EngineArgs.decode_path="compile", its compile
+seconds reported), transformers, llama.cpp-Q4_1, llama.cpp-Q8_0 (the Q8_0 GGUF is made once with
+llama.cpp's own quantizer from the Q4_1 file -- the only weights of the default model on disk -- and
+cached in the temp dir; it is a Q8_0 encoding of the Q4_1 model, so its speed, not its accuracy, is the
+comparison).
 
 Measures, per engine, each in its own subprocess (so peak RSS is per engine and nothing is shared):
   * single-stream decode tok/s (greedy, after the prompt's prefill),
@@ -28,7 +36,8 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-ENGINES = ("memserve-fp32", "memserve-int8", "memserve-int4", "transformers", "llama.cpp")
+ENGINES = ("memserve-fp32", "memserve-int8", "memserve-int4", "memserve-int4-compile", "transformers",
+           "llama.cpp-Q4_1", "llama.cpp-Q8_0")
 
 
 def prompt_ids(n: int, seed: int) -> list[int]:
@@ -62,15 +71,18 @@ def decode_tok_s(eng, n_streams: int, n_tokens: int, prompt_len: int) -> float:
     return produced / (time.perf_counter() - t0)
 
 
-def run_memserve(cfg: dict, quant: str | None) -> dict:
+def run_memserve(cfg: dict, quant: str | None, compile: bool) -> dict:
     from memserve.runtime import LLM, SamplingParams
 
     llm = LLM("default", progress=False, quantization=quant, kv_cache_bytes=384 << 20,
-              max_num_seqs=max(cfg["streams"]), max_num_batched_tokens=cfg["max_batched"])
+              max_num_seqs=max(cfg["streams"]), max_num_batched_tokens=cfg["max_batched"],
+              threads=cfg["threads"], decode_path="compile" if compile else "eager")
     eng = llm.engine
     greedy = dict(temperature=0, ignore_eos=True)
-    res = {}
-    decode_tok_s(eng, 1, 8, cfg["decode_prompt"])  # warm-up
+    res = {"weight_mb": eng.model.nbytes / 2**20}
+    decode_tok_s(eng, 1, 8, cfg["decode_prompt"])  # warm-up (and the compile, when compiled)
+    if eng.decode_compile_seconds is not None:
+        res["compile_s"] = eng.decode_compile_seconds
     for s in cfg["streams"]:
         res[f"decode_{s}"] = decode_tok_s(eng, s, cfg["decode_tokens"], cfg["decode_prompt"])
     for n in cfg["prefill"]:
@@ -117,7 +129,29 @@ def default_gguf() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def run_llamacpp(cfg: dict) -> dict:
+def q8_0_gguf(src: Path) -> Path:
+    """The Q8_0 GGUF of `src`, made once by llama.cpp's quantizer (requantizing: the Q4_1 file is the model's
+    only weights here) and cached in the temp dir."""
+    import tempfile
+
+    import llama_cpp
+
+    out = Path(tempfile.gettempdir()) / "memserve-bench" / (src.name.replace("Q4_1", "Q8_0"))
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0
+    params.allow_requantize = True
+    tmp = out.with_suffix(".part")
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)
+    if rc != 0:
+        raise RuntimeError(f"llama_model_quantize -> Q8_0 failed ({rc})")
+    tmp.rename(out)
+    return out
+
+
+def run_llamacpp(cfg: dict, qtype: str) -> dict:
     import llama_cpp
     import llama_cpp.llama as llama_mod
     from llama_cpp import Llama
@@ -133,11 +167,11 @@ def run_llamacpp(cfg: dict) -> dict:
         return mp
 
     llama_mod.llama_cpp.llama_model_default_params = no_extra_bufts
-    default_gguf_path = default_gguf
+    path = default_gguf() if qtype == "Q4_1" else q8_0_gguf(default_gguf())
     n_ctx = max(cfg["prefill"]) + 64
-    llm = Llama(model_path=str(default_gguf_path()), n_ctx=n_ctx, n_threads=cfg["threads"],
+    llm = Llama(model_path=str(path), n_ctx=n_ctx, n_threads=cfg["threads"],
                 n_threads_batch=cfg["threads"], verbose=False, seed=0)
-    res = {}
+    res = {"weight_mb": path.stat().st_size / 2**20}
 
     def decode(n_tokens: int) -> float:
         llm.reset()
@@ -165,21 +199,21 @@ def run_llamacpp(cfg: dict) -> dict:
 
 
 def worker(engine: str, cfg: dict) -> dict:
-    if engine != "llama.cpp":
+    if not engine.startswith("llama.cpp"):
         import torch
 
         torch.set_num_threads(cfg["threads"])  # a benchmark process, not library code
     t0 = time.perf_counter()
-    if engine == "memserve-fp32":
-        res = run_memserve(cfg, None)
-    elif engine == "memserve-int8":
-        res = run_memserve(cfg, "int8")
-    elif engine == "memserve-int4":  # GGUF Q4_1 codes kept (runtime/quant_int4.py), an int8 copy for > 4 rows
-        res = run_memserve(cfg, "int4")
+    if engine.startswith("memserve-"):
+        # int4: GGUF Q4_1 codes kept (runtime/quant_int4.py), an int8 copy for > 4 rows
+        quant, _, comp = engine.removeprefix("memserve-").partition("-")
+        if quant not in ("fp32", "int8", "int4") or comp not in ("", "compile"):
+            raise ValueError(engine)
+        res = run_memserve(cfg, None if quant == "fp32" else quant, comp == "compile")
     elif engine == "transformers":
         res = run_transformers(cfg)
-    elif engine == "llama.cpp":
-        res = run_llamacpp(cfg)
+    elif engine in ("llama.cpp-Q4_1", "llama.cpp-Q8_0"):
+        res = run_llamacpp(cfg, engine.split("-")[1])
     else:
         raise ValueError(engine)
     res["peak_rss_mb"] = peak_rss_mb()
@@ -196,7 +230,7 @@ def columns(cfg: dict) -> list[tuple[str, str]]:
 
 
 def ratio_base(key: str, results: dict) -> float | None:
-    ref = results.get("llama.cpp")
+    ref = results.get("llama.cpp-Q4_1")
     if not ref or "error" in ref:
         return None
     return ref.get("prefill_" + key.split("_")[1]) if key.startswith("prefill") else ref.get("decode_1")
@@ -204,11 +238,11 @@ def ratio_base(key: str, results: dict) -> float | None:
 
 def render(results: dict, cfg: dict) -> tuple[str, str]:
     cols = columns(cfg)
-    head = ["engine"] + [c[1] + " (tok/s)" for c in cols] + ["peak RSS (MB)"]
+    head = ["engine"] + [c[1] + " (tok/s)" for c in cols] + ["peak RSS (MB)", "weights (MB)", "compile (s)"]
     rows = []
     for eng, r in results.items():
         if "error" in r:
-            rows.append([eng] + ["error: " + r["error"][:60]] + [""] * len(cols))
+            rows.append([eng] + ["error: " + r["error"][:60]] + [""] * (len(cols) + 2))
             continue
         cells = [eng]
         for key, _ in cols:
@@ -216,6 +250,8 @@ def render(results: dict, cfg: dict) -> tuple[str, str]:
             base = ratio_base(key, results)
             cells.append("-" if v is None else (f"{v:.1f}" + (f" ({v / base:.2f}x)" if base else "")))
         cells.append(f"{r['peak_rss_mb']:.0f}")
+        cells.append(f"{r['weight_mb']:.0f}" if "weight_mb" in r else "-")
+        cells.append(f"{r['compile_s']:.0f}" if "compile_s" in r else "-")
         rows.append(cells)
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
     text = "\n".join("  ".join(str(c).ljust(w) for c, w in zip(line, widths)) for line in [head] + rows)
@@ -238,7 +274,7 @@ def plot(results: dict, cfg: dict, path: Path) -> None:
         ax.bar([j + i * w for j in range(len(cols))], [results[e].get(k, 0) for k, _ in cols], w, label=e)
     ax.set_xticks([j + w * (len(engines) - 1) / 2 for j in range(len(cols))], [c[1] for c in cols], fontsize=8)
     ax.set_ylabel("tokens / s")
-    ax.set_title(f"SmolLM2-135M-Instruct (Q4_1 GGUF), {cfg['threads']} threads, {platform.processor() or 'CPU'}")
+    ax.set_title(f"SmolLM2-135M-Instruct (Q4_1 GGUF), {cfg['threads']} threads, {cpu_name()}")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -248,7 +284,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="short run: 32 decode tokens, 1/4 streams, 1k prefill")
     ap.add_argument("--engines", default=",".join(ENGINES), help=f"comma list of {ENGINES}")
-    ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    ap.add_argument("--threads", default="1,2", help="comma list of thread counts, each a table")
+    ap.add_argument("--append", action="store_true",
+                    help="merge into the results already in --out (run a grid in chunks of engines/threads)")
     ap.add_argument("--decode-tokens", type=int, default=None)
     ap.add_argument("--streams", default=None, help="comma list, e.g. 1,4,16")
     ap.add_argument("--prefill", default=None, help="comma list of prompt lengths, e.g. 1024,4096")
@@ -262,47 +300,67 @@ def main(argv=None) -> int:
         print("RESULT " + json.dumps(worker(a.worker, json.loads(a.cfg))), flush=True)
         return 0
 
-    cfg = {
-        "threads": a.threads,
+    base = {
         "decode_tokens": a.decode_tokens or (32 if a.quick else 128),
         "decode_prompt": 32,
         "streams": [int(x) for x in (a.streams or ("1,4" if a.quick else "1,4,16")).split(",")],
         "prefill": [int(x) for x in (a.prefill or ("1024" if a.quick else "1024,4096")).split(",")],
         "max_batched": a.max_batched,
     }
-    if 1 not in cfg["streams"]:
-        cfg["streams"].insert(0, 1)
-    results = {}
-    for eng in a.engines.split(","):
-        print(f"== {eng} ...", file=sys.stderr, flush=True)
-        proc = subprocess.run([sys.executable, __file__, "--worker", eng, "--cfg", json.dumps(cfg)],
-                              capture_output=True, text=True)
-        line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-        if proc.returncode != 0 or not line:
-            err = (proc.stderr.strip().splitlines() or ["failed"])[-1]
-            results[eng] = {"error": err}
-            print(f"   {eng} failed: {err}", file=sys.stderr)
-        else:
-            results[eng] = json.loads(line[-1][7:])
-            print(f"   done in {results[eng]['seconds']:.0f}s", file=sys.stderr)
-    text, md = render(results, cfg)
-    print(text)
+    if 1 not in base["streams"]:
+        base["streams"].insert(0, 1)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
+    prev = json.loads((out / "throughput.json").read_text()) if a.append and (out / "throughput.json").exists() \
+        else {}
+    if prev and prev.get("config") != base:
+        raise SystemExit(f"--append: {out / 'throughput.json'} was run with {prev.get('config')}, this run is {base}")
+    by_threads: dict[str, dict] = prev.get("results", {})
+    for threads in [int(x) for x in a.threads.split(",")]:
+        cfg = dict(base, threads=threads)
+        results = by_threads.setdefault(str(threads), {})
+        for eng in a.engines.split(","):
+            print(f"== {eng}, {threads} threads ...", file=sys.stderr, flush=True)
+            proc = subprocess.run([sys.executable, __file__, "--worker", eng, "--cfg", json.dumps(cfg)],
+                                  capture_output=True, text=True)
+            line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+            if proc.returncode != 0 or not line:
+                err = (proc.stderr.strip().splitlines() or ["failed"])[-1]
+                results[eng] = {"error": err}
+                print(f"   {eng} failed: {err}", file=sys.stderr)
+            else:
+                results[eng] = json.loads(line[-1][7:])
+                print(f"   done in {results[eng]['seconds']:.0f}s", file=sys.stderr)
     cmd = " ".join(["python bench/throughput.py"] + [x for x in (argv if argv is not None else sys.argv[1:])])
-    header = (f"`{cmd}` — SmolLM2-135M-Instruct (the default model's Q4_1 GGUF; memserve and transformers "
-              f"dequantize it to fp32, llama.cpp runs Q4_1), {cfg['threads']} threads, {cfg['decode_tokens']} "
-              f"decode tokens per stream, memserve max_num_batched_tokens={cfg['max_batched']}, ratios vs "
-              "llama.cpp (decode: its single stream; llama-cpp-python runs one sequence at a time; its "
-              "repacked/AMX weight buffers are off because they segfault on this VM).\n\n")
-    (out / "throughput.md").write_text(header + md)
-    (out / "throughput.json").write_text(json.dumps({"config": cfg, "results": results}, indent=2))
-    try:
-        plot(results, cfg, out / "throughput.png")
-    except Exception as e:  # noqa: BLE001 - the table is the result; the plot is a bonus
-        print(f"plot failed: {e}", file=sys.stderr)
-    print(f"\nwrote {out / 'throughput.md'}, throughput.json, throughput.png", file=sys.stderr)
+    md = (f"`{cmd}` — SmolLM2-135M-Instruct (the default model's Q4_1 GGUF: memserve fp32/int8 and transformers "
+          f"dequantize it, memserve int4 keeps its Q4_1 codes, llama.cpp runs it as Q4_1 and requantized to "
+          f"Q8_0), {base['decode_tokens']} decode tokens per stream, memserve max_num_batched_tokens="
+          f"{base['max_batched']}, CPU: {cpu_name()}, load average at the end {os.getloadavg()[0]:.1f}. Ratios vs "
+          "llama.cpp Q4_1 at the same threads (decode: its single stream; llama-cpp-python runs one sequence at a "
+          "time; its repacked weight buffers are off: they segfaulted on an earlier VM).\n")
+    for threads, results in sorted(by_threads.items()):
+        cfg = dict(base, threads=int(threads))
+        text, table = render(results, cfg)
+        print(f"\n{threads} threads\n{text}")
+        md += f"\n**{threads} thread{'s' if threads != '1' else ''}**\n\n{table}"
+        try:
+            plot(results, cfg, out / f"throughput_t{threads}.png")
+        except Exception as e:  # noqa: BLE001 - the table is the result; the plot is a bonus
+            print(f"plot failed: {e}", file=sys.stderr)
+    (out / "throughput.md").write_text(md)
+    (out / "throughput.json").write_text(json.dumps({"config": base, "results": by_threads}, indent=2))
+    print(f"\nwrote {out / 'throughput.md'}, throughput.json, throughput_t*.png", file=sys.stderr)
     return 0
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip() + f" ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return platform.processor() or "CPU"
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from memserve.scheduler.batch_plan import BatchPlan, Scheduler, SchedulerConfig,
 from memserve.scheduler.block_allocator import BlockAllocator, MemoryAwareAllocator
 
 from .attention import AttentionMetadata, DensePagedAttention, RotaryEmbedding
+from .decode_step import DecodeStep
 from .errors import InvalidRequestError
 from .ffn import memory_layers_info
 from .kv_cache import KVCache, KVCacheSpec, kv_bytes_per_block, num_blocks_for_budget
@@ -78,6 +79,10 @@ class EngineArgs:
     session_store: str | None = None
     # torch intra-op CPU threads for this process (None: torch's default); benchmarks report it
     threads: int | None = None
+    # single-stream decode (one sequence, one new token, dense paged KV, no memory layers) through
+    # runtime/decode_step.py: "eager" | "compile" (torch.compile, inductor + C++ wrapper; compiled on the
+    # first such step, seconds in `decode_compile_seconds`) | "off" (Model.forward for every step)
+    decode_path: str = "eager"
 
     def __post_init__(self):
         assert self.device in ("cpu", "cuda") or self.device.startswith("cuda:"), \
@@ -95,6 +100,8 @@ class EngineArgs:
         self.int4_options()  # raises ValueError naming the int4_* field to change
         assert self.session_store is None or self.kv_memory != "off", "session_store needs kv_memory 'auto' or 'retrieval'"
         assert self.threads is None or self.threads >= 1, f"threads must be None or >= 1, got {self.threads!r}"
+        assert self.decode_path in ("eager", "compile", "off"), \
+            f"decode_path must be 'eager', 'compile' or 'off', got {self.decode_path!r}"
         assert self.max_num_seqs >= 1, "max_num_seqs must be >= 1"
         assert self.max_num_batched_tokens >= 1, "max_num_batched_tokens must be >= 1"
         assert self.block_size >= 1, "block_size must be >= 1"
@@ -221,6 +228,10 @@ class LLMEngine:
         self.max_model_len = min(args.max_model_len or c.max_position_embeddings, usable_blocks * args.block_size)
         self.requests: dict[str, Request] = {}
         self.last_step_ids: list[str] = []
+        self.decode_step = None
+        if args.decode_path != "off" and not self.model.memory_layers:
+            self.decode_step = DecodeStep(self.model, self.rope, self.kv_cache.storage, self.max_model_len + 1,
+                                          compile=args.decode_path == "compile")
         self.memory = None  # KVMemoryManager when the KV memory is enabled
         if args.kv_memory != "off":
             from .kv_memory_backend import build_kv_memory
@@ -318,6 +329,11 @@ class LLMEngine:
             if s.sample:
                 rows.append(len(ids) - 1)
                 sampled_reqs.append(req)
+        if self.decode_step is not None and len(rows) == 1 == len(ids):
+            logits = self._decode_one(plan.scheduled[0], ids[0])
+            if logits is not None:
+                tokens = sample(logits, [r.params for r in sampled_reqs], [r.generator for r in sampled_reqs])
+                return {sampled_reqs[0].request_id: tokens[0]}
         meta = AttentionMetadata.build(
             [s.seq.seq_id for s in plan.scheduled], [s.num_new_tokens for s in plan.scheduled],
             [s.start for s in plan.scheduled], [self.allocator.tables[s.seq.seq_id] for s in plan.scheduled],
@@ -330,6 +346,26 @@ class LLMEngine:
                                     torch.tensor(rows, device=self.args.device))  # (N, V)
         tokens = sample(logits, [r.params for r in sampled_reqs], [r.generator for r in sampled_reqs])
         return {r.request_id: t for r, t in zip(sampled_reqs, tokens)}
+
+    def _decode_one(self, s, token: int) -> torch.Tensor | None:
+        """Logits of a lone decode token through `decode_step`, or None where that path does not apply: the
+        sequence is in the KV memory, or its blocks are not consecutive (its context is then no slice)."""
+        sid = s.seq.seq_id
+        if sid in getattr(self.attn, "configs", ()):  # KVMemoryAttention's memory sequences
+            return None
+        bs = self.allocator.block_size
+        table = self.allocator.tables[sid]
+        n = s.start + 1
+        nb = (n + bs - 1) // bs
+        first = table[0]
+        if table[nb - 1] - first != nb - 1 or (nb > 2 and table[:nb] != list(range(first, first + nb))):
+            return None
+        return self.decode_step(token, s.start, first * bs + s.start, first * bs, first * bs + s.start)
+
+    @property
+    def decode_compile_seconds(self) -> float | None:
+        """Seconds the compiled decode step took to compile (None: not compiled, or not yet run)."""
+        return None if self.decode_step is None else self.decode_step.compile_seconds
 
     def _postprocess(self, plan: BatchPlan, sampled: dict[str, int]) -> list[RequestOutput]:
         outputs = []

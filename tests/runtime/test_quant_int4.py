@@ -174,19 +174,36 @@ def test_llm_int4_generates_on_tiny_model(q4_gguf):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="measured in CI on 2026-12-03: agreement [2, 1, 0, 1] tokens "
-                   "(\"Water boils at\" differs at the first token); int8 also diverges early on these "
-                   "prompts (5 and 0 on two of them). Known weakness of int4 on this model, kept visible "
-                   "until int4 agrees or the bound is replaced by a logit-level check")
-def test_default_model_int4_greedy_agreement():
-    """Greedy agreement of int4 (int4 decode, int8 prefill) vs fp32 on the default model (Q4_1 GGUF): both
-    run the file's codes, int4 with bf16 scales/activations. Reported; bound: the first tokens agree."""
+def test_default_model_int4_vs_fp32():
+    """int4 (every call on the int4 op, as in decode) vs fp32 on the default model (Q4_1 GGUF: both run the
+    file's codes; int4 adds bf16 scales, activations and outputs). Greedy agreement is REPORTED, not bounded:
+    measured 2026-12-07 on the EPYC: tokens before the first difference [10, 13, 0, 16] of 16 ("Water boils
+    at": fp32's margin between its top two logits is 0.07 there). Bounded, teacher-forced on fp32's greedy
+    tokens (measured: relative logit error <= 0.18, mean 0.08; int4 picks fp32's token at 82-94% of the
+    positions; fp32's token always within int4's top 3): error < 0.25, agreement >= 0.75, top-3 always."""
+    from memserve.runtime.attention import AttentionMetadata
+
     prompts = ["The capital of France is", "def fibonacci(n):", "Water boils at", "Once upon a time"]
     sp = SamplingParams(max_tokens=16, temperature=0)
-    res = {q: [o.token_ids for o in LLM("default", progress=False, kv_memory="off", quantization=q)
-               .generate(prompts, sp, use_tqdm=False)] for q in (None, "int4")}
-    agree = []
-    for a, b in zip(res[None], res["int4"]):
-        agree.append(next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a)))
-    print("int4 vs fp32 greedy agreement (tokens before the first difference):", agree)
-    assert min(agree) >= 1 and sum(agree) >= 8, agree
+    fp = LLM("default", progress=False, kv_memory="off")
+    i4 = LLM("default", progress=False, kv_memory="off", quantization="int4", int4_large_kernel="none")
+    ref, got = (llm.generate(prompts, sp, use_tqdm=False) for llm in (fp, i4))
+    agree = [next((i for i, (x, y) in enumerate(zip(a.token_ids, b.token_ids)) if x != y), len(a.token_ids))
+             for a, b in zip(ref, got)]
+    print("int4 vs fp32 greedy agreement (tokens before the first difference, of 16):", agree)
+
+    def logits(llm, ids):
+        e = llm.engine
+        blocks = list(range(1, 1 + -(-len(ids) // e.allocator.block_size)))
+        return e.model.forward(torch.tensor(ids), AttentionMetadata.build(["s"], [len(ids)], [0], [blocks],
+                                                                          e.allocator.block_size), e.attn)
+
+    for o in ref:
+        ids, n = o.prompt_token_ids + o.token_ids, len(o.prompt_token_ids) - 1
+        lf, l4 = logits(fp, ids)[n:], logits(i4, ids)[n:]  # the rows that predicted fp32's 17 tokens
+        rel = (l4 - lf).norm(dim=-1) / lf.norm(dim=-1)
+        top1 = lf.argmax(-1)
+        rank = (l4 > l4.gather(1, top1[:, None])).sum(-1)
+        same = float((l4.argmax(-1) == top1).float().mean())
+        print(f"  {o.prompt!r}: rel. logit error max {float(rel.max()):.3f}, top-1 agreement {same:.2f}")
+        assert float(rel.max()) < 0.25 and same >= 0.75 and int(rank.max()) <= 2, (o.prompt, rel, same, rank)
