@@ -72,13 +72,13 @@ class DecodeStep:
     """`decode_one`, eager or compiled. Compilation happens on the first call (its time is kept in
     `compile_seconds`); the context length is a dynamic dimension, so one graph serves every length."""
 
-    def __init__(self, model, rope, kv_storage: torch.Tensor, max_len: int, compile: bool = False):
-        self.model, self.kv = model, kv_storage
+    def __init__(self, model, rope, kv_storage: torch.Tensor, compile: bool = False):
+        self.model, self.kv, self.rope = model, kv_storage, rope
         n2, nl, nb, bs, hkv, d = kv_storage.shape
         self.flat = kv_storage.view(n2, nl, nb * bs, hkv, d)
-        # RoPE tables for every position once (max_len x D x 8 bytes; 4 MB at 8k, D=64) instead of cos/sin
-        # per step
-        self.cos_t, self.sin_t = rope.cos_sin(torch.arange(max_len, device=kv_storage.device))
+        # RoPE tables of positions 0..P-1, grown by doubling as sequences get longer (not sized by the pool:
+        # a tiny model's 1 GiB pool holds millions of positions)
+        self.cos_t = self.sin_t = torch.empty(0)
         self.compiled = compile
         self.compile_seconds: float | None = None
         self._fn = decode_one
@@ -93,6 +93,9 @@ class DecodeStep:
         """Logits (1, V) of `token` at position `pos`, its k/v written to flat cache slot `slot`, attending
         to its context at flat slots [start, end) and itself."""
         dev = self.kv.device
+        if pos >= self.cos_t.shape[0]:
+            n = max(4096, 2 * self.cos_t.shape[0], pos + 1)
+            self.cos_t, self.sin_t = self.rope.cos_sin(torch.arange(n, device=dev))
         args = (self.model, torch.tensor([token], device=dev), torch.tensor([pos], device=dev), self.cos_t,
                 self.sin_t, self.flat, start, end)
         t0 = time.perf_counter()

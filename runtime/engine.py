@@ -230,7 +230,7 @@ class LLMEngine:
         self.last_step_ids: list[str] = []
         self.decode_step = None
         if args.decode_path != "off" and not self.model.memory_layers:
-            self.decode_step = DecodeStep(self.model, self.rope, self.kv_cache.storage, self.max_model_len + 1,
+            self.decode_step = DecodeStep(self.model, self.rope, self.kv_cache.storage,
                                           compile=args.decode_path == "compile")
         self.memory = None  # KVMemoryManager when the KV memory is enabled
         if args.kv_memory != "off":
