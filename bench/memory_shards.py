@@ -150,7 +150,10 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(RESULTS / "memory_shards"))
     args = ap.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    from memserve.deploy.app import SERVE_ENV
 
+    for k, v in SERVE_ENV.items():  # before ray.serve is imported (its constants read them once): the
+        os.environ.setdefault(k, v)  # driver then calls shards in the mode an engine replica does
     import ray
     import torch
     from memserve.deploy.app import init_ray

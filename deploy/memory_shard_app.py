@@ -52,17 +52,6 @@ def bind_shards(config, env_vars: dict | None = None) -> dict[str, dict[str, lis
     return out
 
 
-def engine_thread_handle(handle):
-    """`handle` made callable from the engine's own thread. With RAY_SERVE_THROUGHPUT_OPTIMIZED (SERVE_ENV)
-    a handle's router runs on the caller's asyncio loop and `.remote()` from a thread without one raises
-    "No event loop running"; the engine thread has none, so the router gets Serve's own router thread
-    (its default outside that mode). A handle is initialized once, at its first call: do it here."""
-    if getattr(handle, "is_initialized", True):
-        return handle
-    handle._init(_run_router_in_separate_loop=True)  # private in Ray 2.60; the public options() cannot set it
-    return handle
-
-
 def attach_remote_stores(engine, shards: dict[str, dict[str, list]], metrics=None, **store_kw) -> list:
     """Serve each sharded table of `engine` from its shard handles; returns the RemoteValueStores."""
     from memserve.deploy.remote_value_store import RemoteValueStore
@@ -74,8 +63,7 @@ def attach_remote_stores(engine, shards: dict[str, dict[str, list]], metrics=Non
             raise ValueError(f"memory shards cover table {table!r} but the engine's model has "
                              f"{sorted(local) or 'no memory-layer tables'}: re-run `memserve shard-memory` on this model")
         specs = [ShardSpec(**d) for d in plan["specs"]]
-        handles = [engine_thread_handle(h) for h in plan["handles"]]
-        store = RemoteValueStore.from_specs(specs, handles, metrics=metrics, **store_kw)
+        store = RemoteValueStore.from_specs(specs, plan["handles"], metrics=metrics, **store_kw)
         engine.replace_value_store(table, store)
         stores.append(store)
     missing = sorted(set(local) - set(shards))

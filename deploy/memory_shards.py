@@ -227,7 +227,13 @@ class MemoryShard:
     """The Serve deployment class of one shard (also usable in-process: tests, the benchmark's peer).
 
     `lookup(indices (T, K) int32/int64, weights (T, K) fp32)` answers one engine step of one memory
-    layer in one call: columns -> (T, end-begin) fp32, rows -> (T, dim) fp32 partial bag."""
+    layer in one call: columns -> (T, end-begin) fp32, rows -> (T, dim) fp32 partial bag. It is
+    `async`: a decode-sized bag (<= INLINE_PAIRS pairs; 0.15-0.7 ms) runs inline on the replica's loop,
+    which saves Serve's thread-pool hop for sync methods; a larger one (prefill chunks) goes to a
+    thread, so it neither blocks the loop (health checks, other lookups) nor serializes concurrent
+    lookups that could use another core. `bag` is the same work, synchronous (in-process callers)."""
+
+    INLINE_PAIRS = 4096  # T*K; a 16-token decode step at K = 128 is 2048
 
     def __init__(self, spec: dict):
         import torch
@@ -241,7 +247,14 @@ class MemoryShard:
         self.scales = mmap_tensor(sp, scales_name(self.spec.table)) if sp else None
         self.lookups = 0
 
-    def lookup(self, indices, weights):
+    async def lookup(self, indices, weights):
+        if np.size(indices) <= self.INLINE_PAIRS:
+            return self.bag(indices, weights)
+        import asyncio
+
+        return await asyncio.get_running_loop().run_in_executor(None, self.bag, indices, weights)
+
+    def bag(self, indices, weights):
         torch = self._torch
         s = self.spec
         idx = torch.as_tensor(np.asarray(indices)).long()

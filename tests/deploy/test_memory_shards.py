@@ -49,7 +49,7 @@ class _InProc:
         self.shard, self.lookup = shard, self
 
     def remote(self, i, w):
-        out = self.shard.lookup(i, w)
+        out = self.shard.bag(i, w)
         return type("R", (), {"result": lambda self, timeout_s=None: out})()
 
 
