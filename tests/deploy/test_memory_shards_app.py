@@ -262,3 +262,72 @@ def test_shard_replica_killed_mid_generation_same_tokens(cluster, models):
     assert got == list(want)
     assert after_kill > 0, "the generation must still be running when the replica is killed"
     cluster["serve"].delete(app, _blocking=True)
+
+
+@pytest.mark.slow  # two shard-replica changes under load (~1-2 min on 2 cores)
+def test_shard_replicas_scale_1_2_1_under_load_same_tokens(cluster, models):
+    """Shard replicas go 1 -> 2 -> 1 (the app redeployed with another `shard_replicas`) while two clients
+    keep generating through the app: 0 failed requests, every generation has the in-engine tokens, and
+    the engine replica is the same process throughout (only the shard deployments changed)."""
+    import threading
+
+    from memserve.deploy.app import ENGINE_DEPLOYMENT, build_app, serve_actor_pids
+    from memserve.deploy.config import AppConfig
+    from memserve.deploy.memory_shards import load_specs, shard_memory
+    from memserve.runtime import SamplingParams
+    from serving_testlib import wait_for
+
+    serve, stub = cluster["serve"], cluster["stub"]
+    d, app, n = models[True], "mem-scale", 32
+    shard_memory(d, 2, "columns")
+    names = [s.name for s in load_specs(d, 2, "columns")["model.memory_values.weight"]]
+
+    def deploy(replicas: str):
+        cfg = AppConfig(app_name=app, model=str(d), engine_args=ENGINE_ARGS, engine_threads=1, memory_shards=2,
+                        shard_replicas=replicas, shard_retry_timeout_s=120)
+        serve.run(build_app(cfg), name=app, route_prefix=f"/{app}", blocking=False)
+
+    def running(k: int) -> bool:
+        st = serve.status().applications.get(app)
+        return st is not None and st.status == "RUNNING" and all(
+            st.deployments[nm].replica_states.get("RUNNING", 0) == k and len(st.deployments[nm].replica_states) == 1
+            for nm in names)
+
+    deploy("1")
+    wait_for(lambda: running(1), 180, "the app with 1 replica per shard")
+    engine = serve_actor_pids(app, ENGINE_DEPLOYMENT)
+    want = [list(o.token_ids) for o in _local_llm(d).generate(
+        PROMPTS, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True), use_tqdm=False)]
+    stop, errors, done = threading.Event(), [], []
+
+    def client(k: int):
+        req = pb.GenerateRequest(prompt_token_ids=PROMPTS[k], sampling=pb.SamplingParams(
+            max_tokens=n, temperature=0.0, ignore_eos=True))
+        while not stop.is_set():
+            try:
+                msgs = list(stub.Generate(req, timeout=300, metadata=(("application", app),)))
+                if [t for m in msgs for t in m.token_ids] != want[k]:
+                    errors.append(f"prompt {k}: tokens differ from in-engine")
+            except grpc.RpcError as e:  # a failed request: counted, asserted 0 below
+                errors.append(f"{e.code()}: {e.details()}")
+            done.append(k)
+
+    threads = [threading.Thread(target=client, args=(k,), daemon=True) for k in range(len(PROMPTS))]
+    for t in threads:
+        t.start()
+    try:
+        for k in (2, 1):
+            mark = len(done)
+            wait_for(lambda mark=mark: len(done) >= mark + 2, 120, "requests before scaling")
+            deploy(str(k))
+            wait_for(lambda k=k: running(k), 180, f"{k} replicas per shard")
+            mark = len(done)
+            wait_for(lambda mark=mark: len(done) >= mark + 2, 120, f"requests after scaling to {k}")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=300)
+    assert not errors, errors[:3]
+    assert serve_actor_pids(app, ENGINE_DEPLOYMENT) == engine, "the engine replica must not restart"
+    print(f"scale 1 -> 2 -> 1 under load: {len(done)} requests, 0 failed")
+    serve.delete(app, _blocking=True)
