@@ -73,6 +73,36 @@ def decode(eng, n_streams: int, n_tokens: int, tag: str) -> tuple[float, list[li
     return produced / dt, [list(outs[r].token_ids) for r in ids]
 
 
+def decode_peers(eng, tname: str, local, remote, n: int, tokens: int, repeats: int, tag: str) -> dict:
+    """Decode tok/s of n streams, in-engine vs remote (whole steps) vs remote in two micro-batches
+    (n >= 8; runtime/engine.py), `repeats` rounds with the peers in rotating order; ratios are per
+    round (each remote run against the local run of its own round), medians reported."""
+    peers = ["local", "remote"] + (["mb"] if n >= 8 else [])
+    tps, toks = {p: [] for p in peers}, {}
+    for k in range(repeats):
+        for p in peers[k % len(peers):] + peers[:k % len(peers)]:
+            if p != "local":
+                remote.overlap_microbatches = p == "mb"
+                eng.model.replace_value_store(tname, remote)
+            try:
+                t, tok = decode(eng, n, tokens, f"{p}{tag}r{k}")
+            finally:
+                eng.model.replace_value_store(tname, local)
+            tps[p].append(t)
+            toks.setdefault(p, tok)
+            if toks[p] != tok:
+                toks[p] = None  # not even the same peer repeated its tokens
+    med = statistics.median
+    out = {"local_tok_s": med(tps["local"]), "remote_tok_s": med(tps["remote"]),
+           "ratio": med([r / lo for r, lo in zip(tps["remote"], tps["local"])]),
+           "same_tokens": toks["local"] is not None and toks["remote"] == toks["local"], "repeats": repeats,
+           "local_runs": tps["local"], "remote_runs": tps["remote"]}
+    if "mb" in tps:
+        out.update(mb_tok_s=med(tps["mb"]), mb_ratio=med([m / lo for m, lo in zip(tps["mb"], tps["local"])]),
+                   mb_same_tokens=toks["mb"] == toks["local"], mb_runs=tps["mb"])
+    return out
+
+
 def step_inputs(T: int, K: int, rows: int, seed: int):
     import torch
 
@@ -140,15 +170,20 @@ def running(serve, app: str) -> int:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True, help="a memory-layer model dir (memserve init-memory)")
-    ap.add_argument("--plans", default=",".join(f"{lay}:{p}" for lay, p in PLANS))
+    ap.add_argument("--plans", default=",".join(f"{lay}:{p}" for lay, p in PLANS), help="LAYOUT:P,... or 'none' (scaling only)")
     ap.add_argument("--calls", type=int, default=30)
     ap.add_argument("--tokens", type=int, default=24, help="decode tokens per stream")
+    ap.add_argument("--repeats", type=int, default=3, help="decode rounds per peer (rotating order)")
     ap.add_argument("--streams", default="1,16")
     ap.add_argument("--scale-tokens", type=int, default=128)
     ap.add_argument("--scale-seconds", type=float, default=8.0)
     ap.add_argument("--no-scaling", action="store_true")
     ap.add_argument("--out", default=str(RESULTS / "memory_shards"))
+    ap.add_argument("--merge", nargs="+", metavar="JSON",
+                    help="only write --out from these results (runs of plan subsets, each hold <= 10 min)")
     args = ap.parse_args(argv)
+    if args.merge:
+        return merge(args.merge, Path(args.out))
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     from memserve.deploy.app import SERVE_ENV
 
@@ -170,7 +205,7 @@ def main(argv=None) -> int:
     K, rows, dim = mc.heads * mc.knn, local.num_rows, local.dim
     n_mem = len(mc.layers)
     streams = [int(s) for s in args.streams.split(",")]
-    plans = [(p.split(":")[0], int(p.split(":")[1])) for p in args.plans.split(",")]
+    plans = [] if args.plans == "none" else [(p.split(":")[0], int(p.split(":")[1])) for p in args.plans.split(",")]
     meta = {"cpu": cpu_name(), "cores": os.cpu_count(), "model": args.model, "memory_layers": mc.layers,
             "slots": rows, "v_dim": dim, "K": K, "table_MiB": local.nbytes / 2**20, "table_dtype": local.dtype,
             "decode_tokens": args.tokens, "load_avg_start": os.getloadavg()[0]}
@@ -204,20 +239,7 @@ def main(argv=None) -> int:
                 r[f"T{T}"]["sent_B_per_token"] = sent / n_tok
                 r[f"T{T}"]["recv_B_per_token"] = (remote.bytes_received - b0 - sent) / n_tok
             for n in streams:
-                tl, tok_l = decode(eng, n, args.tokens, f"L{layout}{P}")
-                eng.model.replace_value_store(tname, remote)
-                try:
-                    remote.overlap_microbatches = False  # whole steps
-                    tr, tok_r = decode(eng, n, args.tokens, f"R{layout}{P}")
-                    if n >= 8:  # two micro-batches (runtime/engine.py), one's reads in flight while the other computes
-                        remote.overlap_microbatches = True
-                        tm, tok_m = decode(eng, n, args.tokens, f"M{layout}{P}")
-                finally:
-                    eng.model.replace_value_store(tname, local)
-                r[f"decode_{n}"] = {"local_tok_s": tl, "remote_tok_s": tr, "ratio": tr / tl,
-                                    "same_tokens": tok_l == tok_r}
-                if n >= 8:
-                    r[f"decode_{n}"].update(mb_tok_s=tm, mb_ratio=tm / tl, mb_same_tokens=tok_l == tok_m)
+                r[f"decode_{n}"] = decode_peers(eng, tname, local, remote, n, args.tokens, args.repeats, f"{layout}{P}")
             print(json.dumps(r))
             rows_out.append(r)
             for s in specs:
@@ -256,12 +278,34 @@ def main(argv=None) -> int:
     return 0
 
 
+def merge(paths: list[str], out: Path) -> int:
+    """One table from several runs (plans in run order; load range and scaling from all of them)."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    meta = dict(runs[0]["meta"])
+    meta["load_avg_start"] = min(r["meta"]["load_avg_start"] for r in runs)
+    meta["load_avg_end"] = max(r["meta"]["load_avg_end"] for r in runs)
+    res = {"meta": meta, "plans": [p for r in runs for p in r["plans"]], "scaling": [s for r in runs for s in r["scaling"]],
+           "n_memory_layers": runs[0]["n_memory_layers"], "merged_from": paths}
+    streams = sorted({int(k.split("_")[1]) for p in res["plans"] for k in p if k.startswith("decode_")})
+    out.with_suffix(".json").write_text(json.dumps(res, indent=1))
+    out.with_suffix(".md").write_text(render_md(res, streams))
+    plot(res, streams, out.with_suffix(".png"))
+    print(out.with_suffix(".md").read_text())
+    return 0
+
+
+def _repeats(res: dict) -> int:
+    return next((v.get("repeats", 1) for p in res["plans"] for k, v in p.items() if k.startswith("decode_")), 1)
+
+
 def render_md(res: dict, streams: list[int]) -> str:
     m = res["meta"]
     L = [f"Memory shards vs the in-engine table: {m['model']} ({m['slots']} slots x {m['v_dim']} {m['table_dtype']}, "
          f"{m['table_MiB']:.0f} MiB, memory layers {m['memory_layers']}, K = {m['K']} slots/token), "
          f"CPU {m['cpu']} x{m['cores']}, load average {m['load_avg_start']:.1f} -> {m['load_avg_end']:.1f} "
-         "(shared box). Engine, shards and Serve on the same cores; ratios are remote / in-engine in the same window.",
+         "(shared box). Engine, shards and Serve on the same cores; ratios are remote / in-engine in the same window "
+         f"(decode: medians over {_repeats(res)} rounds, peers in "
+         "rotating order, each ratio against its own round's in-engine run; micro-batched = the step in two halves).",
          "", "| layout | P | lookup T=1 ms (local / remote, +added) | lookup T=16 ms (local / remote, +added) | "
          "sent B/token/layer | received B/token/layer | " + " | ".join(f"decode {n} streams tok/s (local / remote, ratio)"
                                                                        for n in streams) + " | same greedy tokens |",
@@ -301,8 +345,12 @@ def plot(res: dict, streams: list[int], path: Path) -> None:
     ax[0].set_ylabel("ms added per layer-step lookup")
     ax[0].set_title("latency added by remote shards")
     ax[0].legend()
-    for k, n in enumerate(streams):
-        ax[1].bar([i + 0.4 * k for i in x], [r[f"decode_{n}"]["ratio"] for r in res["plans"]], 0.4, label=f"{n} streams")
+    bars = [(f"{n} streams", [r[f"decode_{n}"]["ratio"] for r in res["plans"]]) for n in streams]
+    bars += [(f"{n} streams, micro-batched", [r[f"decode_{n}"]["mb_ratio"] for r in res["plans"]]) for n in streams
+             if all("mb_ratio" in r[f"decode_{n}"] for r in res["plans"])]
+    width = 0.8 / len(bars)
+    for k, (label, ys) in enumerate(bars):
+        ax[1].bar([i + width * k for i in x], ys, width, label=label)
     ax[1].axhline(0.9, ls="--", c="gray")
     ax[1].axhline(0.8, ls=":", c="gray")
     ax[1].set_xticks([i + 0.2 for i in x], labels, rotation=30)

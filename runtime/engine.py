@@ -386,10 +386,10 @@ class LLMEngine:
         n = len(scheduled)
         if n < 2 * MICROBATCH_MIN_ROWS or len(ids) != n or not self.model.overlaps_value_reads:
             return None
-        a = self.attn  # dense paged attention only (its per-step state lives in each meta); under the KV
-        kvm = getattr(a, "configs", None)  # memory's backend, only steps without a KV-memory sequence
-        if not (type(a) is DensePagedAttention or (type(getattr(a, "dense", None)) is DensePagedAttention
-                                                   and kvm is not None and not any(s.seq.seq_id in kvm for s in scheduled))):
+        att = self.attn  # dense paged attention only (its per-step state lives in each meta); under the KV
+        kvm = getattr(att, "configs", None)  # memory's backend, only steps without a KV-memory sequence
+        if not (type(att) is DensePagedAttention or (type(getattr(att, "dense", None)) is DensePagedAttention
+                                                     and kvm is not None and not any(s.seq.seq_id in kvm for s in scheduled))):
             return None
         dev = self.args.device
         return [(torch.tensor(ids[a:b], device=dev), self._meta(scheduled[a:b])) for a, b in ((0, n // 2), (n // 2, n))]
