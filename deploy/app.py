@@ -401,7 +401,7 @@ class MemServeDirect(MemServeEngine, MemServeIngress):
 
 def build_app(config: AppConfig):
     """The bound Serve application (pass to `serve.run`)."""
-    from memserve.deploy.memory_shard_app import SHARD_SCALING_FIELDS, bind_shards
+    from memserve.deploy.memory_shard_app import bind_shards
     from memserve.deploy.metrics import MULTIPROC_ENV
     from memserve.deploy.routing import MemServeRequestRouter
 
@@ -432,7 +432,7 @@ def build_app(config: AppConfig):
             request_routing_stats_timeout_s=5.0,
         ),
         **scaling,
-    ).bind(config.model_dump(exclude=SHARD_SCALING_FIELDS), *([shards] if shards else []))
+    ).bind(config.model_dump(), *([shards] if shards else []))
     if config.topology == "direct":
         return engine
     ingress_opts: dict[str, Any] = {"num_cpus": config.ingress_num_cpus}
@@ -446,7 +446,7 @@ def build_app(config: AppConfig):
         max_ongoing_requests=100_000,  # the engine deployment's bounds apply; the ingress only relays
         graceful_shutdown_timeout_s=config.graceful_shutdown_timeout_s,
         graceful_shutdown_wait_loop_s=min(2.0, max(0.1, config.graceful_shutdown_timeout_s / 4)),
-    ).bind(engine, config.model_dump(exclude=SHARD_SCALING_FIELDS))
+    ).bind(engine, config.model_dump())
     return ingress
 
 

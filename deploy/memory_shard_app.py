@@ -22,11 +22,6 @@ from typing import Any
 from memserve.deploy.memory_shards import ShardSpec, load_specs, parse_replicas, shard_deployment
 
 log = logging.getLogger("memserve.deploy")
-# Shard scaling settings: only the shard deployments read them, so build_app leaves them out of the
-# engine's and ingress's constructor arguments; otherwise changing them (a redeploy with another
-# --shard-replicas) changed those arguments and Serve replaced every engine replica (measured in
-# test_shard_replicas_scale_1_2_1_under_load_same_tokens before this: 0 failed requests, but a new engine)
-SHARD_SCALING_FIELDS = {"shard_replicas", "shard_target_ongoing_requests", "shard_num_cpus"}
 REPLICA_REFRESH_S = 5.0  # how often an engine replica re-reads shard replica counts (serve.status: a controller call)
 
 

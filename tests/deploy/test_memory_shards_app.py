@@ -266,15 +266,22 @@ def test_shard_replica_killed_mid_generation_same_tokens(cluster, models):
 
 @pytest.mark.slow  # two shard-replica changes under load (~1-2 min on 2 cores)
 def test_shard_replicas_scale_1_2_1_under_load_same_tokens(cluster, models):
-    """Shard replicas go 1 -> 2 -> 1 (the app redeployed with another `shard_replicas`) while two clients
-    keep generating through the app: 0 failed requests, every generation has the in-engine tokens, and
-    the engine replica is the same process throughout (only the shard deployments changed)."""
+    """Shard replicas go 1 -> 2 -> 1 while two clients keep generating through the app: 0 failed
+    requests, every generation has the in-engine tokens, and the engine replica is the same process
+    throughout. The app is deployed from a config as `serve deploy` does, and the replica count is the
+    config's per-deployment override (a lightweight update: only the shard deployments change). Not
+    `shard_replicas` in the app's args, nor serve.run: args are part of an app's code version and
+    serve.run gives every deployment a new random version, so either replaces every replica (measured
+    here: a new engine replica, 0 failed requests). With MIN:MAX, Serve's autoscaler changes the count
+    the same lightweight way."""
     import threading
 
-    from memserve.deploy.app import ENGINE_DEPLOYMENT, build_app, serve_actor_pids
+    from memserve.deploy.app import ENGINE_DEPLOYMENT, serve_actor_pids
     from memserve.deploy.config import AppConfig
     from memserve.deploy.memory_shards import load_specs, shard_memory
     from memserve.runtime import SamplingParams
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
     from serving_testlib import wait_for
 
     serve, stub = cluster["serve"], cluster["stub"]
@@ -282,10 +289,13 @@ def test_shard_replicas_scale_1_2_1_under_load_same_tokens(cluster, models):
     shard_memory(d, 2, "columns")
     names = [s.name for s in load_specs(d, 2, "columns")["model.memory_values.weight"]]
 
-    def deploy(replicas: str):
-        cfg = AppConfig(app_name=app, model=str(d), engine_args=ENGINE_ARGS, engine_threads=1, memory_shards=2,
-                        shard_replicas=replicas, shard_retry_timeout_s=120)
-        serve.run(build_app(cfg), name=app, route_prefix=f"/{app}", blocking=False)
+    cfg = AppConfig(app_name=app, model=str(d), engine_args=ENGINE_ARGS, engine_threads=1, memory_shards=2,
+                    shard_retry_timeout_s=120)
+
+    def deploy(replicas: int):
+        _get_global_client().deploy_apps(ServeDeploySchema.parse_obj({"applications": [{
+            "name": app, "route_prefix": f"/{app}", "import_path": "memserve.deploy.app:app_builder",
+            "args": cfg.model_dump(), "deployments": [{"name": nm, "num_replicas": replicas} for nm in names]}]}))
 
     def running(k: int) -> bool:
         st = serve.status().applications.get(app)
@@ -293,7 +303,7 @@ def test_shard_replicas_scale_1_2_1_under_load_same_tokens(cluster, models):
             st.deployments[nm].replica_states.get("RUNNING", 0) == k and len(st.deployments[nm].replica_states) == 1
             for nm in names)
 
-    deploy("1")
+    deploy(1)
     wait_for(lambda: running(1), 180, "the app with 1 replica per shard")
     engine = serve_actor_pids(app, ENGINE_DEPLOYMENT)
     want = [list(o.token_ids) for o in _local_llm(d).generate(
@@ -319,7 +329,7 @@ def test_shard_replicas_scale_1_2_1_under_load_same_tokens(cluster, models):
         for k in (2, 1):
             mark = len(done)
             wait_for(lambda mark=mark: len(done) >= mark + 2, 120, "requests before scaling")
-            deploy(str(k))
+            deploy(k)
             wait_for(lambda k=k: running(k), 180, f"{k} replicas per shard")
             mark = len(done)
             wait_for(lambda mark=mark: len(done) >= mark + 2, 120, f"requests after scaling to {k}")
