@@ -341,3 +341,50 @@ def test_shard_replicas_scale_1_2_1_under_load_same_tokens(cluster, models):
     assert serve_actor_pids(app, ENGINE_DEPLOYMENT) == engine, "the engine replica must not restart"
     print(f"scale 1 -> 2 -> 1 under load: {len(done)} requests, 0 failed")
     serve.delete(app, _blocking=True)
+
+
+@pytest.mark.slow  # a shard replica killed and kept from restarting, then restored (~1-2 min on 2 cores)
+def test_shard_down_through_app_is_unavailable_naming_it(cluster, models):
+    """A shard whose replica died and cannot come back (its slice file is gone, so every replacement
+    fails in its constructor): a generation through the app fails with gRPC UNAVAILABLE naming the
+    shard after the retry bound, never a silent zero row; with the file back, Serve's next replacement
+    starts and the app serves the in-engine tokens again."""
+    import os
+
+    from memserve.deploy.app import build_app
+    from memserve.deploy.config import AppConfig
+    from memserve.deploy.memory_shards import load_specs, shard_memory
+    from memserve.runtime import SamplingParams
+    from ray.util import list_named_actors
+    from serving_testlib import wait_for
+
+    serve, stub = cluster["serve"], cluster["stub"]
+    d, app = models[True], "mem-down"
+    shard_memory(d, 2, "columns")
+    victim = load_specs(d, 2, "columns")["model.memory_values.weight"][1]
+    cfg = AppConfig(app_name=app, model=str(d), engine_args=ENGINE_ARGS, engine_threads=1, memory_shards=2,
+                    shard_retry_timeout_s=6)
+    serve.run(build_app(cfg), name=app, route_prefix=f"/{app}", blocking=False)
+    want = list(_local_llm(d).generate([PROMPTS[0]], SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0,
+                                                                    ignore_eos=True), use_tqdm=False)[0].token_ids)
+    wait_for(lambda: _try_generate(stub, app) == want, 180, "the app serving")
+    prefix = f"SERVE_REPLICA::{app}#{victim.name}#"
+    (name,) = [a["name"] for a in list_named_actors(all_namespaces=True) if a["name"].startswith(prefix)]
+    os.rename(victim.path, victim.path + ".gone")
+    try:
+        ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
+        with pytest.raises(grpc.RpcError) as ei:
+            _generate(stub, app, PROMPTS[0])
+        assert ei.value.code() == grpc.StatusCode.UNAVAILABLE, ei.value.details()
+        assert f"memory shard {victim.name} unavailable" in ei.value.details(), ei.value.details()
+    finally:
+        os.rename(victim.path + ".gone", victim.path)
+    wait_for(lambda: _try_generate(stub, app) == want, 240, "the shard back and the app serving")
+    serve.delete(app, _blocking=True)
+
+
+def _try_generate(stub, app):
+    try:
+        return _generate(stub, app, PROMPTS[0])
+    except grpc.RpcError:
+        return None
