@@ -86,8 +86,15 @@ def test_committed_stubs_match_proto(tmp_path):
     """Regenerating from deploy/memserve.proto must give the committed stubs (run `make proto`)."""
     from memserve.deploy.proto_build import build
 
+    # the generator stamps its own version (GRPC_GENERATED_VERSION, "Protobuf Python Version"): a newer
+    # grpcio-tools from PyPI must not fail this check (1.85.4 did, against stubs made with 1.85.1)
+    # while any change of the generated code still does
+    def content(text: str) -> str:
+        text = re.sub(r"GRPC_GENERATED_VERSION = '[^']*'", "GRPC_GENERATED_VERSION = ''", text)
+        return re.sub(r"Protobuf Python Version: \S+", "Protobuf Python Version:", text)
+
     for p in build(tmp_path):
-        assert p.read_text() == (DEPLOY / p.name).read_text(), f"{p.name} is stale: run `make proto`"
+        assert content(p.read_text()) == content((DEPLOY / p.name).read_text()), f"{p.name} is stale: run `make proto`"
     assert pb.DESCRIPTOR.package == "memserve.v1"
     assert set(pb.DESCRIPTOR.services_by_name["MemServe"].methods_by_name) == {
         "Generate", "Ingest", "GetSession", "DeleteSession", "GetModelInfo"}
