@@ -20,7 +20,7 @@ Measures, per engine, each in its own subprocess (so peak RSS is per engine and 
   * peak RSS (MB).
 Prints a table with ratios to llama.cpp (decode ratios against llama.cpp's single stream — it
 decodes one sequence at a time through llama-cpp-python's API), writes bench/results/throughput.md
-(a table for the README), throughput.json and throughput.png.
+(a table per thread count for the README), throughput.json and throughput_t{threads}.png.
 """
 
 from __future__ import annotations
