@@ -25,12 +25,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-
-def rope_qk(qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE of a (T, H, D) tensor (q and k heads side by side) with sign-folded sin."""
-    T, H, D = qk.shape
-    swapped = qk.view(T, H, 2, D // 2).flip(2).reshape(T, H, D)
-    return torch.addcmul(qk * cos, swapped, sin)
+from .attention import RotaryEmbedding
 
 
 def decode_one(model, input_ids: torch.Tensor, pos: torch.Tensor, cos_t: torch.Tensor, sin_t: torch.Tensor,
@@ -51,7 +46,7 @@ def decode_one(model, input_ids: torch.Tensor, pos: torch.Tensor, cos_t: torch.T
     for i, L in enumerate(model.layers):
         x = F.rms_norm(h, (h.shape[-1],), L.input_norm, eps)
         qkv = L.qkv(x)  # (1, (Hq+2Hkv)*D)
-        qk = rope_qk(qkv[:, :qs + kvs].view(1, Hq + Hkv, D), cos, sin)
+        qk = RotaryEmbedding.apply(qkv[:, :qs + kvs].view(1, Hq + Hkv, D), cos, sin)  # q and k in one call
         q, k, v = qk[0, :Hq].view(Hkv, G, D), qk[0, Hq:], qkv[0, qs + kvs:].view(Hkv, D)
         kc, vc = kv[0, i, start:end], kv[1, i, start:end]  # (S, Hkv, D), zero-copy
         s = torch.cat((torch.bmm(q, kc.permute(1, 2, 0)), torch.bmm(q, k.unsqueeze(-1))), -1)  # (Hkv, G, S+1)
