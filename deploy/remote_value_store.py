@@ -10,10 +10,13 @@ The model calls `submit` before the work that does not depend on the rows (the d
 One call loop. Every store of the process sends through one asyncio loop on its own thread
 (`CallLoop`), and the shard handles' routers run on that loop: `submit` hands the whole layer-step to
 the loop in one thread hop, one coroutine there fans out the P calls, retries, assembles, and wakes
-the engine thread once. Measured against Serve's default for a handle used from a thread without a
-loop (router on Serve's router thread: `.remote()` and `.result()` each cross threads, twice per
-shard message), on 2 shared cores (load 10-12), P = 3: 9.3-12.0 -> 7.1-8.6 ms per layer-step, with
-the shards' inline async lookup (deploy/memory_shards.py); P = 1 within noise (bench/memory_shard_hops.py).
+the engine thread once. Against Serve's default for a handle used from a thread without a loop
+(router on Serve's router thread: `.remote()` and `.result()` each cross threads, per shard message),
+measured by bench/memory_shard_hops.py on 2 shared cores: the engine thread's time to send a
+layer-step drops from 0.7-1.0 ms per shard message to 0.02-0.04 ms (that time cannot overlap
+anything); the round trip itself moves within the load's noise at P = 1 and at P = 3 (an earlier,
+exploratory window measured P = 3 9.3-12.0 -> 7.1-8.6 ms, bench's window at load 13 12.2-12.5 ->
+12.8-14.5 ms): a Serve message's cost is mostly CPU in Serve's request path on both sides.
 
 Faults. A shard replica that dies mid-lookup makes its call fail (actor died / unavailable) or hang;
 the lookup is re-sent to the same deployment (Serve routes it to another replica, or to the
