@@ -74,15 +74,12 @@ def decode(eng, n_streams: int, n_tokens: int, tag: str) -> tuple[float, list[li
 
 
 def decode_peers(eng, tname: str, local, remote, n: int, tokens: int, repeats: int, tag: str) -> dict:
-    """Decode tok/s of n streams, in-engine vs remote (whole steps) vs remote in two micro-batches
-    (n >= 8; runtime/engine.py), `repeats` rounds with the peers in rotating order; ratios are per
-    round (each remote run against the local run of its own round), medians reported."""
-    peers = ["local", "remote"] + (["mb"] if n >= 8 else [])
-    tps, toks = {p: [] for p in peers}, {}
+    """Decode tok/s of n streams, in-engine vs remote, `repeats` rounds with the peers in alternating
+    order; ratios are per round (each remote run against the local run of its own round), medians."""
+    tps, toks = {"local": [], "remote": []}, {}
     for k in range(repeats):
-        for p in peers[k % len(peers):] + peers[:k % len(peers)]:
-            if p != "local":
-                remote.overlap_microbatches = p == "mb"
+        for p in (("local", "remote") if k % 2 == 0 else ("remote", "local")):
+            if p == "remote":
                 eng.model.replace_value_store(tname, remote)
             try:
                 t, tok = decode(eng, n, tokens, f"{p}{tag}r{k}")
@@ -93,14 +90,10 @@ def decode_peers(eng, tname: str, local, remote, n: int, tokens: int, repeats: i
             if toks[p] != tok:
                 toks[p] = None  # not even the same peer repeated its tokens
     med = statistics.median
-    out = {"local_tok_s": med(tps["local"]), "remote_tok_s": med(tps["remote"]),
-           "ratio": med([r / lo for r, lo in zip(tps["remote"], tps["local"])]),
-           "same_tokens": toks["local"] is not None and toks["remote"] == toks["local"], "repeats": repeats,
-           "local_runs": tps["local"], "remote_runs": tps["remote"]}
-    if "mb" in tps:
-        out.update(mb_tok_s=med(tps["mb"]), mb_ratio=med([m / lo for m, lo in zip(tps["mb"], tps["local"])]),
-                   mb_same_tokens=toks["mb"] == toks["local"], mb_runs=tps["mb"])
-    return out
+    return {"local_tok_s": med(tps["local"]), "remote_tok_s": med(tps["remote"]),
+            "ratio": med([r / lo for r, lo in zip(tps["remote"], tps["local"])]),
+            "same_tokens": toks["local"] is not None and toks["remote"] == toks["local"], "repeats": repeats,
+            "local_runs": tps["local"], "remote_runs": tps["remote"]}
 
 
 def step_inputs(T: int, K: int, rows: int, seed: int):
@@ -173,7 +166,7 @@ def main(argv=None) -> int:
     ap.add_argument("--plans", default=",".join(f"{lay}:{p}" for lay, p in PLANS), help="LAYOUT:P,... or 'none' (scaling only)")
     ap.add_argument("--calls", type=int, default=30)
     ap.add_argument("--tokens", type=int, default=24, help="decode tokens per stream")
-    ap.add_argument("--repeats", type=int, default=3, help="decode rounds per peer (rotating order)")
+    ap.add_argument("--repeats", type=int, default=3, help="decode rounds per peer (alternating order)")
     ap.add_argument("--streams", default="1,16")
     ap.add_argument("--scale-tokens", type=int, default=128)
     ap.add_argument("--scale-seconds", type=float, default=8.0)
@@ -305,7 +298,7 @@ def render_md(res: dict, streams: list[int]) -> str:
          f"CPU {m['cpu']} x{m['cores']}, load average {m['load_avg_start']:.1f} -> {m['load_avg_end']:.1f} "
          "(shared box). Engine, shards and Serve on the same cores; ratios are remote / in-engine in the same window "
          f"(decode: medians over {_repeats(res)} rounds, peers in "
-         "rotating order, each ratio against its own round's in-engine run; micro-batched = the step in two halves).",
+         "alternating order, each ratio against its own round's in-engine run).",
          "", "| layout | P | lookup T=1 ms (local / remote, +added) | lookup T=16 ms (local / remote, +added) | "
          "sent B/token/layer | received B/token/layer | " + " | ".join(f"decode {n} streams tok/s (local / remote, ratio)"
                                                                        for n in streams) + " | same greedy tokens |",
@@ -313,10 +306,8 @@ def render_md(res: dict, streams: list[int]) -> str:
     for r in res["plans"]:
         a, b = r["T1"], r["T16"]
         cells = [f"{r[f'decode_{n}']['local_tok_s']:.1f} / {r[f'decode_{n}']['remote_tok_s']:.1f} "
-                 f"({r[f'decode_{n}']['ratio']:.2f}x)" + (f"; micro-batched {r[f'decode_{n}']['mb_tok_s']:.1f} "
-                                                         f"({r[f'decode_{n}']['mb_ratio']:.2f}x)"
-                                                         if "mb_tok_s" in r[f"decode_{n}"] else "") for n in streams]
-        same = all(r[f"decode_{n}"]["same_tokens"] and r[f"decode_{n}"].get("mb_same_tokens", True) for n in streams)
+                 f"({r[f'decode_{n}']['ratio']:.2f}x)" for n in streams]
+        same = all(r[f"decode_{n}"]["same_tokens"] for n in streams)
         L.append(f"| {r['layout']} | {r['P']} | {a['local_ms']:.2f} / {a['remote_ms']:.2f} (+{a['added_ms']:.2f}) | "
                  f"{b['local_ms']:.2f} / {b['remote_ms']:.2f} (+{b['added_ms']:.2f}) | {b['sent_B_per_token']:.0f} | "
                  f"{b['recv_B_per_token']:.0f} | " + " | ".join(cells) + f" | {'yes' if same else 'NO'} |")
@@ -346,8 +337,6 @@ def plot(res: dict, streams: list[int], path: Path) -> None:
     ax[0].set_title("latency added by remote shards")
     ax[0].legend()
     bars = [(f"{n} streams", [r[f"decode_{n}"]["ratio"] for r in res["plans"]]) for n in streams]
-    bars += [(f"{n} streams, micro-batched", [r[f"decode_{n}"]["mb_ratio"] for r in res["plans"]]) for n in streams
-             if all("mb_ratio" in r[f"decode_{n}"] for r in res["plans"])]
     width = 0.8 / len(bars)
     for k, (label, ys) in enumerate(bars):
         ax[1].bar([i + width * k for i in x], ys, width, label=label)

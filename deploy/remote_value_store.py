@@ -156,8 +156,6 @@ class RemoteValueStore(ValueStore):
         self.metrics = metrics
         self.retryable = _retryable()
         self.index_dtype = np.int32 if num_rows <= _INT32_MAX else np.int64
-        # decode steps in two micro-batches (runtime/engine.py): one's read in flight while the other computes
-        self.overlap_microbatches = True
         self.lookups = 0
         self.bytes_sent = 0
         self.bytes_received = 0

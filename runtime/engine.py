@@ -25,9 +25,6 @@ from .outputs import RequestMetrics, RequestOutput
 from .sampling import SamplingParams, sample
 from .tokenizer import IncrementalDetokenizer, missing_tokenizer_error
 
-# Micro-batches of fewer rows are not cut: measured on this CPU's BLAS, F.linear rows are bit-identical
-# between an M-row batch and its parts when every part has >= 4 rows, and differ at 1-3 rows (other kernels)
-MICROBATCH_MIN_ROWS = 4
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
 
@@ -337,12 +334,10 @@ class LLMEngine:
             if logits is not None:
                 tokens = sample(logits, [r.params for r in sampled_reqs], [r.generator for r in sampled_reqs])
                 return {sampled_reqs[0].request_id: tokens[0]}
-        parts = self._microbatches(plan.scheduled, ids) if rows else None
-        if parts is not None:
-            logits = self.model.forward_microbatches(parts, self.attn, torch.tensor(rows, device=self.args.device))
-            tokens = sample(logits, [r.params for r in sampled_reqs], [r.generator for r in sampled_reqs])
-            return {r.request_id: t for r, t in zip(sampled_reqs, tokens)}
-        meta = self._meta(plan.scheduled)
+        meta = AttentionMetadata.build(
+            [s.seq.seq_id for s in plan.scheduled], [s.num_new_tokens for s in plan.scheduled],
+            [s.start for s in plan.scheduled], [self.allocator.tables[s.seq.seq_id] for s in plan.scheduled],
+            self.allocator.block_size, device=self.args.device)
         if not rows:  # only partial prefill chunks this step: no LM head at all
             self.model.forward(torch.tensor(ids, device=self.args.device), meta, self.attn,
                                torch.empty(0, dtype=torch.int64, device=self.args.device))
@@ -371,28 +366,6 @@ class LLMEngine:
     def decode_compile_seconds(self) -> float | None:
         """Seconds the compiled decode step took to compile (None: not compiled, or not yet run)."""
         return None if self.decode_step is None else self.decode_step.compile_seconds
-
-    def _meta(self, scheduled) -> AttentionMetadata:
-        return AttentionMetadata.build(
-            [s.seq.seq_id for s in scheduled], [s.num_new_tokens for s in scheduled],
-            [s.start for s in scheduled], [self.allocator.tables[s.seq.seq_id] for s in scheduled],
-            self.allocator.block_size, device=self.args.device)
-
-    def _microbatches(self, scheduled, ids: list[int]):
-        """A decode step cut in two halves when the model's value reads are remote (a store with
-        `overlap_microbatches`, deploy/remote_value_store.py): Model.forward_microbatches then runs one
-        half's layers while the other's memory read is in flight. None otherwise (and for prefill, other
-        attention backends, or halves under MICROBATCH_MIN_ROWS rows)."""
-        n = len(scheduled)
-        if n < 2 * MICROBATCH_MIN_ROWS or len(ids) != n or not self.model.overlaps_value_reads:
-            return None
-        att = self.attn  # dense paged attention only (its per-step state lives in each meta); under the KV
-        kvm = getattr(att, "configs", None)  # memory's backend, only steps without a KV-memory sequence
-        if not (type(att) is DensePagedAttention or (type(getattr(att, "dense", None)) is DensePagedAttention
-                                                     and kvm is not None and not any(s.seq.seq_id in kvm for s in scheduled))):
-            return None
-        dev = self.args.device
-        return [(torch.tensor(ids[a:b], device=dev), self._meta(scheduled[a:b])) for a, b in ((0, n // 2), (n // 2, n))]
 
     def _postprocess(self, plan: BatchPlan, sampled: dict[str, int]) -> list[RequestOutput]:
         outputs = []

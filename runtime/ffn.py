@@ -97,29 +97,21 @@ class FFN:
         gu = self.gate_up(x)  # (T, 2I)
         return self.down(F.silu(gu[:, :self.inter]) * gu[:, self.inter:])
 
-    def start(self, x: torch.Tensor):
-        """Memory slot, first half: submit the value read (remote stores: on the wire now), then run the
-        MLP, which does not depend on it. `finish(state)` waits for the rows and adds them."""
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.memory
+        if m is None:
+            return self.mlp(x)
         t0 = time.perf_counter()
-        pending = self.memory.submit(x)
+        pending = m.submit(x)  # starts the value read (remote stores: on the wire now)
         t_sub = time.perf_counter() - t0
         y = self.mlp(x) if self.gate_up is not None else None
-        return x, pending, y, t_sub
-
-    def finish(self, state) -> torch.Tensor:
-        x, pending, y, t_sub = state
         t1 = time.perf_counter()
-        out = self.memory.finish(x, pending)
+        out = m.finish(x, pending)
         st = self.stats
         if st is not None:
             st.lookups_total += 1
             st.lookup_seconds_total += t_sub + time.perf_counter() - t1
         return out if y is None else y + out
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.memory is None:
-            return self.mlp(x)
-        return self.finish(self.start(x))
 
 
 def build_memory_layers(cfg: MemoryLayersConfig, hidden: int, w, has) -> tuple[dict[int, MemoryLayer],

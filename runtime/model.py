@@ -136,24 +136,21 @@ class Model:
                 m.values = store
 
     @property
-    def overlaps_value_reads(self) -> bool:
-        """Whether a value store asks for decode steps in micro-batches (remote shards: issue 17)."""
-        return any(getattr(s, "overlap_microbatches", False) for s in self._stores.values())
-
-    @property
     def memory_table_bytes(self) -> int:
         return sum(s.nbytes for s in self._stores.values())
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x, (x.shape[-1],), weight, self.eps)
 
-    def _layers(self, h: torch.Tensor, meta: AttentionMetadata, attn: AttentionBackend):
-        """The decoder layers on h (T, H), as a generator returning the final h: it yields once per
-        memory layer, with the value read in flight (FFN.start), so a caller may run another
-        micro-batch's layers before this one waits for its rows (forward_microbatches)."""
-        T = h.shape[0]
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata, attn: AttentionBackend,
+                logits_indices: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids (T,) int64 -> logits (len(logits_indices), V) fp32 (all T rows if None)."""
+        T = input_ids.shape[0]
         Hq, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
         qs, kvs = self.q_size, self.kv_size
+        attn.prepare(meta)
+        h = F.embedding(input_ids, self.embed)  # (T, H)
         for i, L in enumerate(self.layers):
             x = self._norm(h, L.input_norm)
             qkv = L.qkv(x)  # (T, (Hq+2Hkv)*D)
@@ -163,49 +160,8 @@ class Model:
             o = attn.forward(i, q, k, v, meta)  # (T, Hq, D)
             h = h + L.o(o.reshape(T, qs))
             x = self._norm(h, L.post_norm)
-            if L.ffn.memory is None:
-                h = h + L.ffn(x)
-            else:
-                state = L.ffn.start(x)
-                yield
-                h = h + L.ffn.finish(state)
-        return h
-
-    def _head(self, h: torch.Tensor, logits_indices: torch.Tensor | None) -> torch.Tensor:
+            h = h + L.ffn(x)
         if logits_indices is not None:
             h = h.index_select(0, logits_indices)  # (N, H)
         h = self._norm(h, self.final_norm)
         return self.lm_head(h).float()
-
-    @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata, attn: AttentionBackend,
-                logits_indices: torch.Tensor | None = None) -> torch.Tensor:
-        """input_ids (T,) int64 -> logits (len(logits_indices), V) fp32 (all T rows if None)."""
-        attn.prepare(meta)
-        layers = self._layers(F.embedding(input_ids, self.embed), meta, attn)
-        while True:
-            try:
-                next(layers)
-            except StopIteration as done:
-                return self._head(done.value, logits_indices)
-
-    @torch.inference_mode()
-    def forward_microbatches(self, parts: list[tuple[torch.Tensor, AttentionMetadata]], attn: AttentionBackend,
-                             logits_indices: torch.Tensor | None = None) -> torch.Tensor:
-        """`forward` of one step cut into micro-batches [(input_ids, meta)] (in batch order, disjoint
-        sequences; the backend must keep its per-step state in meta.backend_state): round robin at each
-        memory layer, so one micro-batch's value read (remote shards, issue 17) is in flight while the
-        others compute. Logits index the concatenated rows, as in `forward`."""
-        gens, outs = [], [None] * len(parts)
-        for ids, meta in parts:
-            attn.prepare(meta)
-            gens.append(self._layers(F.embedding(ids, self.embed), meta, attn))
-        live = list(range(len(parts)))
-        while live:
-            for k in list(live):
-                try:
-                    next(gens[k])
-                except StopIteration as done:
-                    outs[k] = done.value
-                    live.remove(k)
-        return self._head(torch.cat(outs), logits_indices)
