@@ -25,6 +25,7 @@ int8 value tables: the table tensor above stored as I8 (n_keys**2, v_dim) plus i
 
 from __future__ import annotations
 
+import bisect
 import time
 
 import torch
@@ -75,14 +76,30 @@ def optional_memory_shapes(cfg: MemoryLayersConfig, hidden: int, layer: int) -> 
     return opt
 
 
-class LookupStats:
-    """Counts memory reads (one per memory layer per forward) and the time spent waiting on them."""
+# upper bounds (seconds) of the per-read histogram buckets (+Inf last), Prometheus-style
+LOOKUP_SECONDS_BUCKETS = (1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0)
 
-    __slots__ = ("lookups_total", "lookup_seconds_total")
+
+class LookupStats:
+    """Counts memory reads (one per memory layer per forward) and the time spent waiting on them: totals,
+    per decoder layer ({layer: [reads, seconds]}) and a histogram of one read's seconds (`bucket_counts[k]`
+    = reads with LOOKUP_SECONDS_BUCKETS[k-1] < seconds <= LOOKUP_SECONDS_BUCKETS[k]; the last is +Inf)."""
+
+    __slots__ = ("lookups_total", "lookup_seconds_total", "per_layer", "bucket_counts")
 
     def __init__(self):
         self.lookups_total = 0
         self.lookup_seconds_total = 0.0
+        self.per_layer: dict[int, list] = {}
+        self.bucket_counts = [0] * (len(LOOKUP_SECONDS_BUCKETS) + 1)
+
+    def record(self, layer: int, seconds: float) -> None:
+        self.lookups_total += 1
+        self.lookup_seconds_total += seconds
+        c = self.per_layer.setdefault(layer, [0, 0.0])
+        c[0] += 1
+        c[1] += seconds
+        self.bucket_counts[bisect.bisect_left(LOOKUP_SECONDS_BUCKETS, seconds)] += 1
 
 
 class FFN:
@@ -107,10 +124,8 @@ class FFN:
         y = self.mlp(x) if self.gate_up is not None else None
         t1 = time.perf_counter()
         out = m.finish(x, pending)
-        st = self.stats
-        if st is not None:
-            st.lookups_total += 1
-            st.lookup_seconds_total += t_sub + time.perf_counter() - t1
+        if self.stats is not None:
+            self.stats.record(m.layer, t_sub + time.perf_counter() - t1)
         return out if y is None else y + out
 
 
@@ -135,7 +150,7 @@ def build_memory_layers(cfg: MemoryLayersConfig, hidden: int, w, has) -> tuple[d
             cfg, w(p + "query_proj.weight"), opt("query_proj.bias"), w(p + "keys"), stores[vname],
             value_proj=opt("value_proj.weight"), swilu_proj=w(p + "swilu_proj.weight") if cfg.swilu else None,
             value_bias=opt("value_proj.bias"), swilu_bias=opt("swilu_proj.bias") if cfg.swilu else None,
-            gate_w=opt("gate.weight"), gate_b=opt("gate.bias"))
+            gate_w=opt("gate.weight"), gate_b=opt("gate.bias"), layer=i)
     return layers, stores
 
 

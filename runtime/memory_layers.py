@@ -130,15 +130,17 @@ class MemoryLayer:
     (possibly shared) ValueStore."""
 
     __slots__ = ("cfg", "query_w", "query_b", "keys", "value_proj", "swilu_proj", "values", "value_bias",
-                 "swilu_bias", "gate_w", "gate_b")
+                 "swilu_bias", "gate_w", "gate_b", "layer")
 
     def __init__(self, cfg: MemoryLayersConfig, query_w, query_b, keys, values: ValueStore,
-                 value_proj=None, swilu_proj=None, value_bias=None, swilu_bias=None, gate_w=None, gate_b=None):
+                 value_proj=None, swilu_proj=None, value_bias=None, swilu_bias=None, gate_w=None, gate_b=None,
+                 layer: int = -1):
         self.cfg = cfg
         self.query_w, self.query_b, self.keys = query_w, query_b, keys
         self.values, self.value_proj, self.swilu_proj = values, value_proj, swilu_proj
         self.value_bias, self.swilu_bias = value_bias, swilu_bias
         self.gate_w, self.gate_b = gate_w, gate_b  # optional scalar gate per token: out *= sigmoid(gate(x))
+        self.layer = layer  # decoder layer index (per-layer lookup stats)
 
     def submit(self, x: torch.Tensor):
         """Query + product-key top-k, then start the value read; `finish(x, pending)` completes it."""

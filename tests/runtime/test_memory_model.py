@@ -118,6 +118,11 @@ def test_logits_and_greedy_match_float64_reference(memory_dir):
     assert rel_err(got, want) <= 1e-4
     st = eng.model.lookup_stats
     assert st.lookups_total > 0 and st.lookup_seconds_total > 0
+    mc = json.loads((memory_dir / "config.json").read_text())["memory_layers"]
+    assert sorted(st.per_layer) == sorted(mc["layers"])  # one read per memory layer per forward
+    reads = [c[0] for c in st.per_layer.values()]
+    assert len(set(reads)) == 1 and sum(reads) == st.lookups_total == sum(st.bucket_counts)
+    assert abs(sum(c[1] for c in st.per_layer.values()) - st.lookup_seconds_total) < 1e-9
 
 
 def test_memory_changes_the_output(tmp_path):
