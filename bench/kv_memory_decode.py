@@ -44,7 +44,8 @@ def main(argv=None):
     ap.add_argument("--lengths", default="1k,4k,8k,16k,32k")
     ap.add_argument("--reselect", default="1,16",
                     help="reselect_every variants; 'N:off' also turns question-time exact scoring off for that column "
-                         "(RetrievalPolicy.exact: the per-model profile's setting against none, same snapshots)")
+                         "(RetrievalPolicy.exact: the per-model profile's setting against none, same snapshots), "
+                         "'N:everyM' sets exact_every M")
     ap.add_argument("--steps", type=int, default=33)
     ap.add_argument("--compression", default="int4")
     ap.add_argument("--quantization", default="int8",
@@ -102,7 +103,8 @@ def main(argv=None):
     # rounds over every (length, column): a drift of this shared box (10-30% over minutes) then hits
     # every figure alike instead of whichever length ran during a slow spell
     runs: dict[tuple[int, str], list[float]] = {}
-    exact0 = mem_eng.memory.cfg.policy.exact  # the profile's (a loaded session's policy may be the engine's object)
+    # the profile's (a loaded session's policy may be the engine's object)
+    exact0, every0 = mem_eng.memory.cfg.policy.exact, mem_eng.memory.cfg.policy.exact_every
     for i in range(a.repeats):
         for L in lengths:
             ids = prompts[L]
@@ -113,6 +115,7 @@ def main(argv=None):
                 pol = mem_eng.memory.sessions.get(f"s{L}").memory.cfg.policy  # shared by its layers
                 pol.reselect_every = int(r.split(":")[0])
                 pol.exact = "off" if r.endswith(":off") else exact0
+                pol.exact_every = int(r.split(":every")[1]) if ":every" in r else every0
                 runs.setdefault((L, f"reselect{r}"), []).append(
                     timed_decode(mem_eng, f"m{L}-{r}-{i}", ids[-1:], params, session_id=f"s{L}"))
                 mem_eng.memory.sessions.delete(f"s{L}")
@@ -130,6 +133,7 @@ def main(argv=None):
              f"{a.threads} threads, median of {a.repeats} rounds over every cell", "",
              "| context tokens | dense paged | " + " | ".join(f"memory, reselect every {r.split(':')[0]}"
                                                         + (", exact scoring off" if r.endswith(":off") else "")
+                                                        + (f", exact_every {r.split(':every')[1]}" if ":every" in r else "")
                                                         for r in variants)
              + " | memory / dense at the shortest length |", "|---|" + "---|" * (len(cols) + 1)]
     for row in rows:

@@ -102,5 +102,5 @@ def test_grid_report_marks_cells_beyond_the_model(tmp_path):
     assert "| int4 | 16k | 33% (3) | 50% (2) | 1 |" in md  # the 90% cell: beyond the model
     assert "| dense | 16k | 0% (3) | 0% (2) | 1 |" in md
     # tuned vs held out: the memory's accuracy against dense's ceiling on the same cells (1/3 vs 2/3 = 50% kept)
-    assert "| TUNED | int4 | 16k | 33% (3) | 67% (3) | 50% | 50% (2) | 1 |" in md
+    assert "| TUNED | int4 | 16k | 33% (3) | 33% (3) | 67% (3) | 50% | 50% (2) | 1 |" in md
     assert "| 10% | 0 | 1 `` | 0 `` | 1 `` |" in md  # per-cell table: dense 8k, dense 16k, int4 16k
