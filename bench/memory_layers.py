@@ -29,9 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -42,6 +40,7 @@ import torch.nn.functional as F
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
+from host_info import cpu_name  # noqa: E402
 from kernel_roofline import measure_memory_bandwidth, run_case  # noqa: E402
 from memserve.kernels import embedding_bag  # noqa: E402
 from throughput import decode_tok_s, prompt_ids  # noqa: E402
@@ -50,14 +49,6 @@ RESULTS = BENCH / "results"
 MODEL_CACHE = Path("/tmp/memserve_bench_models")
 ELSIZE = {"float32": 4, "bfloat16": 2, "int8": 1}
 
-
-def cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        name = next(ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name"))
-    except (OSError, StopIteration):
-        name = platform.processor() or "unknown CPU"
-    return name
 
 
 # ----------------------------------------------------------------------------------------------- bag

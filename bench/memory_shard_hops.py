@@ -158,7 +158,7 @@ def main(argv=None) -> int:
                 out.append(r)
     finally:
         ray.shutdown()
-    from memory_shards import cpu_name  # bench/ is sys.path[0] when run as a script
+    from host_info import cpu_name  # bench/ is sys.path[0] when run as a script
 
     meta = {"cpu": cpu_name(), "cores": sys_cpu, "model": args.model, "K": K, "tokens": args.tokens,
             "calls": args.calls}

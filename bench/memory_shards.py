@@ -24,24 +24,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import threading
 import time
 from pathlib import Path
 
+from host_info import cpu_name  # bench/ is on sys.path (script dir, `memserve bench`, tests)
+
 RESULTS = Path(__file__).resolve().parent / "results"
 PLANS = [("columns", 1), ("columns", 2), ("columns", 3), ("rows", 1), ("rows", 2), ("rows", 3)]
 
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def prompt_ids(n: int, seed: int) -> list[int]:

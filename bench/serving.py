@@ -32,13 +32,14 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import socket
 import sys
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from host_info import cpu_name  # bench/ is on sys.path (script dir, `memserve bench`, tests)
 
 PROMPT_WORDS = ("memory river lantern orbit quiet copper meadow signal harbor violet engine summer paper "
                 "glacier whisper canyon").split()
@@ -353,15 +354,6 @@ def write_results(name: str, summaries: dict, head: str, cmd: str, load: list, w
     plot(summaries, RESULTS / f"{name}.png")
     print(f"wrote {RESULTS / name}.md / .json / .png")
 
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def main(argv=None) -> int:

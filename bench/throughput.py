@@ -28,12 +28,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from host_info import cpu_name  # bench/ is on sys.path (script dir, `memserve bench`, tests)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ENGINES = ("memserve-fp32", "memserve-int8", "memserve-int4", "memserve-int4-compile", "transformers",
@@ -288,7 +289,7 @@ def plot(results: dict, cfg: dict, path: Path) -> None:
         ax.bar([j + i * w for j in range(len(cols))], [results[e].get(k, 0) for k, _ in cols], w, label=e)
     ax.set_xticks([j + w * (len(engines) - 1) / 2 for j in range(len(cols))], [c[1] for c in cols], fontsize=8)
     ax.set_ylabel("tokens / s")
-    ax.set_title(f"SmolLM2-135M-Instruct (Q4_1 GGUF), {cfg['threads']} threads, {cpu_name()}")
+    ax.set_title(f"SmolLM2-135M-Instruct (Q4_1 GGUF), {cfg['threads']} threads, {cpu_name()} ({os.cpu_count()} cores)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -349,7 +350,7 @@ def main(argv=None) -> int:
     md = (f"`{cmd}` — SmolLM2-135M-Instruct (the default model's Q4_1 GGUF: memserve fp32/int8 and transformers "
           f"dequantize it, memserve int4 keeps its Q4_1 codes, llama.cpp runs it as Q4_1 and requantized to "
           f"Q8_0), {base['decode_tokens']} decode tokens per stream, memserve max_num_batched_tokens="
-          f"{base['max_batched']}, CPU: {cpu_name()}, load average at the end {os.getloadavg()[0]:.1f}. Ratios vs "
+          f"{base['max_batched']}, CPU: {cpu_name()} ({os.cpu_count()} cores), load average at the end {os.getloadavg()[0]:.1f}. Ratios vs "
           "llama.cpp Q4_1 at the same threads (decode: its single stream; llama-cpp-python runs one sequence at a "
           "time; its repacked weight buffers are off: they segfaulted on an earlier VM).\n")
     for threads, results in sorted(by_threads.items()):
@@ -366,15 +367,6 @@ def main(argv=None) -> int:
     print(f"\nwrote {out / 'throughput.md'}, throughput.json, throughput_t*.png", file=sys.stderr)
     return 0
 
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip() + f" ({os.cpu_count()} cores)"
-    except OSError:
-        pass
-    return platform.processor() or "CPU"
 
 
 if __name__ == "__main__":
