@@ -338,3 +338,20 @@ def prefill_logits(llm, ids: list[int]) -> torch.Tensor:
         return eng.model.forward(torch.tensor(ids), meta, eng.attn, None)
     finally:
         eng.allocator.free("logits")
+
+
+def fail_next_forwards(engine, make_exc) -> dict:
+    """Make an LLMEngine's step compute raise `make_exc()` while the returned counter's "n" > 0 (each
+    failing step takes one). Wraps LLMEngine._run, so whichever path computes the step fails: Model.forward
+    or the single-token decode fast path (runtime/decode_step.py), which does not call Model.forward."""
+    real = engine._run
+    left = {"n": 0}
+
+    def run(plan):
+        if left["n"] > 0:
+            left["n"] -= 1
+            raise make_exc()
+        return real(plan)
+
+    engine._run = run
+    return left

@@ -20,6 +20,7 @@ from memserve.deploy.worker import EngineWorker
 from memserve.runtime.async_engine import UNHEALTHY_AFTER, AsyncLLMEngine
 from serving_fake_engine import FakeAsyncEngine, FakeSampling
 from serving_testlib import LocalClient
+from tiny_models import fail_next_forwards
 
 
 def make():
@@ -135,14 +136,7 @@ def test_real_engine_failing_forward_flips_health_over_grpc(tiny_llama_dir):
     """Check and Watch over a real channel follow AsyncLLMEngine's health (stats() raises after
     UNHEALTHY_AFTER failing steps in a row; one good step makes it healthy again)."""
     eng = AsyncLLMEngine(str(tiny_llama_dir), progress=False, num_kv_blocks=64)
-    real, fail = eng.engine.model.forward, {"on": False}
-
-    def forward(*a, **k):
-        if fail["on"]:
-            raise RuntimeError("injected forward failure")
-        return real(*a, **k)
-
-    eng.engine.model.forward = forward
+    fail = fail_next_forwards(eng.engine, lambda: RuntimeError("injected forward failure"))
     ing = make_ingress(LocalClient(EngineWorker(eng, model_name="tiny", replica="r0")), unavailable_timeout_s=10.0)
     req = pb.GenerateRequest(prompt_token_ids=[1, 2, 3], sampling=pb.SamplingParams(max_tokens=2, temperature=0.0))
 
@@ -159,14 +153,14 @@ def test_real_engine_failing_forward_flips_health_over_grpc(tiny_llama_dir):
                 watch = health.Watch(health_pb2.HealthCheckRequest(service="memserve.v1.MemServe"), timeout=60)
                 seen.append(("check", await check()))
                 seen.append(("watch", (await watch.read()).status))
-                fail["on"] = True
+                fail["n"] = UNHEALTHY_AFTER
                 for _ in range(UNHEALTHY_AFTER):
                     with pytest.raises(grpc.aio.AioRpcError) as ei:
                         _ = [m async for m in stub.Generate(req, timeout=10)]
                     assert ei.value.code() == grpc.StatusCode.UNAVAILABLE, ei.value
                 seen.append(("check", await check()))
                 seen.append(("watch", (await watch.read()).status))
-                fail["on"] = False
+                assert fail["n"] == 0  # each Generate failed at its first step
                 msgs = [m async for m in stub.Generate(req, timeout=10)]  # a good step: healthy again
                 assert msgs[-1].finish_reason == "length"
                 seen.append(("check", await check()))

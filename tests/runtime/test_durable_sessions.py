@@ -12,6 +12,7 @@ from memserve.runtime.errors import DataLossError, EngineStepError, SessionNotFo
 from memserve.runtime.sampling import SamplingParams
 from memserve.runtime.session_store import open_session_store
 from memserve.runtime.sessions import torch_equal_sessions
+from tiny_models import fail_next_forwards
 
 CFG = {"n_init": 4, "n_local": 32, "block_size": 8, "repr_topk": 2, "chunk_size": 24, "key_group": 8,
        "value_group": 8, "topk": 10_000, "compression": "none"}
@@ -180,16 +181,7 @@ def test_forward_exception_fails_only_that_step_and_frees_blocks(tiny_llama_dir)
     eng = LLMEngine(str(tiny_llama_dir), progress=False, kv_memory="off", max_num_seqs=1)
     aeng = AsyncLLMEngine(engine=eng)
     free0 = eng.allocator.num_free_blocks
-    real = eng.model.forward
-    fail = {"n": 0}
-
-    def forward(*a, **k):
-        if fail["n"] > 0:
-            fail["n"] -= 1
-            raise _Boom("injected")
-        return real(*a, **k)
-
-    eng.model.forward = forward
+    fail = fail_next_forwards(eng, lambda: _Boom("injected"))
 
     async def one(rid, prompt, n=4):
         return [o async for o in aeng.generate(prompt, _greedy(n), rid)][-1]

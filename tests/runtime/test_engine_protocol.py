@@ -48,6 +48,7 @@ class Impl:
 def _real(tiny_llama_dir, tmp_path) -> Impl:
     from memserve.runtime.async_engine import AsyncLLMEngine
     from memserve.runtime.sampling import SamplingParams
+    from tiny_models import fail_next_forwards
 
     def make(sessions=True, max_waiting=4, max_running=2):
         mem = ({"kv_memory": "auto", "kv_memory_config": KV_CFG, "session_store": str(tmp_path / "store")}
@@ -56,16 +57,7 @@ def _real(tiny_llama_dir, tmp_path) -> Impl:
                               max_num_seqs=max_running, num_kv_blocks=64, block_size=4, **mem)
 
     def break_steps(eng, n):
-        model, real = eng.engine.model, eng.engine.model.forward
-        left = {"n": n}
-
-        def forward(*a, **k):
-            if left["n"] > 0:
-                left["n"] -= 1
-                raise RuntimeError("injected forward failure")
-            return real(*a, **k)
-
-        model.forward = forward
+        fail_next_forwards(eng.engine, lambda: RuntimeError("injected forward failure"))["n"] = n
 
     return Impl("real", make, SamplingParams, break_steps)
 
