@@ -112,19 +112,30 @@ def test_policy_rejects_bad_exact_settings():
         RetrievalPolicy(exact_every=-1)
 
 
+# a tiny engine's KV memory with question-time exact scoring (the two engine tests below)
+ENGINE_EXACT_CFG = {"n_init": 4, "n_local": 32, "block_size": 8, "repr_topk": 2, "chunk_size": 24, "key_group": 8,
+                    "value_group": 8, "topk": 2, "compression": "int4", "exact": "query"}
+
+
+def _count_exact_scorings(monkeypatch) -> list[int]:
+    """The number of blocks of each exact scoring the memory makes (working_set.exact_block_scores calls)."""
+    from memserve.runtime.kv_memory import working_set
+
+    calls: list[int] = []
+    orig = working_set.exact_block_scores
+    monkeypatch.setattr(working_set, "exact_block_scores",
+                        lambda kq, q, group: calls.append(kq.data.shape[0]) or orig(kq, q, group))
+    return calls
+
+
 def test_engine_scores_exactly_only_the_chunk_that_ends_the_prompt(tiny_llama_dir, monkeypatch):
     """Through the engine (backend -> prompt_end): with exact_every 0 only the last prefill chunk of each
     layer is scored exactly (once per layer), body chunks and decode keep the representatives."""
     from memserve.runtime.engine import LLMEngine
-    from memserve.runtime.kv_memory import working_set
     from memserve.runtime.sampling import SamplingParams
 
-    calls = []
-    orig = working_set.exact_block_scores
-    monkeypatch.setattr(working_set, "exact_block_scores",
-                        lambda kq, q, group: calls.append(kq.data.shape[0]) or orig(kq, q, group))
-    cfg = {"n_init": 4, "n_local": 32, "block_size": 8, "repr_topk": 2, "chunk_size": 24, "key_group": 8,
-           "value_group": 8, "topk": 2, "compression": "int4", "exact": "query"}
+    calls = _count_exact_scorings(monkeypatch)
+    cfg = dict(ENGINE_EXACT_CFG)
     eng = LLMEngine(str(tiny_llama_dir), progress=False, kv_memory="retrieval", kv_memory_config=cfg)
     prompt = torch.randint(5, 1000, (300,), generator=torch.Generator().manual_seed(1)).tolist()
     eng.add_request("r", prompt, SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True))
@@ -175,15 +186,10 @@ def test_ingest_marks_no_prompt_end_so_a_document_in_pieces_equals_one_prompt(ti
     document ingested in chunk-aligned pieces then questioned gives the one-shot answer (bench/longctx_grid.py
     resumes its long cells this way)."""
     from memserve.runtime.engine import LLMEngine
-    from memserve.runtime.kv_memory import working_set
     from memserve.runtime.sampling import SamplingParams
 
-    calls = []
-    orig = working_set.exact_block_scores
-    monkeypatch.setattr(working_set, "exact_block_scores",
-                        lambda kq, q, group: calls.append(kq.data.shape[0]) or orig(kq, q, group))
-    cfg = {"n_init": 4, "n_local": 32, "block_size": 8, "repr_topk": 2, "chunk_size": 24, "key_group": 8,
-           "value_group": 8, "topk": 2, "compression": "int4", "exact": "query"}
+    calls = _count_exact_scorings(monkeypatch)
+    cfg = dict(ENGINE_EXACT_CFG)
     g = torch.Generator().manual_seed(3)
     doc, question = torch.randint(5, 1000, (240,), generator=g).tolist(), torch.randint(5, 1000, (12,), generator=g).tolist()
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
