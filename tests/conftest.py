@@ -71,3 +71,22 @@ def default_gguf_path() -> Path:
     from memserve.runtime.loader import default_gguf_path
 
     return default_gguf_path()
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_ckpt(tiny_llama_dir):
+    """tiny_llama_dir loaded once per module (the engines a module builds share its tensors)."""
+    from memserve.runtime.loader import load_checkpoint
+
+    return load_checkpoint(str(tiny_llama_dir), progress=False)
+
+
+@pytest.fixture
+def tiny_async_engine(tiny_llama_ckpt):
+    """An AsyncLLMEngine on the tiny Llama (2 running, 4 waiting, 128 KV blocks of 4), shut down after the test."""
+    from memserve.runtime.async_engine import AsyncLLMEngine
+
+    eng = AsyncLLMEngine(tiny_llama_ckpt, progress=False, num_kv_blocks=128, block_size=4, max_waiting=4,
+                         max_num_seqs=2)
+    yield eng
+    eng.shutdown()

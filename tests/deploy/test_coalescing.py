@@ -14,24 +14,15 @@ import pytest
 from memserve.deploy.worker import EngineWorker
 from memserve.runtime import SamplingParams
 from memserve.runtime import engine as engine_mod
-from memserve.runtime.async_engine import AsyncLLMEngine
-from memserve.runtime.loader import load_checkpoint
 from memserve.runtime.outputs import RequestOutput, merge_outputs
 from memserve.runtime.tokenizer import byte_level_alphabet
 
 SLOW_S = 0.03  # the consumer's pause per item: many engine steps of the tiny model
 
 
-@pytest.fixture(scope="module")
-def ckpt(tiny_llama_dir):
-    return load_checkpoint(str(tiny_llama_dir), progress=False)
-
-
 @pytest.fixture
-def engine(ckpt):
-    eng = AsyncLLMEngine(ckpt, progress=False, num_kv_blocks=128, block_size=4, max_waiting=4, max_num_seqs=2)
-    yield eng
-    eng.shutdown()
+def engine(tiny_async_engine):
+    return tiny_async_engine
 
 
 def byte_tokens(tok, data: bytes) -> list[int]:

@@ -4,24 +4,15 @@ import asyncio
 
 import pytest
 from memserve.runtime import SamplingParams
-from memserve.runtime.async_engine import AsyncLLMEngine
 from memserve.runtime.engine import LLMEngine
 from memserve.runtime.errors import InvalidRequestError, QueueFullError
-from memserve.runtime.loader import load_checkpoint
 
 GREEDY = dict(temperature=0, ignore_eos=True)
 
 
-@pytest.fixture(scope="module")
-def ckpt(tiny_llama_dir):
-    return load_checkpoint(str(tiny_llama_dir), progress=False)
-
-
 @pytest.fixture
-def engine(ckpt):
-    eng = AsyncLLMEngine(ckpt, progress=False, num_kv_blocks=128, block_size=4, max_waiting=4, max_num_seqs=2)
-    yield eng
-    eng.shutdown()
+def engine(tiny_async_engine):
+    return tiny_async_engine
 
 
 async def collect(eng, prompt, params, rid):
@@ -38,7 +29,7 @@ def test_streams_concurrent_requests_like_the_sync_engine(engine, request):
         assert len(stream) == 6 and stream[-1].finish_reason == "length"
         assert [t for o in stream for t in o.new_token_ids] == stream[-1].token_ids
     # same greedy tokens as a synchronous engine alone
-    ref = LLMEngine(request.getfixturevalue("ckpt"), progress=False, num_kv_blocks=64)
+    ref = LLMEngine(request.getfixturevalue("tiny_llama_ckpt"), progress=False, num_kv_blocks=64)
     ref.add_request("x", list(range(10, 19)), SamplingParams(max_tokens=6, **GREEDY))
     final = None
     while ref.has_unfinished():
