@@ -32,7 +32,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import sys
 import time
 import uuid
@@ -40,6 +39,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from host_info import cpu_name  # bench/ is on sys.path (script dir, `memserve bench`, tests)
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from serving_testlib import free_port  # noqa: E402  (ports outside Ray's and the kernel's ranges)
 
 PROMPT_WORDS = ("memory river lantern orbit quiet copper meadow signal harbor violet engine summer paper "
                 "glacier whisper canyon").split()
@@ -186,12 +188,6 @@ def _merge(waves: list[Wave]) -> Wave:
         for k, v in w.cpu_s.items():
             out.cpu_s[k] = out.cpu_s.get(k, 0.0) + v
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def app_name_of(topology: str) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import random
 import socket
 import subprocess
 import tempfile
@@ -56,10 +57,50 @@ def local_ray():
             else:
                 os.environ[k] = v
 
+# Test servers listen on ports drawn from 20000-32767: below Linux's ephemeral range (32768-60999),
+# where every outgoing connection and every bind to port 0 lands -- Ray's own components pick their
+# ports there too (bind(0), then a random port above it) -- and above Ray's worker ports
+# (10002-19999). A port from bind(0) was free when asked but taken by Ray's start-up before Serve's
+# proxy bound it: a clean-clone CI run failed 24 tests with "Failed to bind to address [::]:40033".
+_TEST_PORTS = (20000, 32767)
+_handed_out: set[int] = set()
+
+
+def _bindable(family: socket.AddressFamily, port: int) -> bool:
+    try:
+        with socket.socket(family) as s:
+            if family == socket.AF_INET6:
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            s.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", port))
+        return True
+    except OSError:
+        return False
+
+
+def _ipv6() -> bool:
+    try:
+        socket.socket(socket.AF_INET6).close()
+        return True
+    except OSError:
+        return False
+
+
+_FAMILIES = (socket.AF_INET, socket.AF_INET6) if _ipv6() else (socket.AF_INET,)
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port nobody listens on now (IPv4 and IPv6 wildcard, as gRPC binds [::]), outside the ranges
+    that Ray and the kernel hand out, and never the same one twice in this process."""
+    rng = random.Random()  # seeded from os.urandom: parallel test processes draw differently
+    for _ in range(500):
+        port = rng.randint(*_TEST_PORTS)
+        if port in _handed_out:
+            continue
+        if not all(_bindable(family, port) for family in _FAMILIES):
+            continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError(f"no free port in {_TEST_PORTS} after 500 tries")
 
 
 def wait_for(cond, timeout_s: float, what: str, period: float = 0.2):
