@@ -89,7 +89,7 @@ def needle_ranks(mem: SequenceKVMemory, needle_pos: int, granularity: str, per_u
 
     per_unit (a list): gets, per layer, the rank in every selection unit (KV head / q head), and the number of
     blocks, so one sees whether a few heads find the needle (retrieval heads) or none does."""
-    from memserve.scheduler.kv_policy import select_blocks  # noqa: F401 (same aggregation)
+    from memserve.runtime.kv_memory.selection import select_blocks  # noqa: F401 (same aggregation)
 
     out = []
     for lm in mem.layers:

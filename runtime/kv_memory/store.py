@@ -5,7 +5,6 @@ and `SequenceKVMemory` (one KVLayerStore per layer of a sequence or session)."""
 from __future__ import annotations
 
 import torch
-from memserve.scheduler.kv_policy import blocks_to_evict
 
 from .attention import AttentionMixin
 from .buffers import _Rows
@@ -13,6 +12,7 @@ from .config import KVMemoryConfig
 from .positions import _PlanCache
 from .quant import QuantizedBlocks, dequantize, dequantize_block_heads, quantize
 from .representatives import block_centroids, block_representatives
+from .selection import blocks_to_evict
 from .snapshots import _PARTS, _STORE_FIELDS, SnapshotMixin
 from .working_set import WorkingSetMixin
 

@@ -1,4 +1,4 @@
-"""The KV memory's working set: which blocks a step attends (scores through memserve.kernels, selection through scheduler.kv_policy),
+"""The KV memory's working set: which blocks a step attends (scores through memserve.kernels, selection through selection.py),
 decode's slots of picked blocks in front of the window, and the LRU device cache of dequantized blocks."""
 
 from __future__ import annotations
@@ -7,11 +7,11 @@ import math
 
 import torch
 from memserve.kernels import score_block_reprs
-from memserve.scheduler.kv_policy import rerank_candidates, select_blocks
 
 from .buffers import _Rows
 from .quant import dequantize_block_heads, exact_block_scores
 from .representatives import block_centroids
+from .selection import rerank_candidates, select_blocks
 
 
 class WorkingSetMixin:

@@ -15,7 +15,8 @@ from memserve.runtime.kv_memory.quant import (
     dequantize_block_heads,
     quantize,
 )
-from memserve.scheduler.kv_policy import RetrievalPolicy, select_blocks
+from memserve.runtime.kv_memory.selection import select_blocks
+from memserve.scheduler.kv_policy import RetrievalPolicy
 
 HQ, HKV, D = 6, 2, 16
 

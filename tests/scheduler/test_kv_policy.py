@@ -1,61 +1,21 @@
-"""KV-memory policy: top-k selection per granularity, eviction order (and the block-scoring op it ranks by)."""
+"""KV-memory retrieval policy (pure CPU settings) and the scheduler's no-torch contract."""
 
-import torch
-from memserve.kernels import score_block_reprs
-from memserve.scheduler.kv_policy import RetrievalPolicy, blocks_to_evict, select_blocks
+import subprocess
+import sys
 
-
-def block_scores(q, reprs, mode):
-    return score_block_reprs(q[None], [reprs], mode)[0]
-
-
-def test_block_scores_match_explicit_loops():
-    g = torch.Generator().manual_seed(0)
-    hq, hkv, nb, r, d = 6, 2, 5, 3, 8
-    q = torch.randn(hq, d, generator=g, dtype=torch.float64)
-    reprs = torch.randn(nb, hkv, r, d, generator=g, dtype=torch.float64)
-    s = block_scores(q, reprs.permute(1, 3, 0, 2), "max")  # stored column-major (Hkv, D, NB, R)
-    for h in range(hq):
-        for b in range(nb):
-            assert torch.isclose(s[h, b], max(q[h] @ reprs[b, h // 3, i] for i in range(r)))
-    quest = torch.stack((reprs.amin(2), reprs.amax(2)), 2)  # (NB, Hkv, 2, D)
-    s = block_scores(q, quest.permute(1, 3, 0, 2), "quest")
-    for h in range(hq):
-        for b in range(nb):
-            lo, hi = quest[b, h // 3, 0], quest[b, h // 3, 1]
-            assert torch.isclose(s[h, b], torch.maximum(q[h] * lo, q[h] * hi).sum())
-    # Quest's bound really bounds q.k for every key between min and max
-    keys = lo + (hi - lo) * torch.rand(50, d, generator=g, dtype=torch.float64)
-    assert (keys @ q[h] <= s[h, b] + 1e-12).all()
-
-
-def test_select_granularities():
-    scores = torch.tensor([[5.0, 1, 0, 9], [0, 10, 1, 0], [1, 0, 7, 0], [0, 0, 1, 6]])  # (Hq=4, NB=4)
-    idx, valid, mask = select_blocks(scores, 1, "q_head", num_kv_heads=2)
-    assert idx[:, 0].tolist() == [3, 1, 2, 3] and valid.all()
-    idx, valid, mask = select_blocks(scores, 1, "kv_head", num_kv_heads=2)
-    assert idx[:, 0].tolist() == [1, 1, 2, 2]  # group sums [5, 11, 1, 9] and [1, 0, 8, 6]
-    idx, valid, mask = select_blocks(scores, 2, "shared", num_kv_heads=2)
-    assert (mask == mask[0]).all() and mask[0].tolist() == [False, True, False, True]  # sums [6, 11, 9, 15]
-    extra = torch.zeros(4, 4, dtype=torch.bool)
-    extra[0, 0] = True
-    idx, valid, mask = select_blocks(scores, 1, "q_head", num_kv_heads=2, extra=extra)
-    assert idx.shape == (4, 2) and valid.sum(1).tolist() == [2, 1, 1, 1]
-    assert idx[0].tolist() == [0, 3]  # picks listed in block order
-    # next_blocks: the block after each of the best picks joins (not past the last block)
-    _, _, mask = select_blocks(scores, 2, "q_head", num_kv_heads=2, next_blocks=1)
-    assert mask.int().tolist() == [[1, 0, 0, 1], [0, 1, 1, 0], [1, 0, 1, 1], [0, 0, 1, 1]]
-    _, _, mask = select_blocks(scores, 1, "q_head", num_kv_heads=2, next_blocks=0)
-    assert mask.sum().item() == 4
-
-
-def test_eviction_least_selected_oldest_first():
-    counts = torch.tensor([3, 0, 5, 0, 1])
-    assert blocks_to_evict(counts, 100, 500, 500).numel() == 0
-    assert blocks_to_evict(counts, 100, 500, 301).tolist() == [1, 3]
-    assert blocks_to_evict(counts, 100, 500, 250).tolist() == [1, 3, 4]
+from memserve.scheduler.kv_policy import RetrievalPolicy
 
 
 def test_policy_topk_overrides():
     p = RetrievalPolicy(topk=4, dense_layers=(0,), layer_topk=((2, 8),))
     assert p.topk_for(0, 30) == 30 and p.topk_for(1, 30) == 4 and p.topk_for(2, 30) == 8 and p.topk_for(2, 5) == 5
+
+
+def test_scheduler_imports_no_torch():
+    """scheduler/ is the policy: pure CPU, importable without torch (the tensor code applying it lives in
+    runtime/). A fresh interpreter imports every scheduler module and must not have loaded torch."""
+    code = ("import sys, importlib, pkgutil, memserve.scheduler as s\n"
+            "for m in pkgutil.iter_modules(s.__path__): importlib.import_module('memserve.scheduler.' + m.name)\n"
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
