@@ -35,6 +35,8 @@ import threading
 import time
 from dataclasses import dataclass
 
+from memserve.runtime.engine_protocol import LOOKUP_SECONDS_BUCKETS
+
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 PREFIX = "memserve:"
 
@@ -77,6 +79,7 @@ class ServingMetrics:
     # memory layers (issue 16): the engine's value-table reads, all memory layers of the replica together
     memory_lookups: object
     memory_lookup_seconds: object
+    memory_lookup_read_seconds: object  # per memory layer (label `layer`): one read's seconds
 
     @classmethod
     def create(cls, registry=None) -> "ServingMetrics":
@@ -130,6 +133,10 @@ class ServingMetrics:
             memory_lookup_seconds=Counter(f"{PREFIX}memory_lookup_seconds", "Seconds the engine spent on "
                                           "memory-layer value-table reads (rate / rate of memserve:memory_lookups_total "
                                           "= mean read time).", ["model_name"], **kw),
+            memory_lookup_read_seconds=Histogram(f"{PREFIX}memory_lookup_read_seconds", "Seconds of one memory-"
+                                                 "layer value-table read, by decoder layer (_count = reads of the "
+                                                 "layer, _sum = its seconds).", ["model_name", "layer"],
+                                                 buckets=LOOKUP_SECONDS_BUCKETS, **kw),
         )
 
 

@@ -78,6 +78,7 @@ class EngineWorker:
         self.sampling_cls = sampling_cls
         self._blocks_retrieved_seen = 0
         self._lookups_seen, self._lookup_seconds_seen = 0, 0.0
+        self._layer_buckets_seen: dict = {}  # layer -> the per-bucket (reads, seconds) last replayed
 
     # ---- Generate -----------------------------------------------------------------------------
     def _prompt(self, req: dict) -> str | list[int]:
@@ -211,6 +212,21 @@ class EngineWorker:
             lookups.inc(n - self._lookups_seen)
             seconds.inc(max(0.0, secs - self._lookup_seconds_seen))
             self._lookups_seen, self._lookup_seconds_seen = n, secs
+        self._replay_read_histograms(stats.memory_lookup_layers)
+
+    def _replay_read_histograms(self, layers: dict) -> None:
+        """memserve:memory_lookup_read_seconds{layer} from the engine's cumulative per-layer buckets
+        ([(reads, seconds)] per bucket): a bucket that gained d reads totalling s seconds is observed d times
+        at s / d. The mean of reads that all fell in one bucket lies in that bucket, so bucket counts, _count
+        and _sum come out exactly as if each read had been observed (public prometheus_client API only)."""
+        hist = self.metrics.memory_lookup_read_seconds
+        for layer, buckets in layers.items():
+            child = hist.labels(self.model_name, str(layer))
+            seen = self._layer_buckets_seen.setdefault(layer, [(0, 0.0)] * len(buckets))
+            for (n, secs), (n0, s0) in zip(buckets, seen):
+                for _ in range(n - n0):
+                    child.observe(max(0.0, secs - s0) / (n - n0))
+            self._layer_buckets_seen[layer] = list(buckets)
 
 
 def _usage(out) -> dict:

@@ -144,6 +144,8 @@ class EngineStats:
     # memory layers (issue 16): value-table reads, one per memory layer per forward, summed over layers
     memory_lookups_total: int = 0
     memory_lookup_seconds_total: float = 0.0  # time spent in / waiting on those reads
+    # per memory layer: [(reads, seconds) per bucket of engine_protocol.LOOKUP_SECONDS_BUCKETS (+Inf last)]
+    memory_lookup_layers: dict[int, list[tuple[int, float]]] = field(default_factory=dict)
 
 
 class Request:
@@ -452,7 +454,8 @@ class LLMEngine:
             kv_cache_usage_perc=a.usage, num_free_blocks=a.num_free_blocks, num_total_blocks=a.num_blocks,
             kv_memory_bytes={"device": used * per_block}, num_preemptions_total=self.scheduler.num_preemptions_total,
             memory_lookups_total=self.model.lookup_stats.lookups_total,
-            memory_lookup_seconds_total=self.model.lookup_stats.lookup_seconds_total)
+            memory_lookup_seconds_total=self.model.lookup_stats.lookup_seconds_total,
+            memory_lookup_layers=self.model.lookup_stats.layer_histograms())
         if self.memory is not None:
             tiers, st.sessions_active, st.blocks_retrieved_total = self.memory.stats()
             st.kv_memory_bytes.update(tiers)

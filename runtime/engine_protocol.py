@@ -19,6 +19,10 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any, Protocol, runtime_checkable
 
+# upper bounds (seconds) of the per-read memory-lookup histogram buckets (+Inf last), Prometheus-style: the
+# engine's LookupStats (runtime/ffn.py) counts into them, deploy/metrics.py's histogram uses the same bounds
+LOOKUP_SECONDS_BUCKETS = (1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0)
+
 
 @runtime_checkable
 class OutputLike(Protocol):
@@ -48,6 +52,8 @@ class StatsLike(Protocol):
     blocks_retrieved_total: int
     memory_lookups_total: int  # memory-layer value reads (all memory layers together); 0 for dense models
     memory_lookup_seconds_total: float  # seconds spent on those reads
+    # per memory layer: [(reads, seconds) per bucket of LOOKUP_SECONDS_BUCKETS, +Inf last]; {} if dense
+    memory_lookup_layers: dict[int, list[tuple[int, float]]]
 
 
 @runtime_checkable

@@ -31,6 +31,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from .engine_protocol import LOOKUP_SECONDS_BUCKETS
 from .memory_layers import MemoryLayer, MemoryLayersConfig, TensorValueStore, ValueStore
 
 SHARED_VALUES = "model.memory_values.weight"
@@ -76,22 +77,23 @@ def optional_memory_shapes(cfg: MemoryLayersConfig, hidden: int, layer: int) -> 
     return opt
 
 
-# upper bounds (seconds) of the per-read histogram buckets (+Inf last), Prometheus-style
-LOOKUP_SECONDS_BUCKETS = (1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0)
 
 
 class LookupStats:
     """Counts memory reads (one per memory layer per forward) and the time spent waiting on them: totals,
     per decoder layer ({layer: [reads, seconds]}) and a histogram of one read's seconds (`bucket_counts[k]`
-    = reads with LOOKUP_SECONDS_BUCKETS[k-1] < seconds <= LOOKUP_SECONDS_BUCKETS[k]; the last is +Inf)."""
+    = reads with LOOKUP_SECONDS_BUCKETS[k-1] < seconds <= LOOKUP_SECONDS_BUCKETS[k]; the last is +Inf),
+    also per layer with each bucket's seconds (`layer_buckets[layer][k] = [reads, seconds]`: what the
+    serving metrics replay into a Prometheus histogram, exactly - see deploy/worker.py)."""
 
-    __slots__ = ("lookups_total", "lookup_seconds_total", "per_layer", "bucket_counts")
+    __slots__ = ("lookups_total", "lookup_seconds_total", "per_layer", "bucket_counts", "layer_buckets")
 
     def __init__(self):
         self.lookups_total = 0
         self.lookup_seconds_total = 0.0
         self.per_layer: dict[int, list] = {}
         self.bucket_counts = [0] * (len(LOOKUP_SECONDS_BUCKETS) + 1)
+        self.layer_buckets: dict[int, list[list]] = {}
 
     def record(self, layer: int, seconds: float) -> None:
         self.lookups_total += 1
@@ -99,7 +101,15 @@ class LookupStats:
         c = self.per_layer.setdefault(layer, [0, 0.0])
         c[0] += 1
         c[1] += seconds
-        self.bucket_counts[bisect.bisect_left(LOOKUP_SECONDS_BUCKETS, seconds)] += 1
+        k = bisect.bisect_left(LOOKUP_SECONDS_BUCKETS, seconds)
+        self.bucket_counts[k] += 1
+        b = self.layer_buckets.setdefault(layer, [[0, 0.0] for _ in range(len(LOOKUP_SECONDS_BUCKETS) + 1)])[k]
+        b[0] += 1
+        b[1] += seconds
+
+    def layer_histograms(self) -> dict[int, list[tuple[int, float]]]:
+        """A copy of `layer_buckets` ({layer: [(reads, seconds) per bucket]}) for EngineStats."""
+        return {i: [(n, s) for n, s in b] for i, b in list(self.layer_buckets.items())}  # list(): atomic vs record()
 
 
 class FFN:

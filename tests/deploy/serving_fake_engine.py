@@ -79,6 +79,7 @@ class FakeStats:
     blocks_retrieved_total: int
     memory_lookups_total: int = 0  # the double has no memory layers
     memory_lookup_seconds_total: float = 0.0
+    memory_lookup_layers: dict = field(default_factory=dict)
 
 
 class FakeTokenizer:

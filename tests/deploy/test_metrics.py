@@ -1,5 +1,6 @@
 """deploy/metrics.py: several processes write, one exporter merges (prometheus-client multiprocess)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -27,6 +28,13 @@ WRITER = textwrap.dedent("""
     if len(sys.argv) > 3:
         print("ready", flush=True); time.sleep(60)
 """)
+
+
+def _le(bound: float) -> str:
+    """A bucket bound as the exposition text writes it (prometheus_client's floatToGoString)."""
+    from prometheus_client.utils import floatToGoString
+
+    return floatToGoString(bound)
 
 
 def _samples(text: bytes) -> dict:
@@ -121,7 +129,7 @@ def test_memory_shard_metrics_are_exported(tmp_path):
 
 
 MEMORY_WRITER = textwrap.dedent("""
-    import sys
+    import json, sys
     sys.path.insert(0, sys.argv[2])
     import torch
     from pathlib import Path
@@ -134,18 +142,26 @@ MEMORY_WRITER = textwrap.dedent("""
     model, forwards = llm.engine.model, []
     real = model.forward
     model.forward = lambda *a, **k: (forwards.append(1), real(*a, **k))[1]
+    reads = []  # every read's (layer, seconds) as the engine records it: the test's reference histogram
+    from memserve.runtime.ffn import LookupStats
+    record = LookupStats.record
+    LookupStats.record = lambda self, layer, sec: (reads.append((layer, sec)), record(self, layer, sec))[1]
     worker = EngineWorker(llm.engine, model_name="tiny-mem", replica="r0", metrics=get_metrics())
     worker.update_gauges()  # before any lookup: the counters are exported at 0
     llm.generate([[5, 6, 7, 8]], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True), use_tqdm=False)
     worker.update_gauges()
     worker.update_gauges()  # no new lookups: no double counting
-    print(len(forwards) * len(model.memory_layers), model.lookup_stats.lookup_seconds_total, flush=True)
+    llm.generate([[9, 10]], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True), use_tqdm=False)
+    worker.update_gauges()  # the per-layer histogram again: only the new reads are added
+    print(json.dumps({"forwards": len(forwards), "layers": sorted(model.memory_layers), "reads": reads,
+                      "seconds_total": model.lookup_stats.lookup_seconds_total}))
 """)
 
 
 def test_memory_lookup_counters_from_a_real_memory_model(tmp_path):
     """memserve:memory_lookups_total / memserve:memory_lookup_seconds_total (all memory layers of the replica
-    together) in the exposition text, fed from a real tiny memory model's engine stats by EngineWorker."""
+    together) and the per-layer histogram memserve:memory_lookup_read_seconds in the exposition text, fed
+    from a real tiny memory model's engine stats by EngineWorker."""
     from pathlib import Path
 
     d = tmp_path / "prom"
@@ -157,12 +173,25 @@ def test_memory_lookup_counters_from_a_real_memory_model(tmp_path):
     r = subprocess.run([sys.executable, "-c", MEMORY_WRITER, str(tmp_path), tests_dir], env=env, capture_output=True,
                        text=True, timeout=120, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
-    want_lookups, seconds = r.stdout.split()
+    info = json.loads(r.stdout.splitlines()[-1])
     text = M.render(str(d))
     assert b"# TYPE memserve:memory_lookups_total counter" in text or b"# TYPE memserve:memory_lookups counter" in text
     s = _samples(text)
     label = (("model_name", "tiny-mem"),)
-    assert int(want_lookups) == 10  # 5 forwards (prefill + 4 decode steps) x 2 memory layers
-    assert s[("memserve:memory_lookups_total", label)] == int(want_lookups)
+    # 5 forwards (prefill + 4 decode steps), then 3, x 2 memory layers; updates in between: no double counting
+    assert len(info["layers"]) == 2 and len(info["reads"]) == info["forwards"] * 2 == 16
+    assert s[("memserve:memory_lookups_total", label)] == 16
     got = s[("memserve:memory_lookup_seconds_total", label)]
-    assert 0 < got == float(seconds)
+    assert 0 < got and abs(got - info["seconds_total"]) < 1e-9
+    # memserve:memory_lookup_read_seconds{layer}: a histogram per memory layer, equal to one built here from
+    # every read's seconds (the second update adds only the second generate's reads)
+    assert b"# TYPE memserve:memory_lookup_read_seconds histogram" in text
+    for layer in info["layers"]:
+        secs = [t for i, t in info["reads"] if i == layer]
+        lab = {"model_name": "tiny-mem", "layer": str(layer)}
+        assert len(secs) == info["forwards"]
+        assert s[("memserve:memory_lookup_read_seconds_count", tuple(sorted(lab.items())))] == len(secs)
+        assert abs(s[("memserve:memory_lookup_read_seconds_sum", tuple(sorted(lab.items())))] - sum(secs)) < 1e-9
+        for le in [*M.LOOKUP_SECONDS_BUCKETS, float("inf")]:
+            key = ("memserve:memory_lookup_read_seconds_bucket", tuple(sorted({**lab, "le": _le(le)}.items())))
+            assert s[key] == sum(t <= le for t in secs), (layer, le)

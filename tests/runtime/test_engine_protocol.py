@@ -347,7 +347,7 @@ def test_stats_and_model_info(impl, engines):
     for name, typ in (("num_running", int), ("num_waiting", int), ("kv_cache_usage_perc", float),
                       ("num_free_blocks", int), ("num_total_blocks", int), ("kv_memory_bytes", dict),
                       ("sessions_active", int), ("blocks_retrieved_total", int), ("memory_lookups_total", int),
-                      ("memory_lookup_seconds_total", float)):
+                      ("memory_lookup_seconds_total", float), ("memory_lookup_layers", dict)):
         assert isinstance(getattr(st, name), typ), (name, getattr(st, name))
     assert st.num_running == 1 and st.num_waiting == 0 and st.sessions_active == 1
     assert 0 <= st.num_free_blocks < st.num_total_blocks and 0.0 < st.kv_cache_usage_perc <= 1.0
