@@ -13,6 +13,7 @@ from .block_scoring import (
 from .block_scoring_exact import score_blocks_exact, score_blocks_exact_ref
 from .block_sparse_attention import block_sparse_decode_attention, block_sparse_decode_attention_ref
 from .embedding_bag import embedding_bag, embedding_bag_columns, embedding_bag_ref, quantize_rows_int8
+from .kv_memory_chunk import kv_memory_chunk_attention, kv_memory_chunk_attention_ref
 from .kv_memory_decode import kv_memory_decode_attention, kv_memory_decode_attention_ref
 from .kv_quant import QuantizedKV, dequantize_kv, quantize_kv
 from .merge import merge_attention
@@ -30,6 +31,8 @@ __all__ = [
     "embedding_bag",
     "embedding_bag_columns",
     "embedding_bag_ref",
+    "kv_memory_chunk_attention",
+    "kv_memory_chunk_attention_ref",
     "kv_memory_decode_attention",
     "kv_memory_decode_attention_ref",
     "merge_attention",

@@ -19,12 +19,14 @@ One softmax spans sinks + selected blocks + buffer. With every block selected an
 this is exactly dense attention under that scheme (`reference_attention`, tested in float64).
 
 All work is vectorized over tokens, heads and blocks (no Python loop per token or block). The math goes
-through memserve.kernels: block scores (`score_block_reprs`) and decode attention
-(`kv_memory_decode_attention`, every decoding memory sequence of a step in one call) -- Triton on CUDA,
-the CPU-tuned torch paths elsewhere; prefill chunks attend per sequence (attention.py `attend`).
+through memserve.kernels: block scores (`score_block_reprs`; for decode one call over every memory sequence
+of the step whose selection is due, `attention.batched_repr_scores`), exact block scores
+(`score_blocks_exact`), decode attention (`kv_memory_decode_attention`, every decoding memory sequence of a
+step in one call) and prefill-chunk attention (`kv_memory_chunk_attention`, per sequence and chunk: a
+sequence's chunks depend on each other) -- Triton on CUDA, the CPU-tuned torch paths elsewhere.
 
 One role per file: config.py (KVMemoryConfig), positions.py (position scheme, chunk plans, the float64
-reference), buffers.py (growable rows, workspace), quant.py (memory-tier compression), representatives.py
+reference), buffers.py (growable rows), quant.py (memory-tier compression), representatives.py
 (block representatives), store.py (KVLayerStore / SequenceKVMemory: the store and packing), attention.py
 (chunk and decode attention), working_set.py (block selection, decode slots, LRU cache), snapshots.py.
 """

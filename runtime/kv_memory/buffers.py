@@ -1,12 +1,9 @@
-"""Growable tensors (`_Rows`) and a reused scratch workspace: the storage every part of the KV
-memory appends to, without per-step concatenation or page-faulting fresh buffers."""
+"""Growable tensors (`_Rows`): the storage every part of the KV memory appends to, without per-step
+concatenation. (The attention ops' scratch workspace is memserve.kernels._common.workspace.)"""
 
 from __future__ import annotations
 
 import torch
-from memserve.kernels._common import workspace
-
-_workspace = workspace  # the kernels' scratch buffer (one per thread, dtype and device)
 
 
 class _Rows:

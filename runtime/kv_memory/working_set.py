@@ -17,13 +17,15 @@ from .selection import rerank_candidates, select_blocks
 class WorkingSetMixin:
     """Working-set methods of KVLayerStore (state lives in store.py)."""
 
-    def _retrieve(self, q_glob: torch.Tensor):
+    def _retrieve(self, q_glob: torch.Tensor, repr_scores: torch.Tensor | None = None):
         """Blocks this chunk attends to: keys (Hkv, 1 or G, D, M) column-major, values (Hkv, 1 or G, M, D),
         and an (Hkv, 1 or G, 1, M) additive 0 / -inf over padding (None if every head has M picks).
 
         A prefill chunk selects with its mean query (and, sticky, remembers the pick) and gathers its
         picks through the LRU device cache; a decode step selects top-k for its query (union the sticky
-        pick) every `reselect_every` steps into the decode working set and reuses it in between."""
+        pick) every `reselect_every` steps into the decode working set and reuses it in between.
+        repr_scores: this step's (Hq, NB) representative scores when computed in a batch over the step's
+        sequences (`attention.batched_repr_scores`; only when `_repr_scoring_due`)."""
         pol = self.cfg.policy
         t, hq, d = q_glob.shape
         self.exact_age += t == 1
@@ -33,7 +35,7 @@ class WorkingSetMixin:
             self.dec_age += 1
             return self._decode_blocks()
         nb = self.num_blocks
-        scores, exact = self._block_scores(q_glob)  # (Hq, NB)
+        scores, exact = self._block_scores(q_glob, repr_scores)  # (Hq, NB)
         k = pol.topk_for(self.layer, nb)
         if exact and pol.exact_topk:
             k = min(nb, max(k, pol.exact_topk))
@@ -59,30 +61,41 @@ class WorkingSetMixin:
         self.dec_age = 1
         return self._decode_blocks()
 
-    def _block_scores(self, q_glob: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    def _repr_scoring_due(self, t: int) -> bool:
+        """Whether the next `_retrieve` of t queries scores the blocks by their representatives (not a reused
+        decode selection, not an exact scoring, some blocks to attend): what a batch precomputes."""
+        pol = self.cfg.policy
+        if not self._uses_blocks() or (t == 1 and self.dec_slots is not None and self.dec_age < pol.reselect_every):
+            return False
+        return not self._exact_due(t, self.exact_age + (t == 1))  # _retrieve counts this step first
+
+    def _block_scores(self, q_glob: torch.Tensor, repr_scores: torch.Tensor | None = None) -> tuple[torch.Tensor, bool]:
         """(Hq, NB) scores of this selection and whether they are exact: exact over every stored key where
-        RetrievalPolicy.exact asks for it (`_exact_due`), else the representatives (+ optional re-ranking)."""
+        RetrievalPolicy.exact asks for it (`_exact_due`), else the representatives (`repr_scores` when a
+        batch computed them) + optional re-ranking."""
         pol, q = self.cfg.policy, q_glob.mean(0)
-        if self._exact_due(q_glob.shape[0]):
+        if repr_scores is None and self._exact_due(q_glob.shape[0]):
             # after the question's chunk the first decode selection is due too (its single query, not the
             # chunk's mean, finds the needle: tuned 16k cells 1/6 -> 4/6, bench/results/kv_memory_retrieval_16k.md)
             self.exact_age = pol.exact_every if self._holds_prompt_end(q_glob.shape[0]) else 0
             return exact_block_scores(self._stored()[0], q, self.cfg.key_group).to(q.dtype), True
-        scores = score_block_reprs(q[None], [self.reprs.get().to(q.dtype)], pol.repr_mode)[0]
+        scores = repr_scores
+        if scores is None:
+            scores = score_block_reprs(q[None], [self.reprs.get().to(q.dtype)], pol.repr_mode)[0]
         if pol.rerank:
             scores = self._rerank(q, scores, max(pol.rerank, pol.topk_for(self.layer, self.num_blocks)))
         return scores, False
 
-    def _exact_due(self, t: int) -> bool:
+    def _exact_due(self, t: int, age: int | None = None) -> bool:
         """exact="query": the chunk holding the prompt's last token (self.prompt_end, set by the backend),
         then (exact_every > 0) the first decode selection after it and any decode selection once exact_every
-        decode steps passed since the last exact scoring."""
+        decode steps passed since the last exact scoring (age: that count, default self.exact_age)."""
         pol = self.cfg.policy
         if pol.exact != "query":
             return False
         if self._holds_prompt_end(t):
             return True
-        return t == 1 and pol.exact_every > 0 and self.exact_age >= pol.exact_every
+        return t == 1 and pol.exact_every > 0 and (self.exact_age if age is None else age) >= pol.exact_every
 
     def _holds_prompt_end(self, t: int) -> bool:
         """This step's t tokens include the prompt's last one."""

@@ -1,8 +1,9 @@
-"""The KV memory's kernel ops (kv_memory_decode_attention, score_block_reprs): torch paths against
+"""The KV memory's kernel ops (kv_memory_decode_attention, kv_memory_chunk_attention, score_block_reprs): torch paths against
 float64 references on ragged batches (the Triton paths run in test_triton_cases.py, interpreter)."""
 
 import torch
 from memserve.kernels.block_scoring import score_block_reprs_ref, score_block_reprs_torch
+from memserve.kernels.kv_memory_chunk import kv_memory_chunk_attention_ref, kv_memory_chunk_attention_torch
 from memserve.kernels.kv_memory_decode import kv_memory_decode_attention_ref, kv_memory_decode_attention_torch
 
 
@@ -33,6 +34,47 @@ def test_kv_memory_decode_torch_matches_float64_reference():
         torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-6)
     # received sums to the group size over the window + block mass: a real probability split
     assert float(rr[1].sum()) > 0
+
+
+def memory_chunk(seed=0, t=5, hq=6, hkv=2, d=16, per_head_blocks=False, dtype=torch.float32):
+    """A prefill chunk's segments as the memory builds them, strided views included: [centroids (log-count
+    bias, -inf where selected) | selected blocks (padding -inf on one head; per query head or per KV head) |
+    far window (banded mask) | local window (causal mask)]."""
+    g = torch.Generator().manual_seed(seed)
+    grp = hq // hkv
+
+    def kv(n, gk=1):
+        k = torch.randn(hkv, gk, d, n + 3, generator=g, dtype=dtype)[..., 1 : 1 + n]
+        v = torch.randn(hkv, gk, n + 2, d, generator=g, dtype=dtype)[:, :, 2:]
+        return k, v
+
+    nc, m, f, nl = 3, 8, 7, 4 + t
+    cent_bias = torch.full((hkv, 1, 1, nc), 4.0)
+    cent_bias[0, 0, 0, 1] = float("-inf")
+    pad = torch.zeros(hkv, grp if per_head_blocks else 1, 1, m)
+    pad[1, 0, 0, -3:] = float("-inf")
+    bias_f = torch.zeros(t, f)
+    bias_f[0, -2:] = float("-inf")
+    bias_l = torch.where(torch.arange(nl)[None] <= torch.arange(t)[:, None] + nl - t, 0.0, float("-inf"))
+    segs = [(*kv(nc), cent_bias, False), (*kv(m, grp if per_head_blocks else 1), pad, False),
+            (*kv(f), bias_f, False), (*kv(nl), bias_l, True)]
+    q_far = torch.randn(t, hq, d, generator=g, dtype=dtype)
+    q_loc = torch.randn(t, hq, d, generator=g, dtype=dtype)
+    return q_far, q_loc, segs, f + nl
+
+
+def test_kv_memory_chunk_torch_matches_float64_reference():
+    for per_head in (False, True):
+        q_far, q_loc, segs, n_rec = memory_chunk(per_head_blocks=per_head)
+        out, rec = kv_memory_chunk_attention_torch(q_far, q_loc, segs, n_rec, scale=0.3)
+        ro, rr = kv_memory_chunk_attention_ref(q_far, q_loc, segs, n_rec, scale=0.3)
+        torch.testing.assert_close(out.double(), ro, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(rec.double(), rr, rtol=1e-5, atol=1e-5)
+    # one local segment only (before the memory engages), nothing received
+    out, rec = kv_memory_chunk_attention_torch(None, q_loc, segs[-1:], 0, scale=0.3)
+    ro, _ = kv_memory_chunk_attention_ref(None, q_loc, segs[-1:], 0, scale=0.3)
+    torch.testing.assert_close(out.double(), ro, rtol=1e-5, atol=1e-5)
+    assert rec.shape == (2, 0)
 
 
 def test_score_block_reprs_torch_matches_float64_reference():

@@ -300,6 +300,24 @@ def test_kv_memory_decode_triton():
         torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-6)
 
 
+def test_kv_memory_chunk_triton():
+    """Prefill-chunk attention over [centroids | blocks (per KV head, per query head) | far | local], biases
+    broadcast, strided segments, queries not a multiple of the row tile; fp32 against float64."""
+    from memserve.kernels.kv_memory_chunk import (
+        kv_memory_chunk_attention_ref,
+        kv_memory_chunk_attention_triton,
+    )
+    from test_kv_memory_kernels import memory_chunk
+
+    for per_head, t in ((False, 5), (True, 19)):
+        q_far, q_loc, segs, n_rec = memory_chunk(seed=1, t=t, hq=9, hkv=3, d=24, per_head_blocks=per_head)
+        with poisoned_outputs():
+            out, rec = kv_memory_chunk_attention_triton(q_far, q_loc, segs, n_rec, scale=0.3, block_t=16, tile=16)
+        ro, rr = kv_memory_chunk_attention_ref(q_far, q_loc, segs, n_rec, scale=0.3)
+        torch.testing.assert_close(out.double(), ro, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(rec.double(), rr, rtol=1e-5, atol=1e-5)
+
+
 def test_score_block_reprs_triton():
     from memserve.kernels.block_scoring import score_block_reprs_ref, score_block_reprs_triton
 
