@@ -216,11 +216,13 @@ class LLMEngine:
         # the KV managers are built here, once: with the KV memory on, the paged pool's allocator lets memory
         # sequences take no pool blocks (block 0 is their scratch block, unusable by dense sequences) and
         # asks the memory tier's budget whether they may grow
+        block_bytes = kv_bytes_per_block(c.num_hidden_layers, args.block_size, c.num_key_value_heads, c.head_dim,
+                                         dtype)
         if args.kv_memory != "off":
-            self.allocator = MemoryAwareAllocator(num_blocks, args.block_size)
+            self.allocator = MemoryAwareAllocator(num_blocks, args.block_size, block_bytes)
             usable_blocks = num_blocks - 1
         else:
-            self.allocator = BlockAllocator(num_blocks, args.block_size)
+            self.allocator = BlockAllocator(num_blocks, args.block_size, block_bytes)
             usable_blocks = num_blocks
         self.scheduler = Scheduler(SchedulerConfig(args.max_num_seqs, args.max_num_batched_tokens), self.allocator)
         self.rope = RotaryEmbedding(c.head_dim, c.rope_theta, c.rope_scaling)

@@ -5,14 +5,11 @@ memory sequences bypass the paged pool, and the session manager the engine deleg
 EngineArgs.kv_memory != "off"), after building the memory-aware allocator (scheduler/block_allocator.py)
 and the dense backend: nothing is swapped after construction.
 
-Which sequences use the memory (decided once, when a request is added):
-  * request override `SamplingParams.kv_memory` = "off" | "retrieval" wins;
-  * else engine mode "retrieval": every request; "auto": requests whose prompt + max_tokens does not
-    fit the dense capacity (max_model_len: model window and KV pool) -- everything that fits stays on
-    the exact dense paged path, longer contexts engage the memory by themselves;
-  * a request on a session always uses the memory.
-Memory sequences keep no paged blocks: their KV lives in a `SequenceKVMemory` (sinks + window +
-compressed blocks), prefilled in sub-chunks of `chunk_size` tokens so working memory stays bounded.
+Which sequences use the memory, and the sub-chunks a memory sequence's prefill runs in, are the
+scheduler's policy (scheduler/kv_path.py: `wants_kv_memory`, decided once when a request is added;
+`prefill_chunks`); this module executes them. Memory sequences keep no paged blocks: their KV lives in a
+`SequenceKVMemory` (sinks + window + compressed blocks); the allocator asks the manager for their
+memory-tier bytes (`memory_room`, `memory_bytes`), so the scheduler's admission and preemption count bytes.
 """
 
 from __future__ import annotations
@@ -25,6 +22,7 @@ from collections.abc import Iterator
 
 import torch
 from memserve.scheduler.block_allocator import MemoryAwareAllocator
+from memserve.scheduler.kv_path import KV_MODES, prefill_chunks, wants_kv_memory
 from memserve.scheduler.kv_policy import RetrievalPolicy
 
 from .attention import AttentionBackend, AttentionMetadata
@@ -37,7 +35,7 @@ from .sessions import Session, SessionStore, load_session, save_session
 
 log = logging.getLogger("memserve.runtime")
 
-MODES = ("off", "auto", "retrieval")
+MODES = KV_MODES
 _POLICY_FIELDS = {f.name for f in dataclasses.fields(RetrievalPolicy)}
 
 
@@ -138,10 +136,10 @@ class KVMemoryAttention(AttentionBackend):
             if a in decoded:
                 continue
             lm = sm.layers[layer]
-            step = sm.cfg.chunk_size if p0 + (b - a) > sm.cfg.dense_limit else b - a
-            for c in range(a, b, step):  # bounded working memory: sub-chunks of chunk_size tokens
-                e = min(b, c + step)
-                out[c:e] = lm.attend(q[c:e], k[c:e], v[c:e], p0 + c - a, self.inv_freq, self.scale)
+            for off, n in prefill_chunks(p0, b - a, sm.cfg.chunk_size, sm.cfg.dense_limit):  # the scheduler's cut
+                c = a + off
+                out[c : c + n] = lm.attend(q[c : c + n], k[c : c + n], v[c : c + n], p0 + off, self.inv_freq,
+                                           self.scale)
         return out
 
     def free(self, seq_id: str) -> None:
@@ -183,6 +181,7 @@ class KVMemoryManager:
             self.tier = TierBudget(args.kv_memory_tier_bytes, self.all_memories, self._park)
             backend.tier = self.tier
             allocator.memory_room = self.memory_room
+        allocator.memory_bytes = self.memory_bytes_of
         self._bytes_per_token: dict[int, float] = {}
         self._projected: dict[str, int] = {}  # memory request -> prompt + max_tokens (policy "refuse")
         self._reserved: dict[str, float] = {}  # admitted memory request -> tier bytes it reserved
@@ -191,6 +190,11 @@ class KVMemoryManager:
     def all_memories(self):
         yield from self.backend.memories.values()
         yield from (s.memory for s in self.sessions.values())
+
+    def memory_bytes_of(self, seq_id: str) -> int:
+        """Memory-tier bytes a running memory sequence holds (the allocator's byte count for it)."""
+        mem = self.backend.memories.get(seq_id)
+        return mem.tier_bytes()["memory"] if mem is not None else 0
 
     def _park(self, over: int) -> int:
         """Park idle sessions, least recently used first, until `over` bytes are freed; returns bytes freed."""
@@ -248,16 +252,12 @@ class KVMemoryManager:
         return request_id in self.allocator.memory_seqs
 
     def wants_memory(self, num_prompt_tokens: int, params, session_id: str | None) -> bool:
-        override = getattr(params, "kv_memory", None)
-        if session_id is not None:
-            if override == "off":
-                raise InvalidRequestError("kv_memory", "a request on a session always uses the KV memory")
-            return True
-        if override is not None:
-            return override == "retrieval"
-        if self.mode == "retrieval":
-            return True
-        return num_prompt_tokens + params.max_tokens > self.engine.max_model_len
+        """The scheduler's memory-vs-dense choice (scheduler/kv_path.py) for this request."""
+        try:
+            return wants_kv_memory(self.mode, num_prompt_tokens, params.max_tokens, self.engine.max_model_len,
+                                   getattr(params, "kv_memory", None), session_id is not None)
+        except ValueError as e:
+            raise InvalidRequestError("kv_memory", str(e)) from None
 
     def config_for(self, params) -> KVMemoryConfig:
         topk = getattr(params, "memory_topk", None)

@@ -13,9 +13,10 @@ sequence is sampled when its step reaches `num_tokens` (its last prompt chunk, o
 
 Order of a step (`Scheduler.schedule`):
 1. running sequences, oldest first, each allocating the KV blocks its new tokens need; when the pool
-   is exhausted the NEWEST running sequence is preempted (blocks freed, `num_computed_tokens` reset
-   to 0, put back at the head of the waiting queue: recompute preemption — its generated tokens are
-   kept and re-prefilled later, so greedy outputs do not change);
+   is short of bytes, newer running sequences are preempted by bytes (`_victim`: the newest one whose
+   pool bytes cover the shortfall, else the newest holding any; blocks freed, `num_computed_tokens`
+   reset to 0, put back at the head of the waiting queue: recompute preemption — its generated tokens
+   are kept and re-prefilled later, so greedy outputs do not change);
 2. if nothing was preempted, waiting sequences (FIFO) are admitted while the token budget, the
    `max_num_seqs` bound and the free blocks allow.
 """
@@ -136,13 +137,19 @@ class Scheduler:
         self.waiting.appendleft(victim)
         plan.preempted.append(victim)
 
-    def _victim(self, i: int) -> Sequence:
-        """The newest running sequence (never one already scheduled, index < i) that holds pool
-        blocks. One that holds none (a KV-memory sequence) would free nothing and lose its memory."""
-        for j in range(len(self.running) - 1, i, -1):
-            if self.allocator.num_blocks_of(self.running[j].seq_id):
+    def _victim(self, i: int, short_bytes: int) -> Sequence:
+        """Byte-based choice among the running sequences newer than i (never one already scheduled): the
+        newest whose paged-pool bytes cover `short_bytes` (one preemption instead of several newer, smaller
+        ones), else the newest holding any pool bytes. One that holds none (a KV-memory sequence: its bytes
+        are in the memory tier) would free nothing the pool needs and lose its memory."""
+        held = [(j, self.allocator.paged_bytes_of(self.running[j].seq_id)) for j in range(len(self.running) - 1, i, -1)]
+        held = [(j, b) for j, b in held if b > 0]
+        for j, b in held:
+            if b >= short_bytes:
                 return self.running.pop(j)
-        return self.running.pop(i)  # the sequence that needs the blocks preempts itself
+        if held:
+            return self.running.pop(held[0][0])
+        return self.running.pop(i)  # the sequence that needs the bytes preempts itself
 
     def schedule(self) -> BatchPlan:
         plan = BatchPlan()
@@ -157,7 +164,7 @@ class Scheduler:
             assert num_new > 0, f"{seq} has nothing to compute"
             target = seq.num_computed_tokens + num_new
             while not alloc.can_allocate(seq.seq_id, target):
-                victim = self._victim(i)
+                victim = self._victim(i, alloc.bytes_short(seq.seq_id, target))
                 self._preempt(victim, plan)
                 if victim is seq:
                     break

@@ -21,12 +21,15 @@ class BlockAllocator:
     with `allocate(seq_id, num_tokens)`, which makes room for `num_tokens` tokens in total.
     """
 
-    __slots__ = ("num_blocks", "block_size", "_free", "tables")
+    __slots__ = ("num_blocks", "block_size", "block_bytes", "_free", "tables")
 
-    def __init__(self, num_blocks: int, block_size: int):
-        assert num_blocks > 0 and block_size > 0
+    def __init__(self, num_blocks: int, block_size: int, block_bytes: int = 1):
+        assert num_blocks > 0 and block_size > 0 and block_bytes > 0
         self.num_blocks = num_blocks
         self.block_size = block_size
+        # bytes one pool block holds over every layer, keys and values (the engine's KV cache spec): the
+        # scheduler's preemption counts bytes, so the paged pool and the memory tier are one currency
+        self.block_bytes = block_bytes
         self._free: list[int] = list(range(num_blocks - 1, -1, -1))
         self.tables: dict[str, list[int]] = {}
 
@@ -45,6 +48,18 @@ class BlockAllocator:
 
     def can_allocate(self, seq_id: str, num_tokens: int) -> bool:
         return self.blocks_needed(seq_id, num_tokens) <= len(self._free)
+
+    def bytes_short(self, seq_id: str, num_tokens: int) -> int:
+        """Paged-pool bytes missing for `seq_id` to hold `num_tokens` tokens (0: it fits)."""
+        return max(0, self.blocks_needed(seq_id, num_tokens) - len(self._free)) * self.block_bytes
+
+    def paged_bytes_of(self, seq_id: str) -> int:
+        """Paged-pool bytes `seq_id` holds (what preempting it frees in the pool)."""
+        return self.num_blocks_of(seq_id) * self.block_bytes
+
+    def bytes_of(self, seq_id: str) -> int:
+        """Every KV byte `seq_id` holds (the paged pool's here)."""
+        return self.paged_bytes_of(seq_id)
 
     def allocate(self, seq_id: str, num_tokens: int) -> list[int]:
         """Grow `seq_id`'s table to hold `num_tokens` tokens; returns the whole table."""
@@ -75,16 +90,18 @@ class MemoryAwareAllocator(BlockAllocator):
     so AttentionMetadata can compute (unused) slots without special cases.
     """
 
-    __slots__ = ("memory_seqs", "memory_room")
+    __slots__ = ("memory_seqs", "memory_room", "memory_bytes")
 
-    def __init__(self, num_blocks: int, block_size: int):
+    def __init__(self, num_blocks: int, block_size: int, block_bytes: int = 1):
         assert num_blocks >= 2, "the KV pool needs >= 2 blocks (one is the memory sequences' scratch block)"
-        super().__init__(num_blocks, block_size)
+        super().__init__(num_blocks, block_size, block_bytes)
         self._free.remove(0)
         self.memory_seqs: set[str] = set()
         # (seq_id, num_tokens) -> whether the memory tier has room for the sequence to hold num_tokens
         # (the KV-memory manager's replica-wide tier budget); None: no tier budget
         self.memory_room: Callable[[str, int], bool] | None = None
+        # seq_id -> the memory-tier bytes a memory sequence holds (the KV-memory manager); None: not reported
+        self.memory_bytes: Callable[[str], int] | None = None
 
     @property
     def usage(self) -> float:
@@ -101,6 +118,16 @@ class MemoryAwareAllocator(BlockAllocator):
         table = self.tables.setdefault(seq_id, [])
         table.extend([0] * max(0, -(-num_tokens // self.block_size) - len(table)))
         return table
+
+    def bytes_short(self, seq_id: str, num_tokens: int) -> int:
+        # a memory sequence takes no pool bytes; when the tier refuses, preempting pool holders frees nothing
+        # it can use, so it reports no shortage here and `can_allocate` keeps it waiting
+        return 0 if seq_id in self.memory_seqs else super().bytes_short(seq_id, num_tokens)
+
+    def bytes_of(self, seq_id: str) -> int:
+        if seq_id in self.memory_seqs:
+            return self.memory_bytes(seq_id) if self.memory_bytes is not None else 0
+        return super().bytes_of(seq_id)
 
     def num_blocks_of(self, seq_id: str) -> int:
         return 0 if seq_id in self.memory_seqs else super().num_blocks_of(seq_id)

@@ -167,3 +167,22 @@ def test_random_workload_keeps_invariants_and_finishes(seed):
         check_invariants(sched, alloc)
     assert not sched.has_unfinished()
     assert alloc.num_free_blocks == alloc.num_blocks
+
+
+def test_preemption_is_by_bytes_one_victim_that_covers_the_shortfall():
+    """A sequence short of 2 blocks' bytes: the newest running sequence holds 1 block, an older one 3. By
+    bytes, the one whose pool bytes cover the shortfall goes (one preemption); newest-first by blocks would
+    have preempted both."""
+    sched, alloc = make(num_blocks=8, block_size=4, budget=24)
+    alloc.block_bytes = 1000
+    a, b, c = Sequence("a", [1] * 24), Sequence("b", [1] * 13), Sequence("c", [1] * 5)
+    for seq, computed in ((a, 4), (b, 12), (c, 4)):
+        seq.num_computed_tokens = computed
+        seq.status = SeqStatus.RUNNING
+        alloc.allocate(seq.seq_id, computed)
+        sched.running.append(seq)
+    assert alloc.num_free_blocks == 3 and alloc.bytes_short("a", 24) == 2000
+    assert alloc.bytes_of("b") == 3000 and alloc.paged_bytes_of("c") == 1000
+    plan = sched.schedule()
+    assert [s.seq_id for s in plan.preempted] == ["b"]
+    assert [s.seq.seq_id for s in plan.scheduled] == ["a", "c"]
