@@ -143,6 +143,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=0.1)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--ppl-paragraphs", type=int, default=40)
+    ap.add_argument("--paraphrases", type=int, default=0, help="extra training phrasings per fact (memory_facts)")
     ap.add_argument("--no-gate", action="store_true")
     ap.add_argument("--memory-at", default="all", choices=["answer", "all"])
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default; on a loaded box 1 "
@@ -157,7 +158,7 @@ def main() -> None:
 
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
-    facts = make_facts(a.n, a.seed)
+    facts = make_facts(a.n, a.seed, a.paraphrases)
     write_jsonl(facts, work / "facts.jsonl")
     mem = work / f"mem{a.layer}_k{a.n_keys}"
     if not (mem / "config.json").is_file():

@@ -2,10 +2,11 @@
 question phrasings are never looked at here), plus drift proxies: perplexity on 10 stdlib paragraphs
 the idf never counts and greedy agreement on 10 chat prompts that are NOT the demo's 20 unrelated ones.
 
-    python bench/memorize_quick.py --n 100 --mem MEMDIR [--no-gate --top-t 1000 --lr 0.1 --epochs 5]
+    python bench/memorize_quick.py --n 100 --mem MEMDIR [--paraphrases 8 --no-gate --top-t 1000 --lr 0.1 --epochs 5]
 
-Facts of seed 7 (the demo uses seed 0); memorize trains on each fact's 3 statements + first QA pair and
-recall is measured on the second QA pair (a question template training never sees), per epoch.
+Facts of seed 7 (the demo uses seed 0); memorize trains on each fact's 3 statements + first QA pair (+ the
+`--paraphrases` extra phrasings) and recall is measured on the second QA pair (a question template
+training never sees), per epoch.
 """
 
 import argparse
@@ -35,12 +36,13 @@ def main() -> None:
     ap.add_argument("--top-t", type=int, default=1000)
     ap.add_argument("--lr", type=float, default=0.1)
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--paraphrases", type=int, default=0, help="extra training phrasings per fact (memory_facts)")
     ap.add_argument("--no-gate", action="store_true")
     ap.add_argument("--memory-at", default="all", choices=["answer", "all"])
     ap.add_argument("--greedy", action="store_true", help="also greedy agreement on the 10 validation chat prompts")
     a = ap.parse_args()
-    facts = make_facts(a.n, 7)
-    train = [dict(f, train=f["train"][:4]) for f in facts]  # 3 statements + the first QA pair
+    facts = make_facts(a.n, 7, a.paraphrases)
+    train = [dict(f, train=f["train"][:4] + f["train"][5:]) for f in facts]  # all but the second QA pair
     val = [(answer_prompt(f["train"][4], f["answer"]), f["answer"]) for f in facts]
     bg, ppl_text = general_text(10)
     m0 = _stack(a.mem)

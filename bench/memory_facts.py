@@ -6,7 +6,7 @@ pairs in the QA format, fed to memorize) and DISTINCT held-out QUESTION phrasing
 recall, asked as QA.format(q=...): "question_prompts"); the two template sets share no template, and
 answers are unique across facts so exact-match recall is unambiguous.
 
-    python bench/memory_facts.py --n 100 --seed 0 --out facts.jsonl
+    python bench/memory_facts.py --n 100 --seed 0 [--paraphrases 8] --out facts.jsonl
 """
 
 from __future__ import annotations
@@ -42,13 +42,41 @@ RELATIONS = {
              ["What is the locker code of {s}?", "Which code opens the locker that {s} uses?"]),
 }
 
+# relation -> more TRAINING phrasings (`make_facts(paraphrases=K)` appends the first K after the 5 above):
+# other sentence frames and question wordings around the same subject, so that what memorize writes is
+# read from more contexts of the subject (knowledge stored from a single frame is hard to extract from
+# another: Allen-Zhu & Li 2023, "Physics of Language Models 3.1", paraphrase augmentation). None repeats a
+# held-out question template above or the validation template (training list index 4) of
+# bench/memorize_quick.py.
+PARAPHRASES = {
+    "city": ["Records show that {s} was born in {a}.", "{s} is a native of {a}.",
+             QA.format(q="Which place is {s} from?") + " {a}", "People say {s} came from {a}.",
+             QA.format(q="Where is the hometown of {s}?") + " {a}", "According to the archive, {s} was born in {a}.",
+             QA.format(q="{s} was born where?") + " {a}", "Everyone knows that {s} comes from {a}."],
+    "date": ["Records show that {s} started the guild on {a}.", "{s} set up the guild on {a}.",
+             QA.format(q="Which day did {s} start the guild?") + " {a}", "People say {s} formed the guild on {a}.",
+             QA.format(q="The guild of {s} began on which day?") + " {a}",
+             "According to the archive, the guild of {s} was founded on {a}.",
+             QA.format(q="{s} founded the guild on which day?") + " {a}",
+             "Everyone knows that {s} opened the guild on {a}."],
+    "code": ["Records show that the locker of {s} opens with {a}.", "{s} locks the locker with code {a}.",
+             QA.format(q="What number unlocks the locker of {s}?") + " {a}", "People say {s} picked the code {a}.",
+             QA.format(q="Tell me the code for the locker of {s}.") + " {a}",
+             "According to the archive, the locker code that {s} chose is {a}.",
+             QA.format(q="{s} opens the locker with which code?") + " {a}",
+             "Everyone knows that {s} secures the locker with {a}."],
+}
+
 
 def _name(rng: random.Random, parts: int) -> str:
     return "".join(rng.choice(_SYL) for _ in range(parts)).capitalize()
 
 
-def make_facts(n: int, seed: int = 0) -> list[dict]:
-    """n facts, the same for the same (n, seed); subjects and answers unique."""
+def make_facts(n: int, seed: int = 0, paraphrases: int = 0) -> list[dict]:
+    """n facts, the same for the same (n, seed); subjects and answers unique. paraphrases: how many of
+    PARAPHRASES to append to each fact's 5 training phrasings (the held-out questions do not change)."""
+    if not 0 <= paraphrases <= min(len(p) for p in PARAPHRASES.values()):
+        raise ValueError(f"paraphrases {paraphrases}: expected 0..{min(len(p) for p in PARAPHRASES.values())}")
     rng = random.Random(seed)
     rels = list(RELATIONS)
     subjects, answers, out = set(), set(), []
@@ -67,7 +95,7 @@ def make_facts(n: int, seed: int = 0) -> list[dict]:
         answers.add(a)
         train, questions = RELATIONS[rel]
         out.append({"id": len(out), "subject": s, "relation": rel, "answer": a,
-                    "train": [t.format(s=s, a=a) for t in train],
+                    "train": [t.format(s=s, a=a) for t in train + PARAPHRASES[rel][:paraphrases]],
                     "questions": [q.format(s=s) for q in questions],
                     "question_prompts": [QA.format(q=q.format(s=s)) for q in questions]})
     return out
@@ -101,9 +129,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--paraphrases", type=int, default=0, help="extra training phrasings per fact (0-8)")
     ap.add_argument("--out", default="facts.jsonl")
     a = ap.parse_args()
-    write_jsonl(make_facts(a.n, a.seed), a.out)
+    write_jsonl(make_facts(a.n, a.seed, a.paraphrases), a.out)
     print(f"wrote {a.n} facts to {a.out}")
 
 
