@@ -132,7 +132,7 @@ def prompt_text(sample: Sample, tokenizer) -> str:
 from filler_families import FAMILIES, joiner, units  # noqa: E402
 
 FAMILY_TASKS = ("single_number", "single_word", "single_sentence", "multikey", "multivalue",
-                "variable_tracking", "two_fact")
+                "variable_tracking", "two_fact", "long_list")
 _KEYS = ("the pass key", "the access code", "the secret number", "the vault combination", "the launch code",
          "the magic number")
 _STATE = ("{K} is {V}.", "Remember this: {k} is {V}.", "Note that {k} is {V}. Do not forget it.",
@@ -259,6 +259,14 @@ def make_family_sample(family: str, task: str, tokenizer, target_tokens: int, de
             needles[0] = (depth, needles[0][1])
             question = f"What are all the numbers for {keys[0]} in the text?"
             prefix = f"The numbers for {keys[0]} are"
+    elif task == "long_list":  # a long answer: twelve codes in one needle (~120 answer tokens as a numbered list), recited in order;
+        # the codes after the 64th answer token are read through decode selections made after the question's
+        # (the periodic exact re-scoring, RetrievalPolicy.exact_every, only matters for answers this long)
+        key = rng.choice(_WORDS)
+        answers = [_code(rng) for _ in range(12)]
+        needles = [(depth, f"The {key} list has twelve codes: {', '.join(answers)}.")]
+        question = f"Recite the twelve codes of the {key} list, in order."
+        prefix = f"The twelve codes of the {key} list are:"
     elif task == "variable_tracking":
         value, other = _code(rng), _code(rng)
         names = list(dict.fromkeys(f"{rng.choice(_WORDS).upper()[:3]}{rng.randint(10, 99)}" for _ in range(12)))[:8]

@@ -27,7 +27,7 @@ from long_context_bench import _parse_len  # noqa: E402
 from long_context_tasks import FAMILY_TASKS, make_family_sample, prompt_text, score  # noqa: E402
 
 WINDOW = 8192  # SmolLM2-135M's trained context
-MAX_NEW = {"multivalue": 48, "variable_tracking": 32, "single_sentence": 16}
+MAX_NEW = {"multivalue": 48, "variable_tracking": 32, "single_sentence": 16, "long_list": 160}
 
 
 def _key(r):
@@ -82,7 +82,8 @@ def run(a) -> None:
                         res = run_one(engines[(method, L)], method, ids, MAX_NEW.get(a.task, 12))
                     else:
                         res = _memory_cell(engines[(method, L)], ids, MAX_NEW.get(a.task, 12), out / "partial",
-                                           "-".join(map(str, k)), t_start + a.budget_s if a.budget_s else None)
+                                           "-".join(map(str, k)), t_start + a.budget_s if a.budget_s else None,
+                                           Path(a.body_cache) if a.body_cache else None)
                         if res is None:
                             print(f"--budget-s {a.budget_s}: {k} saved part-way (rerun with --resume)", flush=True)
                             return
@@ -99,19 +100,25 @@ def run(a) -> None:
     report(rows, out, a)
 
 
-def _memory_cell(eng, ids: list[int], max_new: int, partial: Path, name: str, deadline: float | None):
+def _memory_cell(eng, ids: list[int], max_new: int, partial: Path, name: str, deadline: float | None,
+                 body_cache: Path | None = None):
     """A memory cell through the engine as a session: the prompt up to its last whole 256-token chunk is ingested
     in engine-step pieces, then the rest (question) is the request that answers. Chunk-aligned pieces prefill
     exactly like one prompt (ingests mark no prompt end; session continuation == one-shot is tested), and a
     cell longer than one bench-lock hold resumes from the session snapshot saved at the deadline.
+    With `body_cache` the ingested body's snapshot is kept there and reused by later runs of the same cell
+    (settings that act only at the question, e.g. RetrievalPolicy.exact_every, compared on one prefill).
     Returns run_one's tuple, or None when the deadline came first (state saved under `partial`)."""
     from long_context_bench import run_one
 
     mem, sid = eng.memory, f"cell-{name}"
     cut = (len(ids) - 1) // 256 * 256
     snap = partial / f"{name}.safetensors"
+    body = body_cache / f"{name}.safetensors" if body_cache is not None else None
     t0 = time.perf_counter()
-    if snap.exists():
+    if body is not None and body.exists():
+        mem.load_session(str(body), sid)
+    elif snap.exists():
         mem.load_session(str(snap), sid)
     done = mem.sessions.get(sid).memory.num_tokens if sid in mem.sessions else 0
     while done < cut:
@@ -124,6 +131,9 @@ def _memory_cell(eng, ids: list[int], max_new: int, partial: Path, name: str, de
             eng.save_session(sid, str(snap))
             mem.sessions.delete(sid)
             return None
+    if body is not None and not body.exists():
+        body.parent.mkdir(parents=True, exist_ok=True)
+        eng.save_session(sid, str(body))
     body_s = time.perf_counter() - t0
     text, ttft, dms, mb, mt = run_one(eng, "memory", ids[cut:], max_new, session_id=sid)
     mem.sessions.delete(sid)
@@ -259,6 +269,9 @@ def main(argv=None):
     ap.add_argument("--budget-s", type=float, default=0,
                     help="start no cell that would end past this many seconds (judged by the last cell's time): "
                          "a shared box's bench lock is held in short pieces; rerun with --resume")
+    ap.add_argument("--body-cache", default=None,
+                    help="keep each memory cell's ingested body snapshot in this folder and reuse it (only for "
+                         "--kv-config changes that act at the question, e.g. exact_every; the body must be the same)")
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument("--report-from", default=None,
                     help="with --report-only: comma-separated grid_raw.json files of runs in pieces (merged)")
