@@ -16,6 +16,7 @@ short pieces; --report-only rewrites the tables/heatmaps from the raw rows.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -120,6 +121,10 @@ def _memory_cell(eng, ids: list[int], max_new: int, partial: Path, name: str, de
         mem.load_session(str(body), sid)
     elif snap.exists():
         mem.load_session(str(snap), sid)
+    if sid in mem.sessions:  # a loaded session keeps its snapshot's config: this run's retrieval policy applies
+        pol = mem.sessions.get(sid).memory.cfg.policy  # (one object, shared by its layers)
+        for f in dataclasses.fields(pol):
+            setattr(pol, f.name, getattr(eng.memory.cfg.policy, f.name))
     done = mem.sessions.get(sid).memory.num_tokens if sid in mem.sessions else 0
     while done < cut:
         piece = min(cut, done + 2048)
