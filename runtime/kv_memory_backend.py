@@ -28,7 +28,7 @@ from memserve.scheduler.kv_policy import RetrievalPolicy
 from .attention import AttentionBackend, AttentionMetadata
 from .durable_sessions import DurableSessions
 from .errors import InvalidRequestError, MemoryTierFullError, SessionNotFoundError
-from .kv_memory import KVMemoryConfig, SequenceKVMemory, attend_decode_tokens
+from .kv_memory import KVMemoryConfig, SequenceKVMemory, attend_chunks, attend_decode_tokens
 from .kv_memory.budget import TierBudget, tier_bytes_per_token
 from .kv_memory.profiles import profile_for
 from .sessions import Session, SessionStore, load_session, save_session
@@ -131,15 +131,19 @@ class KVMemoryAttention(AttentionBackend):
             rows = [a for _, a, _ in dec]
             out[rows] = attend_decode_tokens([sm.layers[layer] for sm, _, _ in dec], q[rows], k[rows], v[rows],
                                              [p0 for _, _, p0 in dec], self.inv_freq, self.scale)
+        # the other memory sequences prefill in the pieces the scheduler cut (scheduler/kv_path.py): round r
+        # attends every sequence's r-th piece together (block scoring in one call; a sequence's own pieces
+        # run in order)
         decoded = {a for _, a, _ in dec}
-        for sm, a, b, p0 in mem:
-            if a in decoded:
-                continue
-            lm = sm.layers[layer]
-            for off, n in prefill_chunks(p0, b - a, sm.cfg.chunk_size, sm.cfg.dense_limit):  # the scheduler's cut
-                c = a + off
-                out[c : c + n] = lm.attend(q[c : c + n], k[c : c + n], v[c : c + n], p0 + off, self.inv_freq,
-                                           self.scale)
+        pieces = [(sm.layers[layer], [(a + off, n, p0 + off) for off, n in
+                                      prefill_chunks(p0, b - a, sm.cfg.chunk_size, sm.cfg.dense_limit)])
+                  for sm, a, b, p0 in mem if a not in decoded]
+        for r in range(max((len(ps) for _, ps in pieces), default=0)):
+            rnd = [(lm, ps[r]) for lm, ps in pieces if r < len(ps)]
+            outs = attend_chunks([lm for lm, _ in rnd], *([x[c : c + n] for _, (c, n, _) in rnd] for x in (q, k, v)),
+                                 [p for _, (_, _, p) in rnd], self.inv_freq, self.scale)
+            for (_, (c, n, _)), o in zip(rnd, outs):
+                out[c : c + n] = o
         return out
 
     def free(self, seq_id: str) -> None:

@@ -23,7 +23,8 @@ through memserve.kernels: block scores (`score_block_reprs`; for decode one call
 of the step whose selection is due, `attention.batched_repr_scores`), exact block scores
 (`score_blocks_exact`), decode attention (`kv_memory_decode_attention`, every decoding memory sequence of a
 step in one call) and prefill-chunk attention (`kv_memory_chunk_attention`, per sequence and chunk: a
-sequence's chunks depend on each other) -- Triton on CUDA, the CPU-tuned torch paths elsewhere.
+sequence's chunks depend on each other; `attention.attend_chunks` scores the blocks of one chunk of each
+of a step's prefilling sequences in one call) -- Triton on CUDA, the CPU-tuned torch paths elsewhere.
 
 One role per file: config.py (KVMemoryConfig), positions.py (position scheme, chunk plans, the float64
 reference), buffers.py (growable rows), quant.py (memory-tier compression), representatives.py
@@ -32,10 +33,10 @@ reference), buffers.py (growable rows), quant.py (memory-tier compression), repr
 """
 
 
-from .attention import attend_decode_tokens
+from .attention import attend_chunks, attend_decode_tokens
 from .config import KVMemoryConfig
 from .positions import default_inv_freq, reference_attention, rotate, softmax_scale
 from .store import KVLayerStore, SequenceKVMemory
 
-__all__ = ["KVLayerStore", "attend_decode_tokens", "KVMemoryConfig", "SequenceKVMemory", "default_inv_freq", "reference_attention",
+__all__ = ["KVLayerStore", "attend_chunks", "attend_decode_tokens", "KVMemoryConfig", "SequenceKVMemory", "default_inv_freq", "reference_attention",
            "rotate", "softmax_scale"]

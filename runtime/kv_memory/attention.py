@@ -1,5 +1,6 @@
 """The KV memory's attention: one softmax over [selected blocks | far window | local window] for a
-prefill chunk (`attend`, through the kernel op `kv_memory_chunk_attention`), and for decode tokens
+prefill chunk (`attend`, through the kernel op `kv_memory_chunk_attention`; `attend_chunks`: one chunk of
+each of several sequences, block scoring in one call), and for decode tokens
 through the kernel op `kv_memory_decode_attention` (`attend_decode_tokens`: every decoding memory
 sequence of a step in ONE call). Both ops: Triton on CUDA, the CPU-tuned torch path elsewhere; this
 file only lays out the memory's columns (which blocks, which window columns are far / local)."""
@@ -44,15 +45,15 @@ def attend_decode_tokens(stores: list, q: torch.Tensor, k: torch.Tensor, v: torc
     return out
 
 
-def batched_repr_scores(stores: list, queries: list) -> list:
-    """Block scores by representative for every store whose next selection (of one decode query) takes them
-    (`_repr_scoring_due`), in one `score_block_reprs` call per representative mode over those sequences
-    (ragged block counts); None for the others (reused selection, exact scoring, no blocks).
-    queries[b]: (Hq, D), the query the store's blocks are scored with."""
+def batched_repr_scores(stores: list, queries: list, ts: list[int] | None = None) -> list:
+    """Block scores by representative for every store whose next selection (of ts[b] queries, default 1)
+    takes them (`_repr_scoring_due`), in one `score_block_reprs` call per representative mode over those
+    sequences (ragged block counts); None for the others (reused selection, exact scoring, no blocks).
+    queries[b]: (Hq, D), the query the store's blocks are scored with (a chunk's: its mean)."""
     out = [None] * len(stores)
     by_mode: dict[str, list[int]] = {}
     for b, st in enumerate(stores):
-        if st._repr_scoring_due(1):
+        if st._repr_scoring_due(1 if ts is None else ts[b]):
             by_mode.setdefault(st.cfg.policy.repr_mode, []).append(b)
     for mode, rows in by_mode.items():
         qs = torch.stack([queries[b] for b in rows])
@@ -60,6 +61,27 @@ def batched_repr_scores(stores: list, queries: list) -> list:
         for b, sc in zip(rows, got):
             out[b] = sc
     return out
+
+
+def attend_chunks(stores: list, qs: list, ks: list, vs: list, p0s: list[int], inv_freq: torch.Tensor,
+                  scale: float) -> list:
+    """One prefill chunk for each of B sequences at one layer (`attend` of each; a sequence's own chunks
+    depend on each other, different sequences' do not): every store appends its chunk, the stores whose
+    chunk selects blocks by representatives are scored in one `score_block_reprs` call (per mode), then
+    each chunk attends through `kv_memory_chunk_attention`. Returns B (T_b, Hq, D) outputs."""
+    staged = []
+    for st, q, k, v, p0 in zip(stores, qs, ks, vs, p0s):
+        plan = st._plan(q, p0, inv_freq)
+        if q.shape[0] == 1 and st._token_step(q):  # a one-token piece takes the token path, as in `attend`
+            staged.append(st._attend_token(q, k, v, plan, scale))
+        else:
+            staged.append((plan, *st._append_chunk(q, k, v, plan)))
+    rows = [b for b, x in enumerate(staged) if isinstance(x, tuple) and x[2] is not None]
+    scores = batched_repr_scores([stores[b] for b in rows], [staged[b][2].mean(0) for b in rows],
+                                 [qs[b].shape[0] for b in rows])
+    by_row = dict(zip(rows, scores))
+    return [x if not isinstance(x, tuple) else stores[b]._attend_chunk(*x, scale, by_row.get(b))
+            for b, x in enumerate(staged)]
 
 
 class AttentionMixin:
@@ -75,32 +97,41 @@ class AttentionMixin:
         Logits are laid out (Hkv, G*T, columns): [selected blocks | far window columns | local window
         columns], one softmax over all of them.
         """
-        cfg = self.cfg
-        assert p0 == self.n_tokens, f"chunk starts at {p0} but the memory holds {self.n_tokens} tokens"
-        t, hq, _ = q.shape
-        hkv = self.hkv
-        self.hq = hq
-        plan = self.plans.get(cfg, p0, t, self.n_sinks, self.buf_start, inv_freq, q)
-        if t == 1 and self._token_step(q):
+        plan = self._plan(q, p0, inv_freq)
+        if q.shape[0] == 1 and self._token_step(q):
             return self._attend_token(q, k, v, plan, scale)
-        # the chunk joins the working set first (it attends to itself causally)
+        return self._attend_chunk(plan, *self._append_chunk(q, k, v, plan), scale)
+
+    def _plan(self, q: torch.Tensor, p0: int, inv_freq: torch.Tensor) -> _ChunkPlan:
+        assert p0 == self.n_tokens, f"chunk starts at {p0} but the memory holds {self.n_tokens} tokens"
+        self.hq = q.shape[1]
+        return self.plans.get(self.cfg, p0, q.shape[0], self.n_sinks, self.buf_start, inv_freq, q)
+
+    def _append_chunk(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: _ChunkPlan):
+        """The chunk joins the working set first (it attends to itself causally); returns its queries at
+        their positions and (engaged chunks) at n_local: (q_loc, q_glob or None), each (T, Hq, D)."""
+        t = q.shape[0]
         self.wkeys.append(torch.stack((k, RotaryEmbedding.apply(k, plan.cos_l, plan.sin_l))).permute(0, 2, 3, 1))
         self.wv.append(v.transpose(0, 1))
-        self.wscore.append(k.new_zeros((t, hkv), dtype=torch.float32))
-        wk, wkr = self.wkeys.get()  # views, no copies
-        wv = self.wv.get()
-
+        self.wscore.append(k.new_zeros((t, self.hkv), dtype=torch.float32))
         q_loc = RotaryEmbedding.apply(q, plan.cos_l, plan.sin_l)
         q_glob = RotaryEmbedding.apply(q, plan.cos_g, plan.sin_g) if plan.cos_g is not None else None
+        return q_loc, q_glob
+
+    def _attend_chunk(self, plan: _ChunkPlan, q_loc: torch.Tensor, q_glob: torch.Tensor | None, scale: float,
+                      repr_scores: torch.Tensor | None = None) -> torch.Tensor:
+        """The chunk's attention after `_append_chunk` (repr_scores: its block scores when a batch computed them)."""
+        wk, wkr = self.wkeys.get()  # views, no copies
+        wv = self.wv.get()
         # segments of one softmax, in column order: [centroid columns | selected blocks | far window | local
         # window]; the local one is scored with the query at its true position, the others at n_local
         segs = []
         if self._uses_blocks():
             assert q_glob is not None  # blocks exist only once every query is engaged
-            k_sel, v_sel, pad = self._retrieve(q_glob)
+            k_sel, v_sel, pad = self._retrieve(q_glob, repr_scores)
             segs.append((k_sel, v_sel, pad, False))
-        if cfg.policy.unselected == "centroid" and self.num_blocks:  # after _retrieve: it masks this step's picks
-            ck, cv, cb = self._unselected_part(torch.promote_types(q.dtype, torch.float32))
+        if self.cfg.policy.unselected == "centroid" and self.num_blocks:  # after _retrieve: it masks the picks
+            ck, cv, cb = self._unselected_part(torch.promote_types(q_loc.dtype, torch.float32))
             segs.insert(0, (ck[:, None], cv[:, None], cb, False))
         if plan.f_end:
             segs.append((wk[:, None, :, : plan.f_end], wv[:, None, : plan.f_end], plan.bias_f, False))
@@ -113,7 +144,7 @@ class AttentionMixin:
         if plan.f_end:
             ws[: plan.f_end].add_(received[: plan.f_end])
         ws[plan.l0 :].add_(received[plan.f_end :])  # (.add_: `view += x` also copies the view onto itself)
-        self._advance(t)
+        self._advance(q_loc.shape[0])
         return out  # (T, Hq, D)
 
     def _attend_token(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: _ChunkPlan,

@@ -1,11 +1,17 @@
-"""Decode of several memory sequences in one step (attention.attend_decode_tokens): block scoring batched
-over the sequences (one `score_block_reprs` call per representative mode) and one decode-attention call
-give each sequence exactly what its own decode gives."""
+"""Several memory sequences in one step: decode (attention.attend_decode_tokens) and prefill chunks
+(attention.attend_chunks) with block scoring batched over the sequences (one `score_block_reprs` call per
+representative mode) give each sequence exactly what it gets alone."""
 
 import copy
 
 import torch
-from memserve.runtime.kv_memory import KVLayerStore, KVMemoryConfig, attend_decode_tokens, default_inv_freq
+from memserve.runtime.kv_memory import (
+    KVLayerStore,
+    KVMemoryConfig,
+    attend_chunks,
+    attend_decode_tokens,
+    default_inv_freq,
+)
 from memserve.runtime.kv_memory import attention as kvm_attention
 from memserve.scheduler.kv_policy import RetrievalPolicy
 
@@ -54,3 +60,35 @@ def test_batched_block_scoring_equals_per_sequence(monkeypatch):
         for name in ("wkeys", "wv", "wscore", "reprs", "sel_count"):
             torch.testing.assert_close(getattr(a, name).get(), getattr(b, name).get(), rtol=0, atol=0)
         assert torch.equal(a.dec_slots, b.dec_slots)
+
+
+def test_batched_prefill_chunks_equal_per_sequence(monkeypatch):
+    """Chunks of 4 sequences attended round by round (ragged chunk sizes, a one-token piece, one sequence
+    ending early, exact scoring at one prompt's end) == each sequence's chunks alone, bit for bit."""
+    inv, scale = default_inv_freq(D, 10000.0), D**-0.5
+    base = dict(n_init=8, n_local=64, block_size=16, compression="int4", key_group=16, value_group=16)
+    policies = [RetrievalPolicy(topk=3), RetrievalPolicy(topk=2, repr_mode="mean"),
+                RetrievalPolicy(topk=3, exact="query"), RetrievalPolicy(topk=3, granularity="q_head")]
+    chunks = [[100, 100, 100, 50], [90, 90, 1, 60], [120, 120, 80], [70, 70, 70, 70, 40]]
+    stores = [KVLayerStore(KVMemoryConfig(policy=pol, **base), 0, HKV, D) for pol in policies]
+    stores[2].prompt_end = sum(chunks[2])
+    alone = copy.deepcopy(stores)
+    data = [_qkv(sum(c), seed=10 + i) for i, c in enumerate(chunks)]
+    starts = [[sum(c[:j]) for j in range(len(c))] for c in chunks]
+
+    calls = []
+    real = kvm_attention.score_block_reprs
+    monkeypatch.setattr(kvm_attention, "score_block_reprs", lambda q, r, m: calls.append(len(r)) or real(q, r, m))
+    for r in range(max(map(len, chunks))):
+        rows = [b for b in range(len(stores)) if r < len(chunks[b])]
+        sl = [slice(starts[b][r], starts[b][r] + chunks[b][r]) for b in rows]
+        outs = attend_chunks([stores[b] for b in rows], *([data[b][i][s] for b, s in zip(rows, sl)] for i in range(3)),
+                             [starts[b][r] for b in rows], inv, scale)
+        for b, s, o in zip(rows, sl, outs):
+            ref = alone[b].attend(data[b][0][s], data[b][1][s], data[b][2][s], starts[b][r], inv, scale)
+            torch.testing.assert_close(o, ref, rtol=0, atol=0)
+    assert max(calls) >= 2
+    for a, b in zip(stores, alone):
+        assert a.num_blocks == b.num_blocks > 0
+        for name in ("wkeys", "wv", "wscore", "reprs", "sel_count"):
+            torch.testing.assert_close(getattr(a, name).get(), getattr(b, name).get(), rtol=0, atol=0)
