@@ -41,8 +41,12 @@ PROFILES: dict[str, KVMemoryProfile] = {
             # 0.298x of fp16 KV instead of 0.281x; bisected over layers (bench/results/kv_memory_ablation.md
             # section 8). A layer index of another model means nothing, hence a profile
             # exact question-time block scoring, top-16 at those selections: varied-text 16k needles 5/6 tuned
-            # (defaults 0/6), held out see bench/results/kv_memory_retrieval_16k.md; the body's prefill unchanged
-            overrides={"int4_int8_key_layers": (18, 19, 20, 21), "exact": "query", "exact_every": 64,
+            # (defaults 0/6), held out see bench/results/kv_memory_retrieval_16k.md; the body's prefill unchanged.
+            # exact_every 100000 = one exact scoring per question (the question's chunk + the first decode step):
+            # decode at 32k 1.22x its 1k (64: 1.47x; target 1.3x, kv_memory_decode_profile_every.md); answers
+            # <= 64 tokens are identical by construction, and on the long-answer task (long_list, ~120 tokens,
+            # tuned families, 16k d0.9) both settings score 0/12 where dense at 8k finds 10/12 (README, issue 15)
+            overrides={"int4_int8_key_layers": (18, 19, 20, 21), "exact": "query", "exact_every": 100000,
                        "exact_topk": 16},
             why="int8 keys in layers 18-21 with int4 memory (ablation section 8); exact question-time "
                 "block scoring (kv_memory_retrieval_16k.md)"),
