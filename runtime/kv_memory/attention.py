@@ -33,9 +33,7 @@ def attend_decode_tokens(stores: list, q: torch.Tensor, k: torch.Tensor, v: torc
     and ONE `kv_memory_decode_attention` call attends all B. Returns (B, Hq, D)."""
     plans, rots = [], []
     for b, st in enumerate(stores):
-        assert p0s[b] == st.n_tokens, f"token at {p0s[b]} but the memory holds {st.n_tokens} tokens"
-        st.hq = q.shape[1]
-        plans.append(st.plans.get(st.cfg, p0s[b], 1, st.n_sinks, st.buf_start, inv_freq, q))
+        plans.append(st._plan(q[b : b + 1], p0s[b], inv_freq))
         rots.append(st._append_token(q[b : b + 1], k[b : b + 1], v[b : b + 1], plans[b], scale))
     scores = batched_repr_scores(stores, [rot[0, : q.shape[1]] for rot in rots])
     inputs = [st._token_inputs(rot, plan, s) for st, rot, plan, s in zip(stores, rots, plans, scores)]
