@@ -6,8 +6,9 @@ and llama.cpp (Q4_1: the default model's GGUF; Q8_0: requantized from it), same 
     .venv/bin/python bench/throughput.py --quick         # short sequences, fewer streams
     memserve bench throughput [--quick]
 
-Engines: memserve-{fp32,int8,int4}[-compile] (`-compile`: EngineArgs.decode_path="compile", its compile
-seconds reported), transformers, llama.cpp-Q4_1, llama.cpp-Q8_0 (the Q8_0 GGUF is made once with
+Engines: memserve-{fp32,int8,int4}[-compile|-eager] (default: EngineArgs.decode_path="native", the C++
+decode step of kernels/cpu_decode.py where it applies -- int8 runs the eager step; `-eager`: the Python
+step; `-compile`: decode_path="compile", its compile seconds reported), transformers, llama.cpp-Q4_1, llama.cpp-Q8_0 (the Q8_0 GGUF is made once with
 llama.cpp's own quantizer from the Q4_1 file -- the only weights of the default model on disk -- and
 cached in the temp dir; it is a Q8_0 encoding of the Q4_1 model, so its speed, not its accuracy, is the
 comparison).
@@ -37,7 +38,7 @@ from pathlib import Path
 from host_info import cpu_name  # bench/ is on sys.path (script dir, `memserve bench`, tests)
 
 RESULTS = Path(__file__).resolve().parent / "results"
-ENGINES = ("memserve-fp32", "memserve-int8", "memserve-int4", "memserve-int4-compile", "transformers",
+ENGINES = ("memserve-fp32", "memserve-int8", "memserve-int4", "memserve-int4-eager", "memserve-int4-compile", "transformers",
            "llama.cpp-Q4_1", "llama.cpp-Q8_0")
 
 
@@ -84,15 +85,15 @@ def steady_rate(rates: list[float]) -> float:
     return statistics.median(rates)
 
 
-def run_memserve(cfg: dict, quant: str | None, compile: bool) -> dict:
+def run_memserve(cfg: dict, quant: str | None, path: str) -> dict:
     from memserve.runtime import LLM, SamplingParams
 
     llm = LLM("default", progress=False, quantization=quant, kv_cache_bytes=384 << 20,
               max_num_seqs=max(cfg["streams"]), max_num_batched_tokens=cfg["max_batched"],
-              threads=cfg["threads"], decode_path="compile" if compile else "eager")
+              threads=cfg["threads"], decode_path=path)
     eng = llm.engine
     greedy = dict(temperature=0, ignore_eos=True)
-    res = {"weight_mb": eng.model.nbytes / 2**20}
+    res = {"weight_mb": eng.model.nbytes / 2**20, "decode_path": eng.decode_step.path if eng.decode_step else "off"}
     decode_tok_s(eng, 1, 8, cfg["decode_prompt"])  # warm-up (and the compile, when compiled)
     if eng.decode_compile_seconds is not None:
         res["compile_s"] = eng.decode_compile_seconds
@@ -222,9 +223,9 @@ def worker(engine: str, cfg: dict) -> dict:
     if engine.startswith("memserve-"):
         # int4: GGUF Q4_1 codes kept (runtime/quant_int4.py), an int8 copy for > 4 rows
         quant, _, comp = engine.removeprefix("memserve-").partition("-")
-        if quant not in ("fp32", "int8", "int4") or comp not in ("", "compile"):
+        if quant not in ("fp32", "int8", "int4") or comp not in ("", "compile", "eager"):
             raise ValueError(engine)
-        res = run_memserve(cfg, None if quant == "fp32" else quant, comp == "compile")
+        res = run_memserve(cfg, None if quant == "fp32" else quant, comp or "native")
     elif engine == "transformers":
         res = run_transformers(cfg)
     elif engine in ("llama.cpp-Q4_1", "llama.cpp-Q8_0"):

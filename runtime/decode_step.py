@@ -14,6 +14,11 @@ instead: same math, written as one function over the flat KV storage so that
   op, RoPE + cache write, SiLU·mul) fuse into a handful of C++ loops and the Python per-op overhead of
   30 layers goes. Measured figures are in the README's Throughput section.
 
+`native` (the default, EngineArgs.decode_path="native") runs the same step as one C++ call instead
+(kernels/cpu_decode.py: the same torch kernels for matmuls, attention reductions, softmax, SiLU, RMSNorm's
+mean; plain loops for the elementwise rest; bit-identical logits to `decode_one` here), where the model
+is on the CPU with int4 or fp32 linears and the extension builds; else this eager function.
+
 Where the sequence's blocks are not consecutive, there are memory layers, or the backend is not the
 dense paged one (KV memory), the engine keeps `Model.forward`.
 """
@@ -64,10 +69,10 @@ def decode_one(model, input_ids: torch.Tensor, pos: torch.Tensor, cos_t: torch.T
 
 
 class DecodeStep:
-    """`decode_one`, eager or compiled. Compilation happens on the first call (its time is kept in
+    """`decode_one`, eager, compiled or native (C++; `path` says which runs). Compilation happens on the first call (its time is kept in
     `compile_seconds`); the context length is a dynamic dimension, so one graph serves every length."""
 
-    def __init__(self, model, rope, kv_storage: torch.Tensor, compile: bool = False):
+    def __init__(self, model, rope, kv_storage: torch.Tensor, compile: bool = False, native: bool = False):
         self.model, self.kv, self.rope = model, kv_storage, rope
         n2, nl, nb, bs, hkv, d = kv_storage.shape
         self.flat = kv_storage.view(n2, nl, nb * bs, hkv, d)
@@ -77,11 +82,21 @@ class DecodeStep:
         self.compiled = compile
         self.compile_seconds: float | None = None
         self._fn = decode_one
+        # native: the whole step as one C++ call (kernels/cpu_decode.py), where it applies and builds
+        self.native = None
+        if native and not compile:
+            from memserve.kernels.cpu_decode import native_decode_model
+
+            self.native = native_decode_model(model)
         if compile:
             # the C++ wrapper calls the generated kernels without a Python frame per op. Measured 2026-12-07
             # (EPYC, 2 cores, 1 thread, box loaded, int4, same run): eager 20.2 ms/token, compiled with the
             # C++ wrapper 17.7 (compile 666 s), without it 46 vs eager 38 (compile 518 s)
             self._fn = torch.compile(decode_one, dynamic=True, fullgraph=True, options={"cpp_wrapper": True})
+
+    @property
+    def path(self) -> str:
+        return "native" if self.native is not None else "compile" if self.compiled else "eager"
 
     @torch.inference_mode()
     def __call__(self, token: int, pos: int, slot: int, start: int, end: int) -> torch.Tensor:
@@ -91,6 +106,8 @@ class DecodeStep:
         if pos >= self.cos_t.shape[0]:
             n = max(4096, 2 * self.cos_t.shape[0], pos + 1)
             self.cos_t, self.sin_t = self.rope.cos_sin(torch.arange(n, device=dev))
+        if self.native is not None:
+            return self.native.step(token, pos, self.cos_t, self.sin_t, self.flat, start, end, slot)
         args = (self.model, torch.tensor([token], device=dev), torch.tensor([pos], device=dev), self.cos_t,
                 self.sin_t, self.flat, start, end)
         t0 = time.perf_counter()

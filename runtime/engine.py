@@ -80,9 +80,11 @@ class EngineArgs:
     # torch intra-op CPU threads for this process (None: torch's default); benchmarks report it
     threads: int | None = None
     # single-stream decode (one sequence, one new token, dense paged KV, no memory layers) through
-    # runtime/decode_step.py: "eager" | "compile" (torch.compile, inductor + C++ wrapper; compiled on the
-    # first such step, seconds in `decode_compile_seconds`) | "off" (Model.forward for every step)
-    decode_path: str = "eager"
+    # runtime/decode_step.py: "native" (the step as one C++ call, kernels/cpu_decode.py: CPU, fp32 or int4
+    # linears; built on first use, ~1 min; falls back to "eager" where it does not apply or cannot be built)
+    # | "eager" | "compile" (torch.compile, inductor + C++ wrapper; compiled on the first such step, seconds
+    # in `decode_compile_seconds`) | "off" (Model.forward for every step)
+    decode_path: str = "native"
 
     def __post_init__(self):
         assert self.device in ("cpu", "cuda") or self.device.startswith("cuda:"), \
@@ -100,8 +102,8 @@ class EngineArgs:
         self.int4_options()  # raises ValueError naming the int4_* field to change
         assert self.session_store is None or self.kv_memory != "off", "session_store needs kv_memory 'auto' or 'retrieval'"
         assert self.threads is None or self.threads >= 1, f"threads must be None or >= 1, got {self.threads!r}"
-        assert self.decode_path in ("eager", "compile", "off"), \
-            f"decode_path must be 'eager', 'compile' or 'off', got {self.decode_path!r}"
+        assert self.decode_path in ("native", "eager", "compile", "off"), \
+            f"decode_path must be 'native', 'eager', 'compile' or 'off', got {self.decode_path!r}"
         assert self.max_num_seqs >= 1, "max_num_seqs must be >= 1"
         assert self.max_num_batched_tokens >= 1, "max_num_batched_tokens must be >= 1"
         assert self.block_size >= 1, "block_size must be >= 1"
@@ -235,7 +237,7 @@ class LLMEngine:
         self.decode_step = None
         if args.decode_path != "off" and not self.model.memory_layers:
             self.decode_step = DecodeStep(self.model, self.rope, self.kv_cache.storage,
-                                          compile=args.decode_path == "compile")
+                                          compile=args.decode_path == "compile", native=args.decode_path == "native")
         self.memory = None  # KVMemoryManager when the KV memory is enabled
         if args.kv_memory != "off":
             from .kv_memory_backend import build_kv_memory

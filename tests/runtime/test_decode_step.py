@@ -38,15 +38,17 @@ def _run(path, prompts, n=20, **kw):
 
 @pytest.mark.parametrize("quant", [None, "int4"])
 def test_fast_decode_equals_forward(tiny, quant):
-    """Greedy tokens identical and logits within 1e-4 of Model.forward over 20 decode steps, with the KV
-    memory on (dense sequences take the fast path) and off."""
+    """Greedy tokens identical and logits within 1e-4 of Model.forward over 20 decode steps, eager and native
+    steps, with the KV memory on (dense sequences take the fast path) and off."""
     prompts = [[5, 17, 300, 40, 12, 99, 7]]
     for kv_memory in ("off", "auto"):
         ref_llm, ref, ref_lg = _run(tiny, prompts, quantization=quant, decode_path="off", kv_memory=kv_memory)
-        llm, out, lg = _run(tiny, prompts, quantization=quant, decode_path="eager", kv_memory=kv_memory)
-        assert llm.engine.decode_step is not None and ref_llm.engine.decode_step is None
-        assert out[0].token_ids == ref[0].token_ids
-        assert (lg - ref_lg).abs().max() < 1e-4 * ref_lg.abs().max()
+        assert ref_llm.engine.decode_step is None
+        for path in ("eager", "native"):  # native: kernels/cpu_decode.py (eager where it cannot build)
+            llm, out, lg = _run(tiny, prompts, quantization=quant, decode_path=path, kv_memory=kv_memory)
+            assert llm.engine.decode_step is not None
+            assert out[0].token_ids == ref[0].token_ids
+            assert (lg - ref_lg).abs().max() < 1e-4 * ref_lg.abs().max()
 
 
 def test_fast_decode_falls_back_on_scattered_blocks(tiny):

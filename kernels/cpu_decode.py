@@ -1,0 +1,92 @@
+"""The single-token decode step of a dense Llama-family model as one C++ call on the CPU
+(kernels/cpu_decode.cpp), built on first use with torch's C++ extension builder.
+
+Reference: `runtime/decode_step.decode_one` (the eager step, itself checked against Model.forward and
+transformers) -- same formulas, same torch kernels for the matmuls (int4 op on bf16 activations, fp32
+`linear`), softmax and SiLU; the elementwise work between them (RMSNorm fused with the bf16 cast of the
+next matmul's input, residual add fused with the read of the matmul's output, RoPE, one-query GQA
+attention over the cached context, SiLU*mul fused with the cast, cache write) is plain loops over
+preallocated buffers, so a step is 6 torch calls per layer instead of ~35 Python-dispatched ops.
+
+Only int4 (`Int4Linear`, int4 kernel: decode is one row) and fp32 (`Linear`) linears are taken; int8 models,
+memory layers and CUDA stay on the eager step. The build needs a C++ compiler (g++; the same one
+torch.compile's inductor uses); without one `native_decode_model` returns None and says why once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from pathlib import Path
+
+import torch
+
+_LOCK = threading.Lock()
+_STATE: dict = {}
+log = logging.getLogger(__name__)
+
+
+def _cpu_tag() -> str:
+    """A short hash of the CPU's flags: the build uses -march=native, so a build cache shared between
+    machines (a home directory, an image) must not hand one CPU's binary to another."""
+    try:
+        flags = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), "")
+    except OSError:
+        flags = ""
+    return hashlib.sha1(flags.encode()).hexdigest()[:8]
+
+
+def load_extension():
+    """The compiled module, or None if it cannot be built here (the reason in `build_error()`)."""
+    with _LOCK:
+        if "mod" in _STATE or "error" in _STATE:
+            return _STATE.get("mod")
+        try:
+            from torch.utils.cpp_extension import load
+
+            src = Path(__file__).with_name("cpu_decode.cpp")
+            log.info("building the C++ decode step (first use on this machine, ~1 min)")
+            # -ffp-contract=off: no fused multiply-adds the eager torch kernels do not use either
+            _STATE["mod"] = load(name=f"memserve_cpu_decode_{_cpu_tag()}", sources=[str(src)],
+                                 extra_cflags=["-O3", "-march=native", "-ffp-contract=off", "-fopenmp-simd"],
+                                 verbose=False)
+        except Exception as e:  # noqa: BLE001 - no compiler / headers: the eager step still works
+            _STATE["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+            log.warning("C++ decode step unavailable, using the eager one: %s", _STATE["error"])
+        return _STATE.get("mod")
+
+
+def build_error() -> str | None:
+    return _STATE.get("error")
+
+
+def native_decode_model(model):
+    """A `DecodeModel` (C++) over `model`'s weights, or None where the native step does not apply: not on the
+    CPU, fp32 activations not in use, memory layers, a linear other than int4 / fp32, or no compiler."""
+    from memserve.runtime.quant import Linear
+    from memserve.runtime.quant_int4 import Int4Linear
+
+    if model.device != "cpu" or model.dtype != torch.float32 or model.memory_layers or model.embed.dtype != torch.float32:
+        return None
+    lins = [lin for L in model.layers for lin in (L.qkv, L.o, L.gate_up, L.down)] + [model.lm_head]
+    if not all(type(lin) in (Int4Linear, Linear) for lin in lins):
+        return None
+    mod = load_extension()
+    if mod is None:
+        return None
+    empty = torch.empty(0)
+    ws, szs, biases, groups = [], [], [], []
+    for lin in lins:
+        if isinstance(lin, Int4Linear):
+            ws.append(lin.packed)
+            szs.append(lin.scale_zeros)
+            groups.append(lin.group)
+        else:
+            ws.append(lin.weight)
+            szs.append(empty)
+            groups.append(0)
+        biases.append(empty if lin.bias is None else lin.bias)
+    norms = [t for L in model.layers for t in (L.input_norm, L.post_norm)]
+    return mod.DecodeModel(model.embed, norms, ws, szs, biases, groups, model.final_norm, model.num_heads,
+                           model.num_kv_heads, model.head_dim, float(model.eps))
