@@ -2,11 +2,12 @@
 (kernels/cpu_decode.cpp), built on first use with torch's C++ extension builder.
 
 Reference: `runtime/decode_step.decode_one` (the eager step, itself checked against Model.forward and
-transformers) -- same formulas, same torch kernels for the matmuls (int4 op on bf16 activations, fp32
-`linear`), softmax and SiLU; the elementwise work between them (RMSNorm fused with the bf16 cast of the
-next matmul's input, residual add fused with the read of the matmul's output, RoPE, one-query GQA
-attention over the cached context, SiLU*mul fused with the cast, cache write) is plain loops over
-preallocated buffers, so a step is 6 torch calls per layer instead of ~35 Python-dispatched ops.
+transformers) -- same formulas, and the same torch kernels for the matmuls (int4 op on bf16 activations,
+fp32 `linear`), the attention reductions (bmm / softmax / baddbmm on the same views), RMSNorm's mean and
+SiLU, so the logits are bit-identical to it on this project's CPU; the elementwise work between them
+(RMSNorm's scaling fused with the bf16 cast of the next matmul's input, the residual add fused with the
+read of the matmul's output, RoPE, SiLU*mul fused with the cast, the cache write) is plain loops over
+preallocated buffers, so a layer makes ~14 torch calls from C++ instead of ~35 Python-dispatched ops.
 
 Only int4 (`Int4Linear`, int4 kernel: decode is one row) and fp32 (`Linear`) linears are taken; int8 models,
 memory layers and CUDA stay on the eager step. The build needs a C++ compiler (g++; the same one
