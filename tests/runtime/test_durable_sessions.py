@@ -188,8 +188,10 @@ def test_forward_exception_fails_only_that_step_and_frees_blocks(tiny_llama_dir)
 
     async def go():
         ok_ref = await one("ref", _prompt(8, 21))
-        # max_num_seqs=1: "a" runs, "b" waits; the failing step is a's only
-        ta = asyncio.ensure_future(one("a", _prompt(8, 20), 50))
+        # max_num_seqs=1: "a" runs, "b" waits; the failing step is a's only. "a" asks for far more tokens
+        # than it can make before the failure is armed: with the native decode step 50 tokens of the tiny
+        # model took < 0.1 s, so "a" had finished and the injected failure hit "b" (a clean-clone CI run)
+        ta = asyncio.ensure_future(one("a", _prompt(8, 20), 10_000))
         await asyncio.sleep(0.05)
         tb = asyncio.ensure_future(one("b", _prompt(8, 21)))
         await asyncio.sleep(0.05)
