@@ -35,7 +35,6 @@ from .sessions import Session, SessionStore, load_session, save_session
 
 log = logging.getLogger("memserve.runtime")
 
-MODES = KV_MODES
 _POLICY_FIELDS = {f.name for f in dataclasses.fields(RetrievalPolicy)}
 
 
@@ -162,7 +161,7 @@ class KVMemoryManager:
 
     def __init__(self, engine, mode: str, cfg: KVMemoryConfig, backend: KVMemoryAttention,
                  allocator: MemoryAwareAllocator):
-        assert mode in MODES
+        assert mode in KV_MODES
         self.engine, self.mode, self.cfg = engine, mode, cfg
         self.backend, self.allocator = backend, allocator
         self.sessions = SessionStore()
@@ -422,7 +421,7 @@ class KVMemoryManager:
 def build_kv_memory(engine, dense: AttentionBackend, allocator: MemoryAwareAllocator):
     """The retrieval backend (over the dense one) and the manager, built once by LLMEngine.__init__."""
     args = engine.args
-    assert args.kv_memory in MODES, f"kv_memory must be one of {MODES}, got {args.kv_memory!r}"
+    assert args.kv_memory in KV_MODES, f"kv_memory must be one of {KV_MODES}, got {args.kv_memory!r}"
     assert isinstance(allocator, MemoryAwareAllocator), "the KV memory needs the memory-aware allocator"
     c = engine.config
     profile = profile_for(c.name or str(engine.checkpoint_source), c.num_hidden_layers, c.num_key_value_heads,
