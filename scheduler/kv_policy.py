@@ -22,6 +22,7 @@ GRANULARITIES = ("shared", "kv_head", "q_head")
 REPR_MODES = ("mean", "max", "quest")
 UNSELECTED = ("drop", "centroid")
 EXACT_MODES = ("off", "query")
+EXACT_REDUCE = ("sum", "max", "z")
 
 
 @dataclass(slots=True)
@@ -76,6 +77,17 @@ class RetrievalPolicy:
     # blocks per step at the exact selections (0: topk). The body's chunks keep topk, so their prefill is
     # unchanged; 16 answered 5/6 tuned 16k cells where topk 8 answered 4/6 (kv_memory_retrieval_16k.md)
     exact_topk: int = 0
+    # which query scores the blocks at the question's exact selection (the prefill chunk holding the prompt's
+    # end): 0 = the chunk's mean query (as every chunk); N > 0 = the mean of the chunk's last N prompt tokens'
+    # queries (1: the last token's, whose logits give the answer's first token). A 256-token chunk that is
+    # mostly body text tail dilutes the question's query. Decode selections have one query either way
+    exact_query_tokens: int = 0
+    # how a KV head (granularity kv_head / shared) combines its query heads' exact scores: "sum" (as
+    # representatives are), "max" (best head), "z" (per-head standardized, then summed): selection.group_scores
+    exact_reduce: str = "sum"
+    # ((layer, k), ...): blocks per step at the exact selections of those layers instead of exact_topk
+    # (retrieval heads: some layers rank the needle far better than others)
+    exact_layer_topk: tuple[tuple[int, int], ...] = ()
 
     def __post_init__(self):
         assert self.reselect_every >= 1, "reselect_every must be >= 1"
@@ -88,6 +100,17 @@ class RetrievalPolicy:
         assert self.exact in EXACT_MODES, f"exact must be one of {EXACT_MODES}"
         assert self.exact_every >= 0, "exact_every must be >= 0 (0: only the question's prefill chunk)"
         assert self.exact_topk >= 0, "exact_topk must be >= 0 (0: topk)"
+        assert self.exact_query_tokens >= 0, "exact_query_tokens must be >= 0 (0: the chunk's mean query)"
+        assert self.exact_reduce in EXACT_REDUCE, f"exact_reduce must be one of {EXACT_REDUCE}"
+        self.exact_layer_topk = tuple((int(l), int(k)) for l, k in self.exact_layer_topk)  # JSON gives lists
+        assert all(k >= 0 for _, k in self.exact_layer_topk), "exact_layer_topk: k must be >= 0"
+
+    def exact_topk_for(self, layer: int, num_blocks: int) -> int:
+        """Blocks at an exact selection of `layer`: exact_layer_topk's k for it, else max(topk_for, exact_topk)."""
+        k = self.topk_for(layer, num_blocks)
+        if self.exact_layer_topk and layer in dict(self.exact_layer_topk):
+            return min(num_blocks, dict(self.exact_layer_topk)[layer])
+        return min(num_blocks, max(k, self.exact_topk)) if self.exact_topk else k
 
     def topk_for(self, layer: int, num_blocks: int) -> int:
         if layer in self.dense_layers:

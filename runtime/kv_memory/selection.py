@@ -23,15 +23,31 @@ def rerank_candidates(scores: torch.Tensor, n: int, granularity: str, num_kv_hea
     return cand.expand(num_kv_heads, nb) if granularity == "shared" else cand.view(num_kv_heads, -1, nb).any(1)
 
 
+def group_scores(scores: torch.Tensor, reduce: str) -> torch.Tensor:
+    """(rows, NB) per-block scores of each selection unit from its query heads' rows (rows, n, NB), reduced
+    over dim 1: "sum" (the default: the query summed over the group), "max" (a block counts by its best
+    head), "z" (each head's scores standardized over the blocks, then summed: every head votes with the
+    same weight, a flat head adds little to any block)."""
+    if reduce == "sum":
+        return scores.sum(1)
+    if reduce == "max":
+        return scores.amax(1)
+    assert reduce == "z", f"unknown group reduce {reduce!r}"
+    s = scores.float()
+    z = (s - s.mean(-1, keepdim=True)) / s.std(-1, keepdim=True).clamp_min(1e-6)
+    return z.sum(1).to(scores.dtype)
+
+
 def select_blocks(
     scores: torch.Tensor, k: int, granularity: str, num_kv_heads: int, extra: torch.Tensor | None = None,
-    next_blocks: int = 0,
+    next_blocks: int = 0, reduce: str = "sum",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-k blocks per query head, honouring the granularity.
 
     scores: (Hq, NB). extra: optional (Hq, NB) bool of blocks to add (union), e.g. sticky prefill picks.
     next_blocks: the block following each of the best `next_blocks` picks is added too (the last
-    block's successor is the window, attended anyway).
+    block's successor is the window, attended anyway). reduce: how a shared / KV-head unit combines its
+    query heads' scores (`group_scores`).
     Returns idx (Hq, K) long, valid (Hq, K) bool (padding where a head has fewer than K picks),
     and the selection mask (Hq, NB) bool. Picks are listed in block order.
     """
@@ -39,9 +55,9 @@ def select_blocks(
     g = hq // num_kv_heads
     # the top-k runs once per selection group (1 row shared, Hkv rows per KV head), then rows repeat
     if granularity == "shared":
-        agg, rep = scores.sum(0, keepdim=True), hq
+        agg, rep = group_scores(scores[None], reduce), hq
     elif granularity == "kv_head":
-        agg, rep = scores.reshape(num_kv_heads, g, nb).sum(1), g
+        agg, rep = group_scores(scores.reshape(num_kv_heads, g, nb), reduce), g
     else:
         agg, rep = scores, 1
     k = min(k, nb)

@@ -36,16 +36,15 @@ class WorkingSetMixin:
             return self._decode_blocks()
         nb = self.num_blocks
         scores, exact = self._block_scores(q_glob, repr_scores)  # (Hq, NB)
-        k = pol.topk_for(self.layer, nb)
-        if exact and pol.exact_topk:
-            k = min(nb, max(k, pol.exact_topk))
+        k = pol.exact_topk_for(self.layer, nb) if exact else pol.topk_for(self.layer, nb)
         if self.record_scores:  # probes (bench/kv_memory_probe.py) read the last step's block scores
             self.last_scores = scores
         extra = None
         if pol.sticky and t == 1 and self.sticky is not None:
             extra = torch.zeros(hq, nb, dtype=torch.bool, device=q_glob.device)
             extra[:, : self.sticky.shape[1]] = self.sticky
-        idx, valid, mask = select_blocks(scores, k, pol.granularity, self.hkv, extra, pol.next_blocks)
+        idx, valid, mask = select_blocks(scores, k, pol.granularity, self.hkv, extra, pol.next_blocks,
+                                         pol.exact_reduce if exact else "sum")
         if t > 1 and pol.sticky:
             self.sticky = mask
         self.sel_rows = mask if pol.granularity == "q_head" else mask.view(self.hkv, -1, nb)[:, 0]
@@ -77,7 +76,14 @@ class WorkingSetMixin:
         if repr_scores is None and self._exact_due(q_glob.shape[0]):
             # after the question's chunk the first decode selection is due too (its single query, not the
             # chunk's mean, finds the needle: tuned 16k cells 1/6 -> 4/6, bench/results/kv_memory_retrieval_16k.md)
-            self.exact_age = pol.exact_every if self._holds_prompt_end(q_glob.shape[0]) else 0
+            t = q_glob.shape[0]
+            if self._holds_prompt_end(t):
+                self.exact_age = pol.exact_every
+                if pol.exact_query_tokens:  # the question's own queries: the last N up to the prompt's end
+                    e = self.prompt_end - self.n_tokens
+                    q = q_glob[max(0, e - pol.exact_query_tokens) : e].mean(0)
+            else:
+                self.exact_age = 0
             return exact_block_scores(self._stored()[0], q, self.cfg.key_group).to(q.dtype), True
         scores = repr_scores
         if scores is None:
