@@ -4,7 +4,13 @@ top-k at the exact selections (`exact_layer_topk`). Each is checked against a sm
 
 import pytest
 import torch
-from memserve.runtime.kv_memory import KVLayerStore, KVMemoryConfig, default_inv_freq, reference_attention, rotate
+from memserve.runtime.kv_memory import (
+    KVLayerStore,
+    KVMemoryConfig,
+    default_inv_freq,
+    reference_attention,
+    rotate,
+)
 from memserve.runtime.kv_memory.quant import dequantize
 from memserve.runtime.kv_memory.selection import select_blocks
 from memserve.scheduler.kv_policy import RetrievalPolicy
