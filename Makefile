@@ -23,6 +23,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python helm/get_helm.py --dest $(BIN)
 	# build the native C++ decode step now (~1 min), not inside the first engine or Ray replica to start
 	$(BIN)/python -c "from memserve.kernels.cpu_decode import load_extension as b; b() or print('native decode step not built: the eager one runs')"
+	$(BIN)/python -c "from memserve.kernels.cpu_decode_batched import load_extension as b; b() or print('batched native decode step not built: Model.forward runs')"
 	touch $(STAMP)
 
 serve: setup

@@ -83,11 +83,14 @@ class DecodeStep:
         self.compile_seconds: float | None = None
         self._fn = decode_one
         # native: the whole step as one C++ call (kernels/cpu_decode.py), where it applies and builds
-        self.native = None
+        self.native = self.batched = None
         if native and not compile:
             from memserve.kernels.cpu_decode import native_decode_model
+            from memserve.kernels.cpu_decode_batched import native_batched_model
 
             self.native = native_decode_model(model)
+            # B > 1 decode tokens (kernels/cpu_decode_batched.py); also int8 models
+            self.batched = native_batched_model(model)
         if compile:
             # the C++ wrapper calls the generated kernels without a Python frame per op. Measured 2026-12-07
             # (EPYC, 2 cores, 1 thread, box loaded, int4, same run): eager 20.2 ms/token, compiled with the
@@ -98,14 +101,30 @@ class DecodeStep:
     def path(self) -> str:
         return "native" if self.native is not None else "compile" if self.compiled else "eager"
 
+    def _rope_tables(self, pos: int) -> None:
+        if pos >= self.cos_t.shape[0]:
+            n = max(4096, 2 * self.cos_t.shape[0], pos + 1)
+            self.cos_t, self.sin_t = self.rope.cos_sin(torch.arange(n, device=self.kv.device))
+
+    @torch.inference_mode()
+    def batch(self, tokens: list[int], positions: list[int], slots: list[int], tables: list[list[int]]) -> torch.Tensor:
+        """Logits (B, V) of one decode token per sequence (the batched C++ step; `batched` must be set):
+        tokens[b] at positions[b], its k/v written to flat slot slots[b], attending to positions
+        0..positions[b] of its sequence through block table tables[b] (covering them)."""
+        self._rope_tables(max(positions))
+        bs = self.kv.shape[3]
+        nb = [p // bs + 1 for p in positions]
+        m = max(nb)
+        bt = torch.tensor([t[:n] + [0] * (m - n) for t, n in zip(tables, nb)], dtype=torch.int32)
+        return self.batched.step(torch.tensor(tokens), torch.tensor(positions), torch.tensor(slots), bt,
+                                 self.cos_t, self.sin_t, self.flat, bs)
+
     @torch.inference_mode()
     def __call__(self, token: int, pos: int, slot: int, start: int, end: int) -> torch.Tensor:
         """Logits (1, V) of `token` at position `pos`, its k/v written to flat cache slot `slot`, attending
         to its context at flat slots [start, end) and itself."""
         dev = self.kv.device
-        if pos >= self.cos_t.shape[0]:
-            n = max(4096, 2 * self.cos_t.shape[0], pos + 1)
-            self.cos_t, self.sin_t = self.rope.cos_sin(torch.arange(n, device=dev))
+        self._rope_tables(pos)
         if self.native is not None:
             return self.native.step(token, pos, self.cos_t, self.sin_t, self.flat, start, end, slot)
         args = (self.model, torch.tensor([token], device=dev), torch.tensor([pos], device=dev), self.cos_t,

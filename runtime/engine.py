@@ -340,6 +340,12 @@ class LLMEngine:
             if logits is not None:
                 tokens = sample(logits, [r.params for r in sampled_reqs], [r.generator for r in sampled_reqs])
                 return {sampled_reqs[0].request_id: tokens[0]}
+        if (getattr(self.decode_step, "batched", None) is not None and len(ids) > 1
+                and len(rows) == len(ids) == len(plan.scheduled)):
+            logits = self._decode_batch(plan, ids)
+            if logits is not None:
+                tokens = sample(logits, [r.params for r in sampled_reqs], [r.generator for r in sampled_reqs])
+                return {r.request_id: t for r, t in zip(sampled_reqs, tokens)}
         meta = AttentionMetadata.build(
             [s.seq.seq_id for s in plan.scheduled], [s.num_new_tokens for s in plan.scheduled],
             [s.start for s in plan.scheduled], [self.allocator.tables[s.seq.seq_id] for s in plan.scheduled],
@@ -367,6 +373,18 @@ class LLMEngine:
         if table[nb - 1] - first != nb - 1 or (nb > 2 and table[:nb] != list(range(first, first + nb))):
             return None
         return self.decode_step(token, s.start, first * bs + s.start, first * bs, first * bs + s.start)
+
+    def _decode_batch(self, plan: BatchPlan, ids: list[int]) -> torch.Tensor | None:
+        """Logits of one decode token per scheduled sequence through the batched C++ step (kernels/
+        cpu_decode_batched.py), or None where it does not apply: a sequence is in the KV memory."""
+        mem = getattr(self.attn, "configs", ())  # KVMemoryAttention's memory sequences
+        if any(s.seq.seq_id in mem for s in plan.scheduled):
+            return None
+        bs = self.allocator.block_size
+        tables = [self.allocator.tables[s.seq.seq_id] for s in plan.scheduled]
+        pos = [s.start for s in plan.scheduled]
+        slots = [t[p // bs] * bs + p % bs for t, p in zip(tables, pos)]
+        return self.decode_step.batch(ids, pos, slots, tables)
 
     @property
     def decode_compile_seconds(self) -> float | None:
