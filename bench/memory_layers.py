@@ -193,6 +193,10 @@ def decode_cases(a, streams: list[int]) -> dict:
         decode_tok_s(eng, 1, 4, a.prompt)
     res = {"model": str(mdir), "layers": info.layers, "slots": info.num_slots, "shared": info.shared_values,
            "values_dtype": a.values_dtype, "tokens": a.decode_tokens}
+    # which single-stream step each engine runs (runtime/decode_step.py: native / eager / compile; None:
+    # Model.forward for every step): the 1-stream ratio compares like with like only when these agree
+    res["decode_paths"] = {n: (e.decode_step.path if e.decode_step is not None else None) for n, e in engines}
+    print(f"  single-stream decode paths: {res['decode_paths']}", flush=True)
     for s in streams:
         best, faults = {n: 0.0 for n, _ in engines}, {n: 0 for n, _ in engines}
         for _ in range(a.rounds):
@@ -217,6 +221,7 @@ def component_ms(model, streams: list[int], n: int = 30) -> dict:
     the same model, per T = streams tokens: what the memory layers add to a step, free of the box's
     load bursts that move whole decode runs by 2x."""
     from memserve.kernels import pkm_topk
+    from memserve.kernels.pkm import pkm_topk_torch
 
     mem_i = next(i for i, L in enumerate(model.layers) if L.ffn.memory is not None)
     ffn = model.layers[mem_i].ffn
@@ -244,10 +249,11 @@ def component_ms(model, streams: list[int], n: int = 30) -> dict:
             out[T] = {"memory_layer": t(lambda x=x: m(x)),  # noqa: B023
                       "query_proj": t(lambda x=x: F.linear(x, m.query_w, m.query_b)),  # noqa: B023
                       "pkm_topk": t(lambda q=q: pkm_topk(q, m.keys, c.knn)),  # noqa: B023
+                      "pkm_topk_torch": t(lambda q=q: pkm_topk_torch(q, m.keys, c.knn)),  # noqa: B023
                       "bag_fresh_rows": t(lambda: m.values.lookup(*next(it))),  # noqa: B023
                       "dense_mlp": t(lambda x=x: ffn.mlp(x)) if ffn.gate_up is not None else None}  # noqa: B023
         print(f"  T={T}: one memory layer {out[T]['memory_layer']:.2f} ms (query_proj {out[T]['query_proj']:.2f}, "
-              f"pkm_topk {out[T]['pkm_topk']:.2f}, bag {out[T]['bag_fresh_rows']:.2f}) vs its dense MLP "
+              f"pkm_topk {out[T]['pkm_topk']:.2f} (torch path {out[T]['pkm_topk_torch']:.2f}), bag {out[T]['bag_fresh_rows']:.2f}) vs its dense MLP "
               f"{out[T]['dense_mlp'] or 0:.2f} ms", flush=True)
     return out
 
@@ -291,7 +297,8 @@ def report(bags: list[dict], dec: dict | None, read_bw: float, threads: int, cpu
     if dec:
         lines += [f"**Decode** ({dec['tokens']} tokens per stream, greedy; memory model: layers {dec['layers']}, "
                   f"{dec['slots']:,} slots, shared table {dec['shared']}, {dec['values_dtype']}; "
-                  f"same greedy tokens as the base: {dec['greedy_identical']}):", "",
+                  f"same greedy tokens as the base: {dec['greedy_identical']}; single-stream step: "
+                  f"{dec.get('decode_paths')}):", "",
                   "| streams | base tok/s | control tok/s (memory dir, memory skipped) | memory model tok/s | "
                   "control / base | memory / base |", "|---:|---:|---:|---:|---:|---:|"]
         for k in sorted((k for k in dec if k.startswith("streams_")), key=lambda k: int(k.split("_")[1])):
@@ -300,9 +307,11 @@ def report(bags: list[dict], dec: dict | None, read_bw: float, threads: int, cpu
                          f"{d['ratio_control']:.3f} | {d['ratio']:.3f} |")
         lines += ["", "One memory layer's pieces (min of 30 calls (quick: 5), ms; bag over fresh random rows of the mapped "
                   "table) vs one dense MLP of the same model:", "",
-                  "| T tokens | memory layer | query_proj | pkm_topk | bag | dense MLP |", "|---:|---:|---:|---:|---:|---:|"]
+                  "| T tokens | memory layer | query_proj | pkm_topk | pkm_topk (torch path) | bag | dense MLP |",
+                  "|---:|---:|---:|---:|---:|---:|---:|"]
         for T, d in dec.get("components", {}).items():
             lines.append(f"| {T} | {d['memory_layer']:.2f} | {d['query_proj']:.2f} | {d['pkm_topk']:.2f} | "
+                         f"{d.get('pkm_topk_torch', 0):.2f} | "
                          f"{d['bag_fresh_rows']:.2f} | {d['dense_mlp'] or 0:.2f} |")
         lines.append("")
     return "\n".join(lines)

@@ -16,7 +16,9 @@
 #include <torch/csrc/utils/pybind.h>
 
 #include <cmath>
+#include <memory>
 #include <stdexcept>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -76,7 +78,9 @@ class DecodeModel {
       l.sz = lin_sz[i];  // empty for fp32
       if (lin_bias[i].numel()) l.bias = lin_bias[i].to(at::kFloat).contiguous();  // empty: no bias
       l.group = lin_group[i];
-      if (l.group) {
+      if (l.w.dim() < 2 && !l.group) {  // no linear (a hooked FFN's gate_up / down: see set_ffn_hook)
+        l.n = l.k = 0;
+      } else if (l.group) {
         l.n = l.sz.size(1);
         l.k = l.sz.size(0) * l.group;
       } else {
@@ -97,13 +101,34 @@ class DecodeModel {
     }
     head_ = mk(4 * nl);
     h_ = embed_.size(1);
-    inter_ = layers_.empty() ? 0 : layers_[0].gate_up.n / 2;
+    for (const Layer& L : layers_) inter_ = std::max<int64_t>(inter_, L.gate_up.n / 2);  // layer 0 may be hooked
     auto f32 = at::TensorOptions().dtype(at::kFloat);
     hidden_ = at::empty({1, h_}, f32);
     qkv_ = at::empty({(hq_ + 2 * hkv_) * d_}, f32);
     gate_ = at::empty({1, std::max<int64_t>(inter_, 1)}, f32);
     up_ = at::empty({std::max<int64_t>(inter_, 1)}, f32);
     sq_ = at::empty({1, h_}, f32);
+    ffn_x_ = at::empty({1, h_}, f32);
+    hooked_.assign(layers_.size(), false);
+  }
+
+  ~DecodeModel() {
+    if (hook_) {  // a Python object: released with the GIL held
+      pybind11::gil_scoped_acquire g;
+      hook_.reset();
+    }
+  }
+
+  // Layers whose FFN runs in Python (memory layers: runtime/ffn.py FFN, with its value store and lookup
+  // stats): `fn(layer, x)` gets the post-attention-normed x (1, hidden) fp32 -- a buffer reused by the next
+  // call -- and returns the FFN output (1, hidden), added to the residual as Model.forward does.
+  void set_ffn_hook(std::vector<int64_t> layers, pybind11::function fn) {
+    hooked_.assign(layers_.size(), false);
+    for (int64_t i : layers) {
+      if (i < 0 || i >= static_cast<int64_t>(layers_.size())) throw std::invalid_argument("hooked layer out of range");
+      hooked_[i] = true;
+    }
+    hook_ = std::make_unique<pybind11::function>(std::move(fn));
   }
 
   // logits (1, V) fp32 of `token` at position `pos`; attends to flat cache slots [start, end) of
@@ -159,6 +184,10 @@ class DecodeModel {
         vd[j] = vnp[j];
       }
       read_out(ly.o, run(ly.o, ox), [&](int64_t j, float v) { h[j] = h[j] + v; });
+      if (hooked_[i]) {
+        ffn_hook(static_cast<int64_t>(i), h, ly.post_norm);
+        continue;
+      }
       // MLP: RMSNorm -> gate_up -> SiLU(gate) * up -> down, residual
       x = norm_into(h, ly.post_norm, ly.gate_up);
       at::Tensor gu = run(ly.gate_up, x);
@@ -181,6 +210,25 @@ class DecodeModel {
   }
 
  private:
+  // h += fn(i, RMSNorm(h)) through the Python hook (the norm as norm_into's, in fp32)
+  void ffn_hook(int64_t i, float* h, const at::Tensor& w) {
+    float* sq = sq_.data_ptr<float>();
+    for (int64_t j = 0; j < h_; ++j) sq[j] = h[j] * h[j];
+    const float r = at::mean(sq_, {-1}, true).add_(eps_).rsqrt_().item<float>();
+    const float* wp = w.data_ptr<float>();
+    float* x = ffn_x_.data_ptr<float>();
+    for (int64_t j = 0; j < h_; ++j) x[j] = h[j] * r * wp[j];
+    at::Tensor y;
+    {
+      pybind11::gil_scoped_acquire g;
+      y = (*hook_)(i, ffn_x_).cast<at::Tensor>();
+    }
+    if (y.numel() != h_) throw std::runtime_error("FFN hook must return (1, hidden)");
+    y = y.to(at::kFloat).contiguous();
+    const float* yp = y.data_ptr<float>();
+    for (int64_t j = 0; j < h_; ++j) h[j] = h[j] + yp[j];
+  }
+
   // the input buffer (1, K) of linear l in its dtype (bf16 for int4), reused across calls
   at::Tensor in_buf(const Lin& l) {
     auto dt = l.group ? at::kBFloat16 : at::kFloat;
@@ -216,7 +264,9 @@ class DecodeModel {
     return x;
   }
 
-  at::Tensor embed_, final_norm_, hidden_, qkv_, gate_, up_, sq_;
+  at::Tensor embed_, final_norm_, hidden_, qkv_, gate_, up_, sq_, ffn_x_;
+  std::vector<bool> hooked_;
+  std::unique_ptr<pybind11::function> hook_;
   std::vector<Layer> layers_;
   std::vector<at::Tensor> bufs_;
   Lin head_;
@@ -231,5 +281,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(pybind11::init<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
                           std::vector<at::Tensor>, std::vector<int64_t>, at::Tensor, int64_t, int64_t, int64_t,
                           double>())
+      .def("set_ffn_hook", &DecodeModel::set_ffn_hook)
       .def("step", &DecodeModel::step, pybind11::call_guard<pybind11::gil_scoped_release>());
 }

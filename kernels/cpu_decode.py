@@ -9,8 +9,10 @@ SiLU, so the logits are bit-identical to it on this project's CPU; the elementwi
 read of the matmul's output, RoPE, SiLU*mul fused with the cast, the cache write) is plain loops over
 preallocated buffers, so a layer makes ~14 torch calls from C++ instead of ~35 Python-dispatched ops.
 
-Only int4 (`Int4Linear`, int4 kernel: decode is one row) and fp32 (`Linear`) linears are taken; int8 models,
-memory layers and CUDA stay on the eager step. The build needs a C++ compiler (g++; the same one
+Only int4 (`Int4Linear`, int4 kernel: decode is one row) and fp32 (`Linear`) linears are taken; int8 models
+and CUDA stay on the eager step. Memory layers (issue 16): the C++ step runs the layer up to the FFN's
+normed input, then calls the layer's Python FFN (runtime/ffn.py: product-key lookup, value store, lookup
+stats, and the dense MLP in "parallel" mode) through a hook, and adds its output -- as Model.forward. The build needs a C++ compiler (g++; the same one
 torch.compile's inductor uses); without one `native_decode_model` returns None and says why once.
 """
 
@@ -81,14 +83,18 @@ def build_error() -> str | None:
 
 def native_decode_model(model):
     """A `DecodeModel` (C++) over `model`'s weights, or None where the native step does not apply: not on the
-    CPU, fp32 activations not in use, memory layers, a linear other than int4 / fp32, or no compiler."""
+    CPU, fp32 activations not in use, a linear other than int4 / fp32, or no compiler. Layers with a memory
+    run their FFN (`L.ffn`) in Python through the step's FFN hook."""
     from memserve.runtime.quant import Linear
     from memserve.runtime.quant_int4 import Int4Linear
 
-    if model.device != "cpu" or model.dtype != torch.float32 or model.memory_layers or model.embed.dtype != torch.float32:
+    if model.device != "cpu" or model.dtype != torch.float32 or model.embed.dtype != torch.float32:
         return None
-    lins = [lin for L in model.layers for lin in (L.qkv, L.o, L.gate_up, L.down)] + [model.lm_head]
-    if not all(type(lin) in (Int4Linear, Linear) for lin in lins):
+    hooked = sorted(model.memory_layers)  # their FFN (memory, or MLP + memory) runs in Python
+    lins = [lin for i, L in enumerate(model.layers)
+            for lin in ((L.qkv, L.o) + ((None, None) if i in model.memory_layers else (L.gate_up, L.down)))]
+    lins.append(model.lm_head)
+    if not all(lin is None or type(lin) in (Int4Linear, Linear) for lin in lins):
         return None
     mod = load_extension()
     if mod is None:
@@ -96,6 +102,12 @@ def native_decode_model(model):
     empty = torch.empty(0)
     ws, szs, biases, groups = [], [], [], []
     for lin in lins:
+        if lin is None:  # a hooked FFN's linears: not run in C++
+            ws.append(empty)
+            szs.append(empty)
+            groups.append(0)
+            biases.append(empty)
+            continue
         if isinstance(lin, Int4Linear):
             ws.append(lin.packed)
             szs.append(lin.scale_zeros)
@@ -106,5 +118,9 @@ def native_decode_model(model):
             groups.append(0)
         biases.append(empty if lin.bias is None else lin.bias)
     norms = [t for L in model.layers for t in (L.input_norm, L.post_norm)]
-    return mod.DecodeModel(model.embed, norms, ws, szs, biases, groups, model.final_norm, model.num_heads,
-                           model.num_kv_heads, model.head_dim, float(model.eps))
+    dm = mod.DecodeModel(model.embed, norms, ws, szs, biases, groups, model.final_norm, model.num_heads,
+                         model.num_kv_heads, model.head_dim, float(model.eps))
+    if hooked:
+        layers = model.layers
+        dm.set_ffn_hook(hooked, lambda i, x: layers[i].ffn(x))
+    return dm

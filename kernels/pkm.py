@@ -8,7 +8,9 @@ sum of its halves' scores); final top-k; softmax over the k scores in fp32; flat
 `i1 * n_keys + i2`. Heads are concatenated head-major: columns [h*k, (h+1)*k) belong to head h.
 
     pkm_topk_ref    brute force over all n_keys^2 sums in float64 (tests; small n_keys only)
-    pkm_topk_torch  two-stage top-k in torch (CPU path)
+    pkm_topk_torch  two-stage top-k in torch (the CPU fallback, and the peer in bench/memory_layers.py)
+    pkm_topk_cpu    sub-key scores by torch's matmul, then one C++ call (kernels/memory_cpu.cpp): heap top-k
+                    per half, frontier top-k of the k x k sums, softmax (CPU path where the extension builds)
     pkm_topk_triton sub-key scores by one batched matmul (cuBLAS is the right tool for a GEMM),
                     then Triton programs over tiles of (token, head) rows for top-k / cartesian /
                     top-k / softmax, using score|index packed into int64 keys for tl.topk; any
@@ -19,7 +21,7 @@ import torch
 
 from ._common import check, lazy_jit, tl, triton, use_triton
 
-__all__ = ["pkm_topk", "pkm_topk_ref", "pkm_topk_torch", "pkm_topk_triton"]
+__all__ = ["pkm_topk", "pkm_topk_cpu", "pkm_topk_ref", "pkm_topk_torch", "pkm_topk_triton"]
 
 
 def _check(q, keys, k):
@@ -136,8 +138,26 @@ def pkm_topk_triton(q, keys, k):
     return idx, w
 
 
+def pkm_topk_cpu(q, keys, k, ext=None):
+    """The C++ selection over torch's half scores (the same fp32 scores and sums as pkm_topk_torch)."""
+    _check(q, keys, k)
+    if ext is None:
+        from .memory_cpu import load_extension
+
+        ext = load_extension()
+    check(ext is not None, "C++ memory kernels unavailable (kernels/memory_cpu.py build_error())")
+    idx, w = ext.pkm_select(_half_scores(q, keys, torch.float32), k)
+    return idx, w
+
+
 def pkm_topk(q, keys, k):
-    """(indices (T, H*k) int64, weights (T, H*k) fp32). CUDA -> Triton, else torch."""
+    """(indices (T, H*k) int64, weights (T, H*k) fp32). CUDA -> Triton; CPU -> C++ where it builds, else torch."""
     if use_triton(q, keys):
         return pkm_topk_triton(q, keys, k)
+    if q.device.type == "cpu":
+        from .memory_cpu import load_extension
+
+        ext = load_extension()
+        if ext is not None:
+            return pkm_topk_cpu(q, keys, k, ext)
     return pkm_topk_torch(q, keys, k)

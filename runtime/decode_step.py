@@ -19,8 +19,9 @@ instead: same math, written as one function over the flat KV storage so that
 mean; plain loops for the elementwise rest; bit-identical logits to `decode_one` here), where the model
 is on the CPU with int4 or fp32 linears and the extension builds; else this eager function.
 
-Where the sequence's blocks are not consecutive, there are memory layers, or the backend is not the
-dense paged one (KV memory), the engine keeps `Model.forward`.
+Memory layers (issue 16) run their FFN slot (`L.ffn`: lookup, value store, stats) as Model.forward does, from
+here or from the C++ step's FFN hook. Where the sequence's blocks are not consecutive or the backend is not
+the dense paged one (KV memory), the engine keeps `Model.forward`.
 """
 
 from __future__ import annotations
@@ -61,6 +62,9 @@ def decode_one(model, input_ids: torch.Tensor, pos: torch.Tensor, cos_t: torch.T
         new_v.append(v)
         h = h + L.o(o.view(1, qs))
         x = F.rms_norm(h, (h.shape[-1],), L.post_norm, eps)
+        if L.ffn.memory is not None:  # memory layer (issue 16): its FFN slot as Model.forward runs it
+            h = h + L.ffn(x)
+            continue
         gu = L.gate_up(x)  # (1, 2I)
         inter = gu.shape[1] // 2
         h = h + L.down(F.silu(gu[:, :inter]) * gu[:, inter:])
@@ -91,6 +95,8 @@ class DecodeStep:
             self.native = native_decode_model(model)
             # B > 1 decode tokens (kernels/cpu_decode_batched.py); also int8 models
             self.batched = native_batched_model(model)
+        if compile and model.memory_layers:  # a memory FFN (stats, value stores) is no fullgraph: eager
+            compile = self.compiled = False
         if compile:
             # the C++ wrapper calls the generated kernels without a Python frame per op. Measured 2026-12-07
             # (EPYC, 2 cores, 1 thread, box loaded, int4, same run): eager 20.2 ms/token, compiled with the

@@ -79,7 +79,7 @@ class EngineArgs:
     session_store: str | None = None
     # torch intra-op CPU threads for this process (None: torch's default); benchmarks report it
     threads: int | None = None
-    # single-stream decode (one sequence, one new token, dense paged KV, no memory layers) through
+    # single-stream decode (one sequence, one new token, dense paged KV; memory layers' FFNs via a hook) through
     # runtime/decode_step.py: "native" (the step as one C++ call, kernels/cpu_decode.py: CPU, fp32 or int4
     # linears; built on first use, ~1 min; falls back to "eager" where it does not apply or cannot be built)
     # | "eager" | "compile" (torch.compile, inductor + C++ wrapper; compiled on the first such step, seconds
@@ -235,7 +235,7 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self.last_step_ids: list[str] = []
         self.decode_step = None
-        if args.decode_path != "off" and not self.model.memory_layers:
+        if args.decode_path != "off":  # memory layers too: their FFN runs through the step's hook
             self.decode_step = DecodeStep(self.model, self.rope, self.kv_cache.storage,
                                           compile=args.decode_path == "compile", native=args.decode_path == "native")
         self.memory = None  # KVMemoryManager when the KV memory is enabled
