@@ -145,6 +145,17 @@ void attend_avx512(const float* q, int64_t n, const float* kc, const float* vc, 
   for (int64_t t0 = 0, bi = 0; t0 < n; t0 += BS, ++bi) {
     const float* kb = kc + static_cast<int64_t>(tb[bi]) * BS * row;
     const int64_t nb = std::min(BS, n - t0);
+    // the blocks are scattered in the pool, so the hardware prefetcher stops at each block's end: fetch
+    // the next block's keys (to L1) and this block's values (to L2, for the second pass) ahead
+    if (t0 + BS < n) {
+      const char* nk = reinterpret_cast<const char*>(kc + static_cast<int64_t>(tb[bi + 1]) * BS * row);
+      const int64_t bytes = std::min(BS, n - t0 - BS) * row * 4;
+      for (int64_t off = 0; off < bytes; off += 64) _mm_prefetch(nk + off, _MM_HINT_T0);
+    }
+    {
+      const char* vb = reinterpret_cast<const char*>(vc + static_cast<int64_t>(tb[bi]) * BS * row);
+      for (int64_t off = 0; off < nb * row * 4; off += 64) _mm_prefetch(vb + off, _MM_HINT_T1);
+    }
     for (int64_t c0 = 0; c0 < nb; c0 += 16) {  // chunks of <= 16 tokens within the block
       const int64_t cnt = std::min<int64_t>(16, nb - c0);
       for (int64_t hh = 0; hh < Hq; ++hh) {
@@ -256,7 +267,7 @@ class BatchedDecodeModel {
       if (qkv.size(1) != qkvn) throw std::invalid_argument("qkv width != (Hq + 2 Hkv) * D");
       const auto t0 = clock::now();
       attention(qkv.data_ptr<float>(), B, i, ps, sl, bt, maxb, block_size, cos_t.data_ptr<float>(),
-                sin_t.data_ptr<float>(), kvp, nslots, attn_out.data_ptr<float>());
+                sin_t.data_ptr<float>(), kvp, nslots, attn_out.data_ptr<float>(), false, NL);
       t_attn += std::chrono::duration<double>(clock::now() - t0).count();
       add_out(h, B, lo, run(lo, in_from(lo, attn_out.data_ptr<float>(), B, lo.k)));
       at::Tensor gu = as_f32(lg, run(lg, norm_into(h, B, norms_[2 * i + 1], lg)));  // (B, 2I)
@@ -275,6 +286,25 @@ class BatchedDecodeModel {
     seconds_[1] += t_attn;
     seconds_[2] += static_cast<double>(B);
     return logits;
+  }
+
+  // one layer's attention part of step() alone, on a copy of qkv (B, (Hq + 2 Hkv) D): RoPE, cache write,
+  // attention; out (B, Hq D). `generic`: the plain-loop kernel even where the AVX-512 one applies. For the
+  // kernel-level tests (against a float64 reference) and benchmarks
+  at::Tensor attend(const at::Tensor& qkv, int64_t layer, const at::Tensor& pos, const at::Tensor& slots,
+                    const at::Tensor& block_tables, const at::Tensor& cos_t, const at::Tensor& sin_t, at::Tensor kv,
+                    int64_t block_size, bool generic) {
+    const int64_t B = qkv.size(0);
+    if (qkv.scalar_type() != at::kFloat || qkv.dim() != 2 || qkv.size(1) != (hq_ + 2 * hkv_) * d_ || kv.dim() != 5 ||
+        !kv.is_contiguous() || kv.scalar_type() != at::kFloat || layer < 0 || layer >= kv.size(1) ||
+        pos.size(0) != B || slots.size(0) != B || block_tables.size(0) != B || block_tables.scalar_type() != at::kInt)
+      throw std::invalid_argument("attend: bad shapes / dtypes");
+    at::Tensor q = qkv.contiguous().clone();
+    at::Tensor out = at::empty({B, hq_ * d_}, q.options());
+    attention(q.data_ptr<float>(), B, layer, pos.data_ptr<int64_t>(), slots.data_ptr<int64_t>(),
+              block_tables.contiguous().data_ptr<int32_t>(), block_tables.size(1), block_size, cos_t.data_ptr<float>(),
+              sin_t.data_ptr<float>(), kv.data_ptr<float>(), kv.size(2), out.data_ptr<float>(), generic, kv.size(1));
+    return out;
   }
 
   // (seconds in step, of which in attention (RoPE, cache write, attention), rows) since construction:
@@ -378,11 +408,11 @@ class BatchedDecodeModel {
   // per KV head over its context read through its block table; out (B, Hq*D)
   void attention(float* qkv, int64_t B, int64_t layer, const int64_t* ps, const int64_t* sl, const int32_t* bt,
                  int64_t maxb, int64_t BS, const float* cos_t, const float* sin_t, float* kvp, int64_t nslots,
-                 float* out) const {
+                 float* out, bool generic, int64_t NL) const {
     const int64_t D = d_, Hq = hq_, Hkv = hkv_, G = hq_ / hkv_, half = d_ / 2;
     const int64_t qkvn = (Hq + 2 * Hkv) * D, row = Hkv * D;
-    float* kc = kvp + (0 * (norms_.size() / 2) + layer) * nslots * row;
-    float* vc = kvp + (1 * (norms_.size() / 2) + layer) * nslots * row;
+    float* kc = kvp + (0 * NL + layer) * nslots * row;
+    float* vc = kvp + (1 * NL + layer) * nslots * row;
     const float scale = static_cast<float>(std::pow(static_cast<double>(D), -0.5));
     at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
       std::vector<float> tmp(D), sc, acc(Hq * D);
@@ -404,11 +434,11 @@ class BatchedDecodeModel {
         for (int64_t j = 0; j < Hq * D; ++j) r[j] *= scale;  // q * scale (scale the scores once, here)
         float* o = out + b * Hq * D;
 #ifdef __AVX512F__
-        if (D == 64) {
+        if (D == 64 && !generic) {
           attend_avx512<4>(r, n, kc, vc, tb, BS, Hkv, G, sc.data(), o);
           continue;
         }
-        if (D == 128) {
+        if (D == 128 && !generic) {
           attend_avx512<8>(r, n, kc, vc, tb, BS, Hkv, G, sc.data(), o);
           continue;
         }
@@ -433,5 +463,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(pybind11::init<at::Tensor, std::vector<at::Tensor>, at::Tensor, int64_t, int64_t, int64_t, double>())
       .def("add_linear", &BatchedDecodeModel::add_linear)
       .def("seconds", &BatchedDecodeModel::seconds)
+      .def("attend", &BatchedDecodeModel::attend, pybind11::call_guard<pybind11::gil_scoped_release>())
       .def("step", &BatchedDecodeModel::step, pybind11::call_guard<pybind11::gil_scoped_release>());
 }
