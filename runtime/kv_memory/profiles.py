@@ -46,10 +46,15 @@ PROFILES: dict[str, KVMemoryProfile] = {
             # decode at 32k 1.22x its 1k (64: 1.47x; target 1.3x, kv_memory_decode_profile_every.md); answers
             # <= 64 tokens are identical by construction, and on the long-answer task (long_list, ~120 tokens,
             # tuned families, 16k d0.9) both settings score 0/12 where dense at 8k finds 10/12 (README, issue 15)
+            # exact_query_tokens 1: the question's selection scores the blocks with the prompt's LAST token's
+            # query instead of the mean over its 256-token chunk (mostly body text): through the engine at 16k
+            # (int4, seed 0, single_number) tuned cells 4/6 -> 6/6 (dense at 8k answers 3: 1/3 -> 3/3), held out on
+            # the cells dense answers unchanged 1/3 (bench/results/longctx_grid/exact_query_tokens.md); the
+            # number of blocks and of exact scorings is unchanged, so decode costs the same
             overrides={"int4_int8_key_layers": (18, 19, 20, 21), "exact": "query", "exact_every": 100000,
-                       "exact_topk": 16},
+                       "exact_topk": 16, "exact_query_tokens": 1},
             why="int8 keys in layers 18-21 with int4 memory (ablation section 8); exact question-time "
-                "block scoring (kv_memory_retrieval_16k.md)"),
+                "block scoring (kv_memory_retrieval_16k.md) with the prompt's last query (exact_query_tokens.md)"),
     )
 }
 

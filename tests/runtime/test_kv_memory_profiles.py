@@ -27,6 +27,7 @@ def test_engine_defaults_are_model_agnostic_and_profile_is_overridable(tiny_llam
     assert eng.memory.profile == "smollm2-135m" and eng.memory.cfg.int4_int8_key_layers == (18, 19, 20, 21)
     pol = eng.memory.cfg.policy
     assert (pol.exact, pol.exact_every, pol.exact_topk, pol.topk) == ("query", 100000, 16, 8)
+    assert (pol.exact_query_tokens, pol.exact_reduce, pol.exact_layer_topk) == (1, "sum", ())
     off = LLMEngine(str(tiny_llama_dir), progress=False, kv_memory="auto", kv_memory_profile="smollm2-135m",
                     kv_memory_config={"exact": "off"})
     assert off.memory.cfg.policy.exact == "off"  # the user's setting wins over the profile's
