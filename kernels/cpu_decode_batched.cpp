@@ -26,6 +26,7 @@
 #include <cmath>
 #include <cstring>
 #include <stdexcept>
+#include <memory>
 #include <vector>
 
 namespace {
@@ -205,6 +206,26 @@ class BatchedDecodeModel {
     if (hq % hkv || d % 2) throw std::invalid_argument("BatchedDecodeModel: heads divisible by kv heads, even head_dim");
     for (auto& t : norms) norms_.push_back(t.contiguous());
     h_ = embed_.size(1);
+    hooked_.assign(norms_.size() / 2, false);
+  }
+
+  ~BatchedDecodeModel() {
+    if (hook_) {  // a Python object: released with the GIL held
+      pybind11::gil_scoped_acquire g;
+      hook_.reset();
+    }
+  }
+
+  // Memory layers (issue 16): layers whose FFN runs in Python (runtime/ffn.py FFN: lookup, value store, stats,
+  // the MLP in "parallel" mode); fn(layer, x (B, hidden) fp32 post-attention-normed) -> (B, hidden), added to
+  // the residual. Their gate_up / down are added as NONE linears.
+  void set_ffn_hook(std::vector<int64_t> layers, pybind11::function fn) {
+    hooked_.assign(norms_.size() / 2, false);
+    for (int64_t i : layers) {
+      if (i < 0 || i >= static_cast<int64_t>(hooked_.size())) throw std::invalid_argument("hooked layer out of range");
+      hooked_[i] = true;
+    }
+    hook_ = std::make_unique<pybind11::function>(std::move(fn));
   }
 
   // linears in order: per layer qkv, o, gate_up, down; then the LM head. kind_* from Kind; packed_*: the
@@ -270,6 +291,10 @@ class BatchedDecodeModel {
                 sin_t.data_ptr<float>(), kvp, nslots, attn_out.data_ptr<float>(), false, NL);
       t_attn += std::chrono::duration<double>(clock::now() - t0).count();
       add_out(h, B, lo, run(lo, in_from(lo, attn_out.data_ptr<float>(), B, lo.k)));
+      if (hooked_[i]) {
+        ffn_hook(i, h, B, norms_[2 * i + 1]);
+        continue;
+      }
       at::Tensor gu = as_f32(lg, run(lg, norm_into(h, B, norms_[2 * i + 1], lg)));  // (B, 2I)
       const int64_t I = lg.n / 2;
       float* g = gu.data_ptr<float>();
@@ -386,22 +411,43 @@ class BatchedDecodeModel {
     return x;
   }
 
+  // h += fn(i, RMSNorm(h) * w) through the Python FFN hook (set_ffn_hook)
+  void ffn_hook(int64_t i, float* h, int64_t B, const at::Tensor& w) {
+    at::Tensor x = at::empty({B, h_}, at::TensorOptions().dtype(at::kFloat));
+    norm_rows(h, B, w, x.data_ptr<float>());
+    at::Tensor y;
+    {
+      pybind11::gil_scoped_acquire g;
+      y = (*hook_)(i, x).cast<at::Tensor>();
+    }
+    if (y.numel() != B * h_) throw std::runtime_error("FFN hook must return (B, hidden)");
+    y = y.to(at::kFloat).contiguous();
+    const float* p = y.data_ptr<float>();
+#pragma omp simd
+    for (int64_t j = 0; j < B * h_; ++j) h[j] += p[j];
+  }
+
   // RMSNorm(h) * w, row by row, into l's input buffer
   at::Tensor norm_into(const float* h, int64_t B, const at::Tensor& w, const Lin& l) {
+    std::vector<float> tmp(B * h_);
+    norm_rows(h, B, w, tmp.data());
+    return in_from(l, tmp.data(), B, h_);
+  }
+
+  void norm_rows(const float* h, int64_t B, const at::Tensor& w, float* out) {
     const int64_t H = h_;
     const float* wp = w.data_ptr<float>();
-    std::vector<float> tmp(B * H);
+    float* tmp = out;
     for (int64_t b = 0; b < B; ++b) {
       const float* r = h + b * H;
       float ss = 0.f;
 #pragma omp simd reduction(+ : ss)
       for (int64_t j = 0; j < H; ++j) ss += r[j] * r[j];
       const float inv = 1.0f / std::sqrt(ss / static_cast<float>(H) + static_cast<float>(eps_));
-      float* t = tmp.data() + b * H;
+      float* t = tmp + b * H;
 #pragma omp simd
       for (int64_t j = 0; j < H; ++j) t[j] = r[j] * inv * wp[j];
     }
-    return in_from(l, tmp.data(), B, H);
   }
 
   // RoPE on every row's q and k heads, k/v into the cache, then attention of each row's G query heads
@@ -451,6 +497,8 @@ class BatchedDecodeModel {
   at::Tensor embed_, final_norm_;
   std::vector<at::Tensor> norms_, bufs_;
   std::vector<Lin> lins_;
+  std::vector<bool> hooked_;
+  std::unique_ptr<pybind11::function> hook_;
   double seconds_[3] = {0, 0, 0};
   int64_t hq_, hkv_, d_, h_ = 0;
   double eps_;
@@ -464,5 +512,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("add_linear", &BatchedDecodeModel::add_linear)
       .def("seconds", &BatchedDecodeModel::seconds)
       .def("attend", &BatchedDecodeModel::attend, pybind11::call_guard<pybind11::gil_scoped_release>())
+      .def("set_ffn_hook", &BatchedDecodeModel::set_ffn_hook)
       .def("step", &BatchedDecodeModel::step, pybind11::call_guard<pybind11::gil_scoped_release>());
 }

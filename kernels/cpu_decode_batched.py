@@ -9,7 +9,8 @@ cache (per sequence through its block table, no gather), softmax and SiLU, so th
 rounding, not bit for bit (tests/kernels/test_cpu_decode_batched.py states the tolerance).
 
 Takes fp32, int8 (fbgemm packed weights) and int4 (with its int8 / fp32 large-call copy or none) linears;
-memory layers, CUDA and an int8 layer without fbgemm return None (the engine keeps Model.forward).
+CUDA and an int8 layer without fbgemm return None (the engine keeps Model.forward). Memory layers (issue 16):
+the C++ step calls the layer's Python FFN slot (`L.ffn`) through a hook, as kernels/cpu_decode.py does.
 """
 
 from __future__ import annotations
@@ -95,14 +96,20 @@ def _kernel(lin):
 
 def native_batched_model(model):
     """A `BatchedDecodeModel` (C++) over `model`'s weights, or None where it does not apply: not on the
-    CPU, not fp32 activations, memory layers, a linear kind it does not run, or no compiler."""
+    CPU, not fp32 activations, a linear kind it does not run, or no compiler. Memory layers' FFNs: the hook."""
     from memserve.runtime.quant_int4 import Int4Linear
 
-    if model.device != "cpu" or model.dtype != torch.float32 or model.memory_layers or model.embed.dtype != torch.float32:
+    if model.device != "cpu" or model.dtype != torch.float32 or model.embed.dtype != torch.float32:
         return None
-    lins = [lin for L in model.layers for lin in (L.qkv, L.o, L.gate_up, L.down)] + [model.lm_head]
+    hooked = sorted(model.memory_layers)  # their FFN runs in Python (set_ffn_hook)
+    lins = [lin for i, L in enumerate(model.layers)
+            for lin in ((L.qkv, L.o) + (("hook", "hook") if i in model.memory_layers else (L.gate_up, L.down)))]
+    lins.append(model.lm_head)
     specs = []
     for lin in lins:
+        if isinstance(lin, str):  # a hooked layer's gate_up / down
+            specs.append((_kernel(None), _kernel(None), 0, 0, 0))
+            continue
         small = _kernel(lin)
         large, max_small = _kernel(None), 0
         if type(lin) is Int4Linear and lin.large is not None:
@@ -119,6 +126,9 @@ def native_batched_model(model):
                                model.head_dim, float(model.eps))
     for (ks, ws, szs, gs, bs, ps, rrs), (kl, wl, _, _, bl, pl, rrl), max_small, n, k in specs:
         m.add_linear(ks, ws, szs, gs, bs, ps, rrs, kl, wl, bl, pl, rrl, max_small, n, k)
+    if hooked:
+        layers = model.layers
+        m.set_ffn_hook(hooked, lambda i, x: layers[i].ffn(x))
     return m
 
 

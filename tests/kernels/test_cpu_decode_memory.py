@@ -90,3 +90,65 @@ def test_memory_layer_zero_is_hooked(tmp_path):
     kw = dict(progress=False, kv_memory="off", block_size=8, num_kv_blocks=16)
     worst = _lockstep(LLM(str(d), **kw), PROMPT, 12)
     assert worst["logits"] <= 1e-6 and worst["reads"] == {1}, worst
+
+
+# ---- the batched native step (kernels/cpu_decode_batched.py) with the same FFN hook ---------------------------
+
+PROMPTS = [[5, 17, 300, 40, 12, 99, 7], [3, 1000], list(range(100, 131)), [42] * 12]
+
+
+def _batched_lockstep(llm, prompts, max_tokens):
+    """Every batched decode step run by the native batched step and by Model.forward from the same cache state:
+    the largest relative logit / cache differences, the batch sizes, the lookups per native step."""
+    from memserve.runtime.attention import AttentionMetadata
+
+    eng = llm.engine
+    native = eng._decode_batch
+    stats = eng.model.lookup_stats
+    worst = {"logits": 0.0, "kv": 0.0, "batches": [], "reads": set()}
+
+    def both(plan, ids):
+        flat = eng.decode_step.flat
+        before = flat.clone()
+        n0 = stats.lookups_total
+        got = native(plan, ids)
+        worst["reads"].add(stats.lookups_total - n0)
+        got_kv = flat.clone()
+        flat.copy_(before)
+        meta = AttentionMetadata.build(
+            [s.seq.seq_id for s in plan.scheduled], [1] * len(ids), [s.start for s in plan.scheduled],
+            [eng.allocator.tables[s.seq.seq_id] for s in plan.scheduled], eng.allocator.block_size)
+        ref = eng.model.forward(torch.tensor(ids), meta, eng.attn, torch.arange(len(ids)))
+        worst["logits"] = max(worst["logits"], ((got - ref).abs().max() / ref.abs().max()).item())
+        worst["kv"] = max(worst["kv"], ((flat - got_kv).abs().max() / flat.abs().max()).item())
+        worst["batches"].append(len(ids))
+        return ref
+
+    eng._decode_batch = both
+    llm.generate(prompts, [SamplingParams(max_tokens=m, temperature=0, ignore_eos=True) for m in max_tokens],
+                 use_tqdm=False)
+    return worst
+
+
+@pytest.mark.parametrize("mode,shared,swilu", COMBOS)
+def test_batched_memory_step_equals_forward(tmp_path, mode, shared, swilu):
+    """4 sequences of different lengths (the batch shrinks 4 -> 1 as they finish): logits and cache writes within
+    1e-5 of Model.forward's (the batched step's own RMSNorm / attention round differently: the tolerance of
+    tests/kernels/test_cpu_decode_batched.py for fp32 linears); each memory layer read once per step; greedy
+    tokens equal decode_path="off"."""
+    from memserve.kernels.cpu_decode_batched import load_extension as load_batched
+
+    if load_batched() is None:
+        pytest.skip("batched C++ step not built")
+    d = make_tiny_memory_model(tmp_path / "m", mode=mode, shared_values=shared, swilu=swilu,
+                               value_proj=shared or swilu, seed=3)
+    kw = dict(progress=False, kv_memory="off", block_size=8, num_kv_blocks=64)
+    llm = LLM(str(d), **kw)
+    assert llm.engine.decode_step.batched is not None
+    worst = _batched_lockstep(llm, PROMPTS, [20, 12, 20, 6])
+    assert max(worst["batches"]) == 4 and 2 in worst["batches"]
+    assert worst["logits"] <= 1e-5 and worst["kv"] <= 1e-5, worst
+    assert worst["reads"] == {2}
+    sps = [SamplingParams(max_tokens=m, temperature=0, ignore_eos=True) for m in (20, 12, 20, 6)]
+    a = [o.token_ids for o in LLM(str(d), **kw).generate(PROMPTS, sps, use_tqdm=False)]
+    assert a == [o.token_ids for o in LLM(str(d), decode_path="off", **kw).generate(PROMPTS, sps, use_tqdm=False)]
