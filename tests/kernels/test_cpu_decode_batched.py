@@ -109,8 +109,9 @@ def test_scattered_blocks_and_kv_memory_auto(tiny):
 
 
 def test_fallbacks(tiny):
-    """decode_path "eager"/"compile"/"off" and memory-layer models never take the batched step; a KV-memory
-    sequence in the batch sends the step to Model.forward."""
+    """decode_path "eager"/"compile"/"off" never take the batched step (memory-layer models do, through the FFN
+    hook: tests/kernels/test_cpu_decode_memory.py); a KV-memory sequence in the batch sends the step to
+    Model.forward."""
     for path in ("eager", "off"):
         llm = LLM(str(tiny["llama"]), progress=False, kv_memory="off", num_kv_blocks=16, decode_path=path)
         assert llm.engine.decode_step is None or llm.engine.decode_step.batched is None
