@@ -8,6 +8,7 @@ import random
 
 import pytest
 import torch
+from decode_lockstep import single_lockstep
 from memserve.kernels.cpu_decode import build_error, load_extension, native_decode_model
 from memserve.runtime import LLM, SamplingParams
 from tiny_models import make_tiny_model
@@ -23,33 +24,6 @@ def tiny(tmp_path_factory):
             for arch in ("llama", "qwen2")}
 
 
-def _lockstep(llm, prompt, n):
-    """Generate n greedy tokens, running every decode step through both the eager step and the native one
-    from the same cache state; returns the largest logit and cache differences (relative) over the steps,
-    and how many steps were compared."""
-    eng = llm.engine
-    ds = eng.decode_step
-    assert ds.path == "native"
-    native, ds.native = ds.native, None  # ds runs decode_one (eager) below
-    worst = {"logits": 0.0, "kv": 0.0, "steps": 0}
-
-    def both(token, pos, slot, start, end):
-        before = ds.flat.clone()
-        ref = ds(token, pos, slot, start, end)
-        ref_kv = ds.flat.clone()
-        ds.flat.copy_(before)
-        with torch.inference_mode():
-            got = native.step(token, pos, ds.cos_t, ds.sin_t, ds.flat, start, end, slot)
-        worst["logits"] = max(worst["logits"], ((got - ref).abs().max() / ref.abs().max()).item())
-        worst["kv"] = max(worst["kv"], ((ds.flat - ref_kv).abs().max() / ref_kv.abs().max()).item())
-        worst["steps"] += 1
-        return ref
-
-    eng.decode_step = both
-    llm.generate([prompt], SamplingParams(max_tokens=n, temperature=0, ignore_eos=True), use_tqdm=False)
-    return worst
-
-
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 @pytest.mark.parametrize("quant", [None, "int4"])
 def test_native_step_equals_eager(tiny, arch, quant):
@@ -58,7 +32,7 @@ def test_native_step_equals_eager(tiny, arch, quant):
     torch kernels; only FMA use in the elementwise loops could differ on another CPU)."""
     # a small KV pool: every step clones it twice
     llm = LLM(str(tiny[arch]), progress=False, quantization=quant, kv_memory="off", block_size=8, num_kv_blocks=16)
-    worst = _lockstep(llm, [5, 17, 300, 40, 12, 99, 7], 40)
+    worst = single_lockstep(llm, [5, 17, 300, 40, 12, 99, 7], 40)
     assert worst["steps"] == 39
     assert worst["logits"] <= 1e-6 and worst["kv"] <= 1e-6, worst
 
@@ -93,5 +67,5 @@ def test_default_model_native_equals_eager_int4():
     """The default model, int4 (its Q4_1 codes): 48 greedy tokens, every step's logits and k/v compared."""
     llm = LLM("default", progress=False, quantization="int4", kv_cache_bytes=8 << 20, kv_memory="off")
     rng = random.Random(0)
-    worst = _lockstep(llm, [rng.randrange(200, 40000) for _ in range(32)], 48)
+    worst = single_lockstep(llm, [rng.randrange(200, 40000) for _ in range(32)], 48)
     assert worst["logits"] <= 1e-6 and worst["kv"] <= 1e-6, worst

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from decode_lockstep import batched_lockstep
 from memserve.kernels.cpu_decode_batched import build_error, load_extension, native_batched_model
 from memserve.runtime import LLM, SamplingParams
 from memserve.runtime.attention import AttentionMetadata
@@ -25,37 +26,6 @@ def tiny(tmp_path_factory):
     d["llama-d64"] = make_tiny_model(tmp_path_factory.mktemp("cpu_decode_batched") / "d64", "llama", num_hidden_layers=3,
                                      hidden_size=96, head_dim=64, num_attention_heads=6, num_key_value_heads=2)
     return d
-
-
-def _lockstep(llm, prompts, n, max_tokens=None):
-    """Generate greedily from `prompts` (max_tokens[i] tokens each, default n), running every batched decode
-    step through both the native step and Model.forward from the same cache state; returns the largest
-    logit and cache differences (relative to the reference's largest magnitude) and the batch sizes seen.
-    Generation continues with the reference's logits, so both see the same history."""
-    eng = llm.engine
-    native = eng._decode_batch
-    worst = {"logits": 0.0, "kv": 0.0, "batches": []}
-
-    def both(plan, ids):
-        flat = eng.decode_step.flat
-        before = flat.clone()
-        got = native(plan, ids)
-        assert got is not None
-        got_kv = flat.clone()
-        flat.copy_(before)
-        meta = AttentionMetadata.build(
-            [s.seq.seq_id for s in plan.scheduled], [1] * len(ids), [s.start for s in plan.scheduled],
-            [eng.allocator.tables[s.seq.seq_id] for s in plan.scheduled], eng.allocator.block_size)
-        ref = eng.model.forward(torch.tensor(ids), meta, eng.attn, torch.arange(len(ids)))
-        worst["logits"] = max(worst["logits"], ((got - ref).abs().max() / ref.abs().max()).item())
-        worst["kv"] = max(worst["kv"], ((flat - got_kv).abs().max() / flat.abs().max()).item())
-        worst["batches"].append(len(ids))
-        return ref
-
-    eng._decode_batch = both
-    sps = [SamplingParams(max_tokens=m, temperature=0, ignore_eos=True) for m in (max_tokens or [n] * len(prompts))]
-    outs = llm.generate(prompts, sps, use_tqdm=False)
-    return worst, outs
 
 
 PROMPTS = [[5, 17, 300, 40, 12, 99, 7], [3, 1000], list(range(100, 131)), [42] * 12, [7, 8, 9]]
@@ -77,7 +47,7 @@ def test_batched_step_equals_forward(tiny, arch, block_size, quant):
     llm = LLM(str(tiny[arch]), progress=False, quantization=quant, kv_memory="off", block_size=block_size,
               num_kv_blocks=64)
     assert llm.engine.decode_step.batched is not None
-    worst, _ = _lockstep(llm, PROMPTS, 40, max_tokens=[40, 25, 40, 12, 33])
+    worst, _ = batched_lockstep(llm, PROMPTS, [40, 25, 40, 12, 33])
     assert max(worst["batches"]) == 5 and min(worst["batches"]) == 2, worst["batches"]
     tol = 3e-2 if quant in ("int8", "int4") else 1e-5
     assert worst["logits"] <= tol and worst["kv"] <= tol, worst

@@ -16,6 +16,7 @@ from memserve.kernels.cpu_decode import build_error, load_extension
 from memserve.runtime import LLM, SamplingParams
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from decode_lockstep import batched_lockstep, single_lockstep  # noqa: E402
 from tiny_models import make_tiny_memory_model  # noqa: E402
 
 torch.set_num_threads(1)
@@ -27,42 +28,13 @@ GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
 PROMPT = [5, 17, 300, 40, 12, 99, 7]
 
 
-def _lockstep(llm, prompt, n):
-    """n greedy tokens, every decode step run by the eager step and the native one from the same cache state:
-    the largest relative logit and cache differences, the steps compared, the lookups per native step."""
-    eng = llm.engine
-    ds = eng.decode_step
-    assert ds.path == "native"
-    native, ds.native = ds.native, None
-    worst = {"logits": 0.0, "kv": 0.0, "steps": 0, "reads": set()}
-    stats = eng.model.lookup_stats
-
-    def both(token, pos, slot, start, end):
-        before = ds.flat.clone()
-        ref = ds(token, pos, slot, start, end)
-        ref_kv = ds.flat.clone()
-        ds.flat.copy_(before)
-        n0 = stats.lookups_total
-        with torch.inference_mode():
-            got = native.step(token, pos, ds.cos_t, ds.sin_t, ds.flat, start, end, slot)
-        worst["reads"].add(stats.lookups_total - n0)
-        worst["logits"] = max(worst["logits"], ((got - ref).abs().max() / ref.abs().max()).item())
-        worst["kv"] = max(worst["kv"], ((ds.flat - ref_kv).abs().max() / ref_kv.abs().max()).item())
-        worst["steps"] += 1
-        return ref
-
-    eng.decode_step = both
-    llm.generate([prompt], SamplingParams(max_tokens=n, temperature=0, ignore_eos=True), use_tqdm=False)
-    return worst
-
-
 @pytest.mark.parametrize("mode,shared,swilu", COMBOS)
 def test_native_memory_step_equals_eager_and_forward(tmp_path, mode, shared, swilu):
     d = make_tiny_memory_model(tmp_path / "m", mode=mode, shared_values=shared, swilu=swilu,
                                value_proj=shared or swilu, seed=3)
     kw = dict(progress=False, kv_memory="off", block_size=8, num_kv_blocks=16)
     llm = LLM(str(d), **kw)
-    worst = _lockstep(llm, PROMPT, 24)
+    worst = single_lockstep(llm, PROMPT, 24)
     assert worst["steps"] == 23
     assert worst["logits"] <= 1e-6 and worst["kv"] <= 1e-6, worst
     assert worst["reads"] == {2}  # the tiny models' two memory layers, once each per step
@@ -78,7 +50,7 @@ def test_native_memory_step_equals_eager_and_forward(tmp_path, mode, shared, swi
 def test_native_memory_step_int8_table_int4_linears(tmp_path, table_dtype, quant):
     d = make_tiny_memory_model(tmp_path / "m", mode="parallel", table_dtype=table_dtype, seed=5)
     kw = dict(progress=False, kv_memory="off", block_size=8, num_kv_blocks=16, quantization=quant)
-    worst = _lockstep(LLM(str(d), **kw), PROMPT, 16)
+    worst = single_lockstep(LLM(str(d), **kw), PROMPT, 16)
     assert worst["logits"] <= 1e-6 and worst["kv"] <= 1e-6, worst
     a = LLM(str(d), **kw).generate([PROMPT], GREEDY, use_tqdm=False)[0].token_ids
     assert a == LLM(str(d), decode_path="off", **kw).generate([PROMPT], GREEDY, use_tqdm=False)[0].token_ids
@@ -88,46 +60,13 @@ def test_memory_layer_zero_is_hooked(tmp_path):
     """A replace-mode memory at layer 0 (no MLP there): the C++ step sizes its MLP buffers from the other layers."""
     d = make_tiny_memory_model(tmp_path / "m", mode="replace", layers=[0], seed=4)
     kw = dict(progress=False, kv_memory="off", block_size=8, num_kv_blocks=16)
-    worst = _lockstep(LLM(str(d), **kw), PROMPT, 12)
+    worst = single_lockstep(LLM(str(d), **kw), PROMPT, 12)
     assert worst["logits"] <= 1e-6 and worst["reads"] == {1}, worst
 
 
 # ---- the batched native step (kernels/cpu_decode_batched.py) with the same FFN hook ---------------------------
 
 PROMPTS = [[5, 17, 300, 40, 12, 99, 7], [3, 1000], list(range(100, 131)), [42] * 12]
-
-
-def _batched_lockstep(llm, prompts, max_tokens):
-    """Every batched decode step run by the native batched step and by Model.forward from the same cache state:
-    the largest relative logit / cache differences, the batch sizes, the lookups per native step."""
-    from memserve.runtime.attention import AttentionMetadata
-
-    eng = llm.engine
-    native = eng._decode_batch
-    stats = eng.model.lookup_stats
-    worst = {"logits": 0.0, "kv": 0.0, "batches": [], "reads": set()}
-
-    def both(plan, ids):
-        flat = eng.decode_step.flat
-        before = flat.clone()
-        n0 = stats.lookups_total
-        got = native(plan, ids)
-        worst["reads"].add(stats.lookups_total - n0)
-        got_kv = flat.clone()
-        flat.copy_(before)
-        meta = AttentionMetadata.build(
-            [s.seq.seq_id for s in plan.scheduled], [1] * len(ids), [s.start for s in plan.scheduled],
-            [eng.allocator.tables[s.seq.seq_id] for s in plan.scheduled], eng.allocator.block_size)
-        ref = eng.model.forward(torch.tensor(ids), meta, eng.attn, torch.arange(len(ids)))
-        worst["logits"] = max(worst["logits"], ((got - ref).abs().max() / ref.abs().max()).item())
-        worst["kv"] = max(worst["kv"], ((flat - got_kv).abs().max() / flat.abs().max()).item())
-        worst["batches"].append(len(ids))
-        return ref
-
-    eng._decode_batch = both
-    llm.generate(prompts, [SamplingParams(max_tokens=m, temperature=0, ignore_eos=True) for m in max_tokens],
-                 use_tqdm=False)
-    return worst
 
 
 @pytest.mark.parametrize("mode,shared,swilu", COMBOS)
@@ -145,7 +84,7 @@ def test_batched_memory_step_equals_forward(tmp_path, mode, shared, swilu):
     kw = dict(progress=False, kv_memory="off", block_size=8, num_kv_blocks=64)
     llm = LLM(str(d), **kw)
     assert llm.engine.decode_step.batched is not None
-    worst = _batched_lockstep(llm, PROMPTS, [20, 12, 20, 6])
+    worst = batched_lockstep(llm, PROMPTS, [20, 12, 20, 6])[0]
     assert max(worst["batches"]) == 4 and 2 in worst["batches"]
     assert worst["logits"] <= 1e-5 and worst["kv"] <= 1e-5, worst
     assert worst["reads"] == {2}
