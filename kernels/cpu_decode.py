@@ -37,10 +37,7 @@ def native_decode_model(model):
 
     if model.device != "cpu" or model.dtype != torch.float32 or model.embed.dtype != torch.float32:
         return None
-    hooked = sorted(model.memory_layers)  # their FFN (memory, or MLP + memory) runs in Python
-    lins = [lin for i, L in enumerate(model.layers)
-            for lin in ((L.qkv, L.o) + ((None, None) if i in model.memory_layers else (L.gate_up, L.down)))]
-    lins.append(model.lm_head)
+    lins = step_linears(model)
     if not all(lin is None or type(lin) in (Int4Linear, Linear) for lin in lins):
         return None
     mod = load_extension()
@@ -67,7 +64,21 @@ def native_decode_model(model):
     norms = [t for L in model.layers for t in (L.input_norm, L.post_norm)]
     dm = mod.DecodeModel(model.embed, norms, ws, szs, biases, groups, model.final_norm, model.num_heads,
                          model.num_kv_heads, model.head_dim, float(model.eps))
-    if hooked:
-        layers = model.layers
-        dm.set_ffn_hook(hooked, lambda i, x: layers[i].ffn(x))
+    attach_ffn_hook(dm, model)
     return dm
+
+
+def step_linears(model) -> list:
+    """The linears a C++ step runs, in its order: each layer's qkv, o, gate_up, down, then lm_head; None for a
+    memory layer's gate_up / down (its FFN -- memory, or MLP + memory -- runs in Python: `attach_ffn_hook`)."""
+    lins = [lin for i, L in enumerate(model.layers)
+            for lin in ((L.qkv, L.o) + ((None, None) if i in model.memory_layers else (L.gate_up, L.down)))]
+    return lins + [model.lm_head]
+
+
+def attach_ffn_hook(step, model) -> None:
+    """Let C++ step `step` (single-token or batched) call the memory layers' Python FFN slots (`L.ffn`: lookup,
+    value store, stats) with their normed input."""
+    if model.memory_layers:
+        layers = model.layers
+        step.set_ffn_hook(sorted(model.memory_layers), lambda i, x: layers[i].ffn(x))

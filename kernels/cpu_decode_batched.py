@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from .cpp_build import CppExtension
+from .cpu_decode import attach_ffn_hook, step_linears
 
 NONE, FP32, INT8, INT4 = 0, 1, 2, 3
 _EXT = CppExtension("cpu_decode_batched.cpp", "batched C++ decode step", "using Model.forward",
@@ -53,13 +54,9 @@ def native_batched_model(model):
 
     if model.device != "cpu" or model.dtype != torch.float32 or model.embed.dtype != torch.float32:
         return None
-    hooked = sorted(model.memory_layers)  # their FFN runs in Python (set_ffn_hook)
-    lins = [lin for i, L in enumerate(model.layers)
-            for lin in ((L.qkv, L.o) + (("hook", "hook") if i in model.memory_layers else (L.gate_up, L.down)))]
-    lins.append(model.lm_head)
     specs = []
-    for lin in lins:
-        if isinstance(lin, str):  # a hooked layer's gate_up / down
+    for lin in step_linears(model):
+        if lin is None:  # a hooked layer's gate_up / down
             specs.append((_kernel(None), _kernel(None), 0, 0, 0))
             continue
         small = _kernel(lin)
@@ -78,9 +75,7 @@ def native_batched_model(model):
                                model.head_dim, float(model.eps))
     for (ks, ws, szs, gs, bs, ps, rrs), (kl, wl, _, _, bl, pl, rrl), max_small, n, k in specs:
         m.add_linear(ks, ws, szs, gs, bs, ps, rrs, kl, wl, bl, pl, rrl, max_small, n, k)
-    if hooked:
-        layers = model.layers
-        m.set_ffn_hook(hooked, lambda i, x: layers[i].ffn(x))
+    attach_ffn_hook(m, model)
     return m
 
 

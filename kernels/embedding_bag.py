@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ._common import check, lazy_jit, tl, triton, use_triton
+from .memory_cpu import extension_for
 
 __all__ = [
     "embedding_bag",
@@ -171,18 +172,10 @@ def embedding_bag_triton(table, indices, weights=None, out_dtype=None, c0=0, c1=
     return out
 
 
-def _cpu_ext(table):
-    if table.device.type != "cpu":
-        return None
-    from .memory_cpu import load_extension
-
-    return load_extension()
-
-
 def embedding_bag_cpu(table, indices, weights=None, out_dtype=None, c0=0, c1=None, scales=None, ext=None):
     """The C++ bag (columns [c0, c1) of `table`; the whole row by default)."""
     _check(table, indices, weights, scales)
-    ext = ext or _cpu_ext(table)
+    ext = ext or extension_for(table)
     check(ext is not None, "C++ memory kernels unavailable (kernels/memory_cpu.py build_error())")
     c1 = table.shape[1] if c1 is None else c1
     check(0 <= c0 < c1 <= table.shape[1], f"bad column slice [{c0}, {c1})")
@@ -197,7 +190,7 @@ def embedding_bag(table, indices, weights=None, out_dtype=None, scales=None):
     if use_triton(table, indices):
         return embedding_bag_triton(table, indices, weights, out_dtype, scales=scales)
     # every dtype: the C++ bag measured faster than fbgemm's fp32 F.embedding_bag too (bench/memory_layers.py)
-    ext = _cpu_ext(table)
+    ext = extension_for(table)
     if ext is not None:
         return embedding_bag_cpu(table, indices, weights, out_dtype, scales=scales, ext=ext)
     return embedding_bag_torch(table, indices, weights, out_dtype, scales=scales)
@@ -208,7 +201,7 @@ def embedding_bag_columns(table, indices, weights, c0, c1, out_dtype=None, scale
     check(0 <= c0 < c1 <= table.shape[1], f"bad column slice [{c0}, {c1})")
     if use_triton(table, indices):
         return embedding_bag_triton(table, indices, weights, out_dtype, c0, c1, scales=scales)
-    ext = _cpu_ext(table)
+    ext = extension_for(table)
     if ext is not None:
         return embedding_bag_cpu(table, indices, weights, out_dtype, c0, c1, scales=scales, ext=ext)
     # the column view is not contiguous: F.embedding_bag would copy the whole table, the gather path reads rows

@@ -13,3 +13,8 @@ from .cpp_build import CppExtension
 _EXT = CppExtension("memory_cpu.cpp", "C++ memory-layer kernels", "using torch",
                     ["-O3", "-march=native", "-fopenmp-simd"], off_env="MEMSERVE_MEMORY_CPU")
 load_extension, build_error = _EXT.load, _EXT.error
+
+
+def extension_for(t):
+    """The compiled kernels where they apply to tensor `t` (on the CPU, built, not switched off), else None."""
+    return load_extension() if t.device.type == "cpu" else None

@@ -20,6 +20,7 @@ sum of its halves' scores); final top-k; softmax over the k scores in fp32; flat
 import torch
 
 from ._common import check, lazy_jit, tl, triton, use_triton
+from .memory_cpu import extension_for
 
 __all__ = ["pkm_topk", "pkm_topk_cpu", "pkm_topk_ref", "pkm_topk_torch", "pkm_topk_triton"]
 
@@ -141,10 +142,7 @@ def pkm_topk_triton(q, keys, k):
 def pkm_topk_cpu(q, keys, k, ext=None):
     """The C++ selection over torch's half scores (the same fp32 scores and sums as pkm_topk_torch)."""
     _check(q, keys, k)
-    if ext is None:
-        from .memory_cpu import load_extension
-
-        ext = load_extension()
+    ext = ext or extension_for(q)
     check(ext is not None, "C++ memory kernels unavailable (kernels/memory_cpu.py build_error())")
     idx, w = ext.pkm_select(_half_scores(q, keys, torch.float32), k)
     return idx, w
@@ -154,10 +152,7 @@ def pkm_topk(q, keys, k):
     """(indices (T, H*k) int64, weights (T, H*k) fp32). CUDA -> Triton; CPU -> C++ where it builds, else torch."""
     if use_triton(q, keys):
         return pkm_topk_triton(q, keys, k)
-    if q.device.type == "cpu":
-        from .memory_cpu import load_extension
-
-        ext = load_extension()
-        if ext is not None:
-            return pkm_topk_cpu(q, keys, k, ext)
+    ext = extension_for(q)
+    if ext is not None:
+        return pkm_topk_cpu(q, keys, k, ext)
     return pkm_topk_torch(q, keys, k)

@@ -335,35 +335,34 @@ class LLMEngine:
             if s.sample:
                 rows.append(len(ids) - 1)
                 sampled_reqs.append(req)
+        logits = None  # the decode steps' fast paths where they apply, else Model.forward
         if self.decode_step is not None and len(rows) == 1 == len(ids):
             logits = self._decode_one(plan.scheduled[0], ids[0])
-            if logits is not None:
-                tokens = sample(logits, [r.params for r in sampled_reqs], [r.generator for r in sampled_reqs])
-                return {sampled_reqs[0].request_id: tokens[0]}
-        if (getattr(self.decode_step, "batched", None) is not None and len(ids) > 1
+        elif (getattr(self.decode_step, "batched", None) is not None and len(ids) > 1
                 and len(rows) == len(ids) == len(plan.scheduled)):
             logits = self._decode_batch(plan, ids)
-            if logits is not None:
-                tokens = sample(logits, [r.params for r in sampled_reqs], [r.generator for r in sampled_reqs])
-                return {r.request_id: t for r, t in zip(sampled_reqs, tokens)}
-        meta = AttentionMetadata.build(
-            [s.seq.seq_id for s in plan.scheduled], [s.num_new_tokens for s in plan.scheduled],
-            [s.start for s in plan.scheduled], [self.allocator.tables[s.seq.seq_id] for s in plan.scheduled],
-            self.allocator.block_size, device=self.args.device)
-        if not rows:  # only partial prefill chunks this step: no LM head at all
-            self.model.forward(torch.tensor(ids, device=self.args.device), meta, self.attn,
-                               torch.empty(0, dtype=torch.int64, device=self.args.device))
-            return {}
-        logits = self.model.forward(torch.tensor(ids, device=self.args.device), meta, self.attn,
-                                    torch.tensor(rows, device=self.args.device))  # (N, V)
+        if logits is None:
+            meta = AttentionMetadata.build(
+                [s.seq.seq_id for s in plan.scheduled], [s.num_new_tokens for s in plan.scheduled],
+                [s.start for s in plan.scheduled], [self.allocator.tables[s.seq.seq_id] for s in plan.scheduled],
+                self.allocator.block_size, device=self.args.device)
+            if not rows:  # only partial prefill chunks this step: no LM head at all
+                self.model.forward(torch.tensor(ids, device=self.args.device), meta, self.attn,
+                                   torch.empty(0, dtype=torch.int64, device=self.args.device))
+                return {}
+            logits = self.model.forward(torch.tensor(ids, device=self.args.device), meta, self.attn,
+                                        torch.tensor(rows, device=self.args.device))  # (N, V)
         tokens = sample(logits, [r.params for r in sampled_reqs], [r.generator for r in sampled_reqs])
         return {r.request_id: t for r, t in zip(sampled_reqs, tokens)}
+
+    def _in_kv_memory(self, seq_id: str) -> bool:
+        return seq_id in getattr(self.attn, "configs", ())  # KVMemoryAttention's memory sequences
 
     def _decode_one(self, s, token: int) -> torch.Tensor | None:
         """Logits of a lone decode token through `decode_step`, or None where that path does not apply: the
         sequence is in the KV memory, or its blocks are not consecutive (its context is then no slice)."""
         sid = s.seq.seq_id
-        if sid in getattr(self.attn, "configs", ()):  # KVMemoryAttention's memory sequences
+        if self._in_kv_memory(sid):
             return None
         bs = self.allocator.block_size
         table = self.allocator.tables[sid]
@@ -377,8 +376,7 @@ class LLMEngine:
     def _decode_batch(self, plan: BatchPlan, ids: list[int]) -> torch.Tensor | None:
         """Logits of one decode token per scheduled sequence through the batched C++ step (kernels/
         cpu_decode_batched.py), or None where it does not apply: a sequence is in the KV memory."""
-        mem = getattr(self.attn, "configs", ())  # KVMemoryAttention's memory sequences
-        if any(s.seq.seq_id in mem for s in plan.scheduled):
+        if any(self._in_kv_memory(s.seq.seq_id) for s in plan.scheduled):
             return None
         bs = self.allocator.block_size
         tables = [self.allocator.tables[s.seq.seq_id] for s in plan.scheduled]

@@ -107,9 +107,10 @@ class RetrievalPolicy:
 
     def exact_topk_for(self, layer: int, num_blocks: int) -> int:
         """Blocks at an exact selection of `layer`: exact_layer_topk's k for it, else max(topk_for, exact_topk)."""
+        for lay, lk in reversed(self.exact_layer_topk):  # the last entry for a layer wins
+            if lay == layer:
+                return min(num_blocks, lk)
         k = self.topk_for(layer, num_blocks)
-        if self.exact_layer_topk and layer in dict(self.exact_layer_topk):
-            return min(num_blocks, dict(self.exact_layer_topk)[layer])
         return min(num_blocks, max(k, self.exact_topk)) if self.exact_topk else k
 
     def topk_for(self, layer: int, num_blocks: int) -> int:
