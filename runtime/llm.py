@@ -5,7 +5,8 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterator, Sequence
 
-from .engine import EngineArgs, LLMEngine
+from .engine import LLMEngine
+from .engine_args import EngineArgs
 from .errors import InvalidRequestError
 from .loader import Checkpoint
 from .outputs import RequestOutput
