@@ -45,7 +45,7 @@ def main(argv=None):
     ap.add_argument("--reselect", default="1,16",
                     help="reselect_every variants; 'N:off' also turns question-time exact scoring off for that column "
                          "(RetrievalPolicy.exact: the per-model profile's setting against none, same snapshots), "
-                         "'N:everyM' sets exact_every M")
+                         "'N:everyM' sets exact_every M, 'N:pos=P' RetrievalPolicy.positions P (e.g. ordered_question)")
     ap.add_argument("--steps", type=int, default=33)
     ap.add_argument("--compression", default="int4")
     ap.add_argument("--quantization", default="int8",
@@ -105,6 +105,7 @@ def main(argv=None):
     runs: dict[tuple[int, str], list[float]] = {}
     # the profile's (a loaded session's policy may be the engine's object)
     exact0, every0 = mem_eng.memory.cfg.policy.exact, mem_eng.memory.cfg.policy.exact_every
+    positions0 = mem_eng.memory.cfg.policy.positions
     for i in range(a.repeats):
         for L in lengths:
             ids = prompts[L]
@@ -115,7 +116,8 @@ def main(argv=None):
                 pol = mem_eng.memory.sessions.get(f"s{L}").memory.cfg.policy  # shared by its layers
                 pol.reselect_every = int(r.split(":")[0])
                 pol.exact = "off" if r.endswith(":off") else exact0
-                pol.exact_every = int(r.split(":every")[1]) if ":every" in r else every0
+                pol.exact_every = int(r.split(":every")[1].split(":")[0]) if ":every" in r else every0
+                pol.positions = r.split(":pos=")[1].split(":")[0] if ":pos=" in r else positions0
                 runs.setdefault((L, f"reselect{r}"), []).append(
                     timed_decode(mem_eng, f"m{L}-{r}-{i}", ids[-1:], params, session_id=f"s{L}"))
                 mem_eng.memory.sessions.delete(f"s{L}")

@@ -23,6 +23,7 @@ REPR_MODES = ("mean", "max", "quest")
 UNSELECTED = ("drop", "centroid")
 EXACT_MODES = ("off", "query")
 EXACT_REDUCE = ("sum", "max", "z")
+POSITIONS = ("infllm", "ordered", "ordered_question")
 
 
 @dataclass(slots=True)
@@ -88,6 +89,13 @@ class RetrievalPolicy:
     # ((layer, k), ...): blocks per step at the exact selections of those layers instead of exact_topk
     # (retrieval heads: some layers rank the needle far better than others)
     exact_layer_topk: tuple[tuple[int, int], ...] = ()
+    # position scheme of an engaged query (runtime/kv_memory/positions.py): "infllm" -- every memory key
+    # (sinks, selected blocks, window tokens past n_local) at distance n_local, no order among them;
+    # "ordered" -- the selected blocks in their original order at consecutive positions just before the
+    # window, which keeps its true positions, the sinks at one position before the blocks (every block
+    # selected: dense RoPE attention with the sinks at position 0); "ordered_question": "ordered" only from
+    # the prefill chunk holding the prompt's end on (the body's prefill is unchanged)
+    positions: str = "infllm"
 
     def __post_init__(self):
         assert self.reselect_every >= 1, "reselect_every must be >= 1"
@@ -102,6 +110,9 @@ class RetrievalPolicy:
         assert self.exact_topk >= 0, "exact_topk must be >= 0 (0: topk)"
         assert self.exact_query_tokens >= 0, "exact_query_tokens must be >= 0 (0: the chunk's mean query)"
         assert self.exact_reduce in EXACT_REDUCE, f"exact_reduce must be one of {EXACT_REDUCE}"
+        assert self.positions in POSITIONS, f"positions must be one of {POSITIONS}"
+        assert self.positions == "infllm" or (self.granularity != "q_head" and self.unselected == "drop"), \
+            "positions 'ordered*' needs granularity shared/kv_head and unselected 'drop'"
         self.exact_layer_topk = tuple((int(l), int(k)) for l, k in self.exact_layer_topk)  # JSON gives lists
         assert all(k >= 0 for _, k in self.exact_layer_topk), "exact_layer_topk: k must be >= 0"
 

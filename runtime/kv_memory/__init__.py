@@ -17,6 +17,10 @@ Position scheme (InfLLM): for a query at position p and a key at j, with d = p -
     key unrotated). Positions past the trained window never reach the rotary embedding.
 One softmax spans sinks + selected blocks + buffer. With every block selected and compression "none"
 this is exactly dense attention under that scheme (`reference_attention`, tested in float64).
+RetrievalPolicy.positions "ordered" (or "ordered_question": from the prompt's last chunk on) lays the selected
+blocks out in their original order just before the window instead, at consecutive positions, the window at its
+true positions and the sinks at one position before the blocks (positions.py; every block selected ==
+`reference_attention_ordered`, tested in float64).
 
 All work is vectorized over tokens, heads and blocks (no Python loop per token or block). The math goes
 through memserve.kernels: block scores (`score_block_reprs`; for decode one call over every memory sequence

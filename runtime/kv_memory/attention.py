@@ -11,7 +11,7 @@ import torch
 from memserve.kernels import kv_memory_chunk_attention, kv_memory_decode_attention, score_block_reprs
 from memserve.runtime.attention import RotaryEmbedding, qk_view
 
-from .positions import _ChunkPlan
+from .positions import _ChunkPlan, rotate
 
 
 def _stack_inputs(inputs: list) -> tuple:
@@ -103,6 +103,7 @@ class AttentionMixin:
     def _plan(self, q: torch.Tensor, p0: int, inv_freq: torch.Tensor) -> _ChunkPlan:
         assert p0 == self.n_tokens, f"chunk starts at {p0} but the memory holds {self.n_tokens} tokens"
         self.hq = q.shape[1]
+        self._inv_freq = inv_freq
         return self.plans.get(self.cfg, p0, q.shape[0], self.n_sinks, self.buf_start, inv_freq, q)
 
     def _append_chunk(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: _ChunkPlan):
@@ -119,6 +120,8 @@ class AttentionMixin:
     def _attend_chunk(self, plan: _ChunkPlan, q_loc: torch.Tensor, q_glob: torch.Tensor | None, scale: float,
                       repr_scores: torch.Tensor | None = None) -> torch.Tensor:
         """The chunk's attention after `_append_chunk` (repr_scores: its block scores when a batch computed them)."""
+        if q_glob is not None and self._ordered(q_loc.shape[0]):
+            return self._attend_chunk_ordered(plan, q_loc, q_glob, scale, repr_scores)
         wk, wkr = self.wkeys.get()  # views, no copies
         wv = self.wv.get()
         # segments of one softmax, in column order: [centroid columns | selected blocks | far window | local
@@ -144,6 +147,40 @@ class AttentionMixin:
         ws[plan.l0 :].add_(received[plan.f_end :])  # (.add_: `view += x` also copies the view onto itself)
         self._advance(q_loc.shape[0])
         return out  # (T, Hq, D)
+
+    def _attend_chunk_ordered(self, plan: _ChunkPlan, q_loc: torch.Tensor, q_glob: torch.Tensor, scale: float,
+                              repr_scores: torch.Tensor | None) -> torch.Tensor:
+        """`_attend_chunk` under RetrievalPolicy.positions "ordered" (positions.py), for a chunk with engaged
+        queries: one softmax over [selected blocks (rotated at their ordered positions by `_retrieve`) | sinks
+        unrotated (engaged queries) | sinks at true positions (queries not engaged yet) | buffer at true
+        positions], the engaged queries rotated at G = p + (n_s + k*bs - buf_start). Blocks are still selected
+        with q_glob (the query at n_local against unrotated representatives), as under "infllm"."""
+        wk, wkr = self.wkeys.get()
+        wv = self.wv.get()
+        n_s, base, sink_far, sink_loc, causal = plan.ordered_biases(self.cfg.n_init, self.cfg.dense_limit,
+                                                                    q_loc.device)
+        segs, k_cols = [], 0
+        if self._uses_blocks():
+            k_sel, v_sel, pad = self._retrieve(q_glob, repr_scores)
+            segs.append((k_sel, v_sel, pad, False))
+            k_cols = k_sel.shape[-1]
+        if n_s:
+            segs.append((wk[:, None, :, :n_s], wv[:, None, :n_s], sink_far, False))
+        if sink_loc is not None:
+            segs.append((wkr[:, None, :, :n_s], wv[:, None, :n_s], sink_loc, True))
+        segs.append((wkr[:, None, :, n_s:], wv[:, None, n_s:], causal, True))
+        q_ord = rotate(q_loc, torch.tensor([base + k_cols], device=q_loc.device), self._inv_freq.to(q_loc.device))
+        out, received = kv_memory_chunk_attention(q_ord, q_loc, segs, wk.shape[-1], scale)
+        self.wscore.get().add_(received.T)  # every window column, sinks included (their scores are unused)
+        self._advance(q_loc.shape[0])
+        return out
+
+    def _ordered(self, t: int) -> bool:
+        """Whether this step (t tokens from self.n_tokens) uses the "ordered" position scheme."""
+        pos = self.cfg.policy.positions
+        if pos == "infllm":
+            return False
+        return pos == "ordered" or (self.prompt_end is not None and self.prompt_end <= self.n_tokens + t)
 
     def _attend_token(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: _ChunkPlan,
                       scale: float) -> torch.Tensor:
@@ -199,7 +236,16 @@ class AttentionMixin:
         # columns [blocks (m) | far window (f) | local window]
         start = self.wkeys.front - m
         keys, vals = self.wkeys.with_front()[..., start:], self.wv.with_front()[:, start:]
-        return rot[0:1, :hq], rot[1:2, :hq], keys, vals, m, plan.f_end, None if pad is None else pad[:, 0, 0]
+        q_far, q_loc, f = rot[0:1, :hq], rot[1:2, :hq], plan.f_end
+        if plan.cos_g is not None and self._ordered(1):
+            # "ordered": the blocks in the front region were rotated at their ordered positions when the slots
+            # were filled (`_refill`); the sinks (row 0, unrotated) are the only far columns; the query for
+            # both is the scaled one at p turned by G - p = n_s + m - buf_start
+            n_s, buf_start = plan.key[2], plan.key[3]
+            q_loc = q_loc.contiguous()  # the Triton op wants q_far and q_loc with equal strides
+            q_far = rotate(q_loc, torch.tensor([n_s + m - buf_start], device=rot.device), self._inv_freq.to(rot.device))
+            f = n_s
+        return q_far, q_loc, keys, vals, m, f, None if pad is None else pad[:, 0, 0]
 
     def _end_token(self, received: torch.Tensor) -> None:
         """After the op: record the attention each window key received (Hkv, W - m) and pack full blocks."""

@@ -1,6 +1,15 @@
-"""The KV memory's position scheme (InfLLM): RoPE at chosen positions, the per-chunk plan shared by a
-sequence's layers (which window columns are far / local), and the float64 dense reference under the
-same scheme that the tests compare against."""
+"""The KV memory's position schemes: RoPE at chosen positions, the per-chunk plan shared by a
+sequence's layers (which window columns are far / local), and the float64 dense references under each
+scheme that the tests compare against.
+
+"infllm" (RetrievalPolicy.positions default): an engaged query sees every memory key (sinks, selected
+blocks, window tokens past n_local) at distance n_local: no order among the retrieved blocks or within them.
+"ordered": an engaged query at position p sees the window buffer at its true positions, the k selected
+blocks of its KV head in their original order at consecutive positions just before the buffer, and the sinks
+at one position before them (query at G = n_s + k*bs + (p - buf_start), block s of k (sorted) token j at
+n_s + s*bs + j, sinks unrotated at 0). With every block selected G = p: dense RoPE attention whose sinks
+sit at position 0 (`reference_attention_ordered`). Distances stay below n_s + k*bs + n_local + bs, inside the
+trained window for the retrieval budgets used."""
 
 from __future__ import annotations
 
@@ -41,6 +50,30 @@ class _ChunkPlan:
     bias_f: torch.Tensor | None  # (T, f_end) 0 / -inf, None if nothing is masked
     bias_l: torch.Tensor | None  # (T, W - l0)
     token_rope: tuple | None = None  # decode: (cos, sin) of token_tables
+    ordered_bias: tuple | None = None  # "ordered" chunks: `ordered_biases`, built once per chunk
+
+    def ordered_biases(self, n_init: int, dl: int, dev) -> tuple:
+        """"ordered" chunk layout: (n_sink, shift_base, sinks seen unrotated at position 0: 0 / -inf per engaged
+        query or None when all are engaged, sinks at their true positions for queries not engaged or None
+        when all are, the buffer columns' causal mask (T, W - n_sink) or None). The sinks are the first
+        min(n_init, W) window columns (a chunk from position < n_init holds them in its buffer part);
+        shift_base = n_sink - (position of the first buffer column): G - p without the blocks."""
+        if self.ordered_bias is None:
+            p0, t, n_s, buf_start = self.key[:4]
+            wpos = torch.cat((torch.arange(n_s, device=dev), torch.arange(buf_start, p0 + t, device=dev)))
+            ns = min(n_init, wpos.shape[0])
+            pos = torch.arange(p0, p0 + t, device=dev)
+            eng = (pos >= dl)[:, None].expand(t, ns)
+            neg = torch.tensor(float("-inf"), dtype=torch.promote_types(self.cos_l.dtype, torch.float32), device=dev)
+
+            def bias(ok):
+                return None if bool(ok.all()) else torch.where(ok, 0.0, neg)
+
+            far = bias(eng) if ns else None  # (this path runs only for chunks with an engaged query)
+            loc = None if not ns or bool(eng.all()) else bias(~eng & (wpos[None, :ns] <= pos[:, None]))
+            base = ns - int(wpos[ns]) if wpos.shape[0] > ns else 0
+            self.ordered_bias = (ns, base, far, loc, bias(wpos[None, ns:] <= pos[:, None]))
+        return self.ordered_bias
 
     def token_tables(self, hq: int, hkv: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         """For one decode token: RoPE tables (2, Hq + Hkv, D) that turn cat(q, k) (broadcast over 2 rows) into
@@ -118,6 +151,46 @@ def reference_attention(q, k, v, inv_freq, scale, n_init, n_local):
     dist = pos[:, None] - pos[None, :]
     far = (pos[:, None] >= n_init + n_local) & (dist >= n_local)
     s = torch.where(far, s_far, s_loc).masked_fill(dist < 0, float("-inf")) * scale
+    p = torch.softmax(s, -1)
+    return torch.einsum("hts,shd->thd", p, v.repeat_interleave(g, dim=1))
+
+
+def ordered_slot_positions(ids: torch.Tensor, valid: torch.Tensor, n_s: int, bs: int) -> torch.Tensor:
+    """"ordered" positions of picked blocks' tokens: ids/valid (H, S) block ids per head (any order; invalid
+    = padding) -> (H, S*bs) positions, block of sorted rank s among a head's c valid picks at
+    n_s + (S - c + s)*bs + j (right-aligned: the last pick sits just before the window at every head)."""
+    h, s = ids.shape
+    key = torch.where(valid, ids, torch.iinfo(torch.long).max)
+    rank = key.argsort(dim=1, stable=True).argsort(dim=1)
+    slot = rank + (s - valid.sum(1, keepdim=True))  # padding ranks past S: masked anyway
+    return (n_s + slot[..., None] * bs + torch.arange(bs, device=ids.device)).reshape(h, s * bs)
+
+
+def rotate_columns(keys: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Column-major keys (H, D, N) rotated at positions pos (H, N): a new contiguous (H, D, N)."""
+    h, d, n = keys.shape
+    cos, sin = RotaryEmbedding.tables(pos.reshape(-1), inv_freq, keys.dtype)  # (H*N, 1, D)
+    out = RotaryEmbedding.apply(keys.transpose(1, 2).reshape(h * n, 1, d), cos, sin)
+    return out.view(h, n, d).transpose(1, 2).contiguous()
+
+
+def reference_attention_ordered(q, k, v, inv_freq, scale, n_init, n_local):
+    """Dense attention under the "ordered" scheme with every block selected, float64, for tests: true RoPE
+    distances, except that an engaged query (p >= n_init + n_local) sees the sinks (j < n_init) unrotated,
+    i.e. at position 0."""
+    q, k, v = q.double(), k.double(), v.double()
+    t, hq, d = q.shape
+    g = hq // k.shape[1]
+    pos = torch.arange(t)
+    inv = inv_freq.double()
+    ql = rotate(q, pos, inv)
+    kl = rotate(k, pos, inv).repeat_interleave(g, dim=1)
+    k0 = k.repeat_interleave(g, dim=1)
+    s_true = torch.einsum("thd,shd->hts", ql, kl)
+    s_sink = torch.einsum("thd,shd->hts", ql, k0)
+    dist = pos[:, None] - pos[None, :]
+    sink = (pos[:, None] >= n_init + n_local) & (pos[None, :] < n_init)
+    s = torch.where(sink, s_sink, s_true).masked_fill(dist < 0, float("-inf")) * scale
     p = torch.softmax(s, -1)
     return torch.einsum("hts,shd->thd", p, v.repeat_interleave(g, dim=1))
 

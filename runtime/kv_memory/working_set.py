@@ -9,6 +9,7 @@ import torch
 from memserve.kernels import score_block_reprs
 
 from .buffers import _Rows
+from .positions import ordered_slot_positions, rotate_columns
 from .quant import dequantize_block_heads, exact_block_scores
 from .representatives import block_centroids
 from .selection import rerank_candidates, select_blocks
@@ -53,7 +54,12 @@ class WorkingSetMixin:
         self.selected_total += int(counts.sum())
         if t > 1:
             self.dec = self.dec_slots = None
-            return self._gather(idx, valid)
+            kk, vv, pad = self._gather(idx, valid)
+            if self._ordered(t):  # RetrievalPolicy.positions: the picks at their ordered positions
+                rows = idx.view(self.hkv, -1, idx.shape[1])[:, 0], valid.view(self.hkv, -1, idx.shape[1])[:, 0]
+                pos = ordered_slot_positions(*rows, self.n_sinks, self.cfg.block_size)
+                kk = rotate_columns(kk[:, 0], pos, self._inv_freq.to(kk.device))[:, None]
+            return kk, vv, pad
         if pol.granularity == "q_head":
             self.dec_slots = torch.where(valid, idx, -1)
         self._refill(mask)
@@ -171,6 +177,7 @@ class WorkingSetMixin:
         rebuild the slots listed in self.dec_slots (after a snapshot load)."""
         hkv, d, bs, nb = self.hkv, self.d, self.cfg.block_size, self.num_blocks
         dev = self.wv.buf.device
+        ordered = self._ordered(1)
         if self.cfg.policy.granularity == "q_head":  # per query head (dec_slots set): through the LRU cache
             self.dec = self._gather(self.dec_slots.clamp(min=0), self.dec_slots >= 0)
             return
@@ -194,6 +201,8 @@ class WorkingSetMixin:
             n_add = add.sum(1)
             need = int((keep.sum(1) + n_add).max())
             rebuild = need > slots.shape[1] or 4 * need <= 3 * slots.shape[1]  # grow, or compact idle slots
+            # "ordered" positions depend on every pick's rank: the slots are rebuilt from the tier and rotated
+            rebuild = rebuild or ordered
             if rebuild:
                 keep = torch.zeros((rows, need), dtype=torch.bool, device=dev)
                 add, n_add = want, want.sum(1)
@@ -219,6 +228,10 @@ class WorkingSetMixin:
         slots = torch.where(keep, slots, -1)
         slots[r, s_] = b
         self.dec_slots = slots
+        if ordered:  # every slot was just loaded unrotated (rebuild): rotate them at their ordered positions
+            flat = k4.view(hkv, d, n_slots * bs)
+            flat.copy_(rotate_columns(flat, ordered_slot_positions(slots, slots >= 0, self.n_sinks, bs),
+                                      self._inv_freq.to(dev)))
         free = slots < 0
         pad = None
         if bool(free.any()):
