@@ -39,6 +39,58 @@ def test_pkm_select_matches_torch_path_at_full_size():
     torch.testing.assert_close(w, tw, atol=1e-7, rtol=1e-6)
 
 
+def _select_reference(s, k):
+    """pkm_select's contract from its definition, in Python: per (head, token), the top-k of each half's
+    scores ordered by (score desc, index asc), the k x k fp32 sums at position i * k + j ordered by (sum desc,
+    position asc), top k of those, softmax in float64."""
+    H, _, T, n = s.shape
+    idx = torch.empty(T, H * k, dtype=torch.int64)
+    w = torch.empty(T, H * k, dtype=torch.float64)
+    for h in range(H):
+        for t in range(T):
+            tops = []
+            for half in range(2):
+                row = s[h, half, t].tolist()
+                tops.append(sorted(range(n), key=lambda j, row=row: (-row[j], j))[:k])
+            a, b = s[h, 0, t][tops[0]], s[h, 1, t][tops[1]]
+            sums = (a[:, None] + b[None, :]).reshape(-1).tolist()  # fp32 additions, as torch's cartesian tensor
+            best = sorted(range(k * k), key=lambda p: (-sums[p], p))[:k]
+            idx[t, h * k:(h + 1) * k] = torch.tensor([tops[0][p // k] * n + tops[1][p % k] for p in best])
+            w[t, h * k:(h + 1) * k] = torch.softmax(torch.tensor([sums[p] for p in best], dtype=torch.float64), 0)
+    return idx, w
+
+
+@pytest.mark.parametrize("H,T,n,k,levels", [(2, 3, 1024, 32, 0), (1, 2, 1000, 32, 0), (3, 2, 37, 5, 0),
+                                            (2, 2, 16, 16, 0), (1, 3, 50, 1, 0), (2, 3, 256, 8, 4),
+                                            (1, 2, 1024, 32, 3)])
+def test_pkm_select_matches_its_definition_with_ties(H, T, n, k, levels):
+    """The selection's order, ties included: scores drawn from a few levels (levels > 0) tie in both halves and
+    in the k x k sums; -0.0 next to 0.0; n not a multiple of the 16-wide vector; k = n; k = 1."""
+    g = torch.Generator().manual_seed(n * 10 + k + levels)
+    s = torch.randn(H, 2, T, n, generator=g)
+    if levels:
+        s = torch.randint(0, levels, (H, 2, T, n), generator=g).float() - (levels - 1) / 2
+        s[s == 0] = torch.where(torch.rand(int((s == 0).sum()), generator=g) < 0.5, -0.0, 0.0)
+    idx, w = load_extension().pkm_select(s, k)
+    ridx, rw = _select_reference(s, k)
+    assert torch.equal(idx, ridx)
+    torch.testing.assert_close(w.double(), rw, atol=1e-7, rtol=1e-6)
+
+
+def test_pkm_select_nan_scores_stay_in_range():
+    """NaN scores (no valid threshold) take the full-sort fallback: indices stay valid slots, nothing crashes."""
+    s = torch.randn(2, 2, 3, 64)
+    s[0, 0, 1, ::3] = float("nan")
+    s[1, 1, 2] = float("nan")
+    idx, w = load_extension().pkm_select(s, 8)
+    assert idx.min().item() >= 0 and idx.max().item() < 64 * 64
+    ok = torch.ones_like(idx, dtype=torch.bool)
+    ok[1, 0:8] = False  # token 1, head 0 and token 2, head 1 saw NaN
+    ok[2, 8:16] = False
+    ridx, _ = _select_reference(torch.nan_to_num(s, nan=-1e30), 8)
+    assert torch.equal(idx[ok], ridx[ok])
+
+
 def _bound(table, idx, w, scales=None):
     absum = embedding_bag_ref(table.abs(), idx, w, out_dtype=torch.float64,
                               scales=None if scales is None else scales.abs()).max().item()
