@@ -222,6 +222,7 @@ def run_all(a, engine_args) -> dict[str, list[Wave]]:
         INGRESS_DEPLOYMENT,
         build_app,
         init_ray,
+        replica_grpc_targets,
         serve_actor_pids,
         start,
     )
@@ -255,18 +256,33 @@ def run_all(a, engine_args) -> dict[str, list[Wave]]:
             pids["client"] = os.getpid()
             meters[topo] = CpuMeter(pids)
         self_meter = CpuMeter({"process": os.getpid()})
+        replica_ports = {}  # topology -> the port its ingress replica serves gRPC on itself (Serve's direct ingress)
+        if "replica" in a.via:
+            for topo in a.topology:
+                targets = replica_grpc_targets(app_name_of(topo), port)
+                if not targets:
+                    raise SystemExit(f"--via replica: no direct-ingress gRPC port for {topo} (is Serve's direct "
+                                     "ingress on? RAY_SERVE_ENABLE_DIRECT_INGRESS)")
+                replica_ports[topo] = targets[0][1]
+            print(f"  replica gRPC ports: {replica_ports}", flush=True)
 
         async def main():
             engine = AsyncLLMEngine(a.model, max_waiting=256, **engine_args)
             httpx = _httpx()
             limits = httpx.Limits(max_connections=max(a.streams) + 4, max_keepalive_connections=max(a.streams) + 4)
+            chans = {t: grpc.aio.insecure_channel(f"127.0.0.1:{p}") for t, p in replica_ports.items()}
             async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch, httpx.AsyncClient(
                     base_url=f"http://127.0.0.1:{http_port}", timeout=600, limits=limits) as hc:
                 stub = pbg.MemServeStub(ch)
                 paths = [("in-process", inproc_path(engine, a, SamplingParams), self_meter)]
                 for topo in a.topology:
-                    paths.append((f"gRPC+Ray {topo}", grpc_path(stub, pb, a, app_name_of(topo), f"gRPC+Ray {topo}"),
-                                  meters[topo]))
+                    if "proxy" in a.via:
+                        paths.append((f"gRPC+Ray {topo}", grpc_path(stub, pb, a, app_name_of(topo), f"gRPC+Ray {topo}"),
+                                      meters[topo]))
+                    if topo in chans:
+                        label = f"gRPC+Ray {topo} @replica"
+                        paths.append((label, grpc_path(pbg.MemServeStub(chans[topo]), pb, a, app_name_of(topo), label),
+                                      meters[topo]))
                     if a.api == "http":
                         paths.append((f"HTTP+Ray {topo}", http_path(hc, a, prefixes[topo], f"HTTP+Ray {topo}"),
                                       meters[topo]))
@@ -279,10 +295,14 @@ def run_all(a, engine_args) -> dict[str, list[Wave]]:
                         order = paths if rep % 2 == 0 else paths[::-1]
                         for mode, run, meter in order:
                             reps[mode].append(await meter.measure(run(n)))
+                        print(f"    round {rep + 1}/{a.repeats}: " + ", ".join(
+                            f"{m} {ws[-1].summary()['tok_s']:.1f}" for m, ws in reps.items()), flush=True)
                     for mode in merged:
                         merged[mode].append(_merge(reps[mode]))
                     print(f"  {n:>2} streams: " + ", ".join(f"{m} {w[-1].summary()['tok_s']:.1f} tok/s"
                                                          for m, w in merged.items()), flush=True)
+            for c in chans.values():
+                await c.close()
             engine.shutdown()
             return merged
 
@@ -403,6 +423,9 @@ def main(argv=None) -> int:
     ap.add_argument("--topology", default="ingress,direct",
                     help="comma-separated: ingress (ingress deployment + engine deployment), direct (engine "
                          "replicas are the gRPC ingress); one Serve app each, same run")
+    ap.add_argument("--via", default="proxy",
+                    help="comma-separated: proxy (Serve's gRPC proxy, the app's --grpc-port), replica (the gRPC "
+                         "port each topology's ingress replica serves itself with Serve's direct ingress: no proxy)")
     ap.add_argument("--api", choices=["grpc", "http"], default="grpc",
                     help="http: also measure the OpenAI-compatible HTTP API (SSE) beside gRPC, in the same run")
     ap.add_argument("--repeats", type=int, default=8,
@@ -415,6 +438,9 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     a.streams = [int(x) for x in a.streams.split(",") if x]
     a.topology = [t for t in a.topology.split(",") if t]
+    a.via = [v for v in a.via.split(",") if v]
+    if not a.via or any(v not in ("proxy", "replica") for v in a.via):
+        ap.error(f"--via: proxy and/or replica, got {a.via}")
     bad = [t for t in a.topology if t not in ("ingress", "direct")]
     if bad or not a.topology:
         ap.error(f"--topology: ingress and/or direct, got {bad or 'none'}")
@@ -427,7 +453,7 @@ def main(argv=None) -> int:
             engine_args[k] = v
     engine_args.setdefault("max_num_seqs", max(a.streams))
 
-    head = (f"memserve serving benchmark: api={a.api} topology={','.join(a.topology)} model={a.model!r} "
+    head = (f"memserve serving benchmark: api={a.api} topology={','.join(a.topology)} via={','.join(a.via)} model={a.model!r} "
             f"streams={a.streams} max_tokens={a.max_tokens} repeats={a.repeats} engine_args={engine_args} "
             f"CPU {cpu_name()} x{os.cpu_count()}")
     cmd = "memserve bench serving " + " ".join(argv if argv is not None else sys.argv[1:])

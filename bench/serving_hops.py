@@ -177,12 +177,18 @@ def main():
                                 cpu[kind][k_] = cpu[kind].get(k_, 0.0) + v_ - before[r_].get(t_, 0.0)
                         res[kind][0].extend(gaps)
                         if kind == "in-process":
-                            res[kind][1].extend(engine.steps)
+                            steps = engine.steps
                             engine.steps = []
                         else:
                             info = await stub.GetModelInfo(pb.GetModelInfoRequest(), metadata=md)
-                            res[kind][1].extend(json.loads(info.extra["steps"]))
-                        print(f"round {r} {kind}: ITL p50 {1e3 * pct(gaps, 50):.1f} ms", flush=True)
+                            steps = json.loads(info.extra["steps"])
+                        res[kind][1].extend(steps)
+                        # steps with outputs in the wave, and outputs of its first steps: a wave whose requests
+                        # reach the engine spread out starts with a step for the first few alone
+                        busy = [x for x in steps if x[3]]
+                        print(f"round {r} {kind}: ITL p50 {1e3 * pct(gaps, 50):.1f} ms, {len(busy)} steps, first "
+                              f"{[x[3] for x in busy[:3]]} outputs, {1e3 * sum(e - s_ for s_, e, _, _ in busy[:2]):.0f} ms",
+                              flush=True)
                 for s in spies:
                     s.wait()
                 for kind, (gaps, steps) in res.items():

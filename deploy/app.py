@@ -509,6 +509,31 @@ def serve_actor_pids(app_name: str | None = None, deployment: str | None = None)
             if a["State"] == "ALIVE" and a["Name"].startswith(prefix)}
 
 
+def replica_grpc_targets(app_name: str, proxy_port: int, timeout_s: float = 60.0) -> list[tuple[str, int]]:
+    """(ip, port) of the gRPC server each running ingress replica of `app_name` serves itself.
+
+    Serve's throughput-optimized mode (SERVE_ENV) turns on its "direct ingress"
+    (RAY_SERVE_ENABLE_DIRECT_INGRESS defaults to 1 there): every ingress replica (MemServeIngress in
+    topology `ingress`, the engine replicas in `direct`) also runs a gRPC server of its own, with
+    the app's servicers, on a port the controller allocates (RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT,
+    40000 up). A client there skips Serve's gRPC proxy; the controller's target groups list them for
+    an external load balancer. Empty where direct ingress is off. Waits until every running
+    replica is listed (the proxy's port, `proxy_port`, stands in for an app whose replicas are not up yet)."""
+    import ray
+    from ray.serve._private.common import RequestProtocol
+    from ray.serve.context import _get_global_client
+
+    controller = _get_global_client()._controller
+    deadline = time.time() + timeout_s
+    while True:
+        groups = ray.get(controller.get_target_groups.remote(app_name))
+        targets = [(t.ip, t.port) for g in groups if g.protocol == RequestProtocol.GRPC and g.app_name == app_name
+                   for t in g.targets if t.port != proxy_port]
+        if targets or time.time() > deadline:
+            return targets
+        time.sleep(0.5)
+
+
 def grpc_options(port: int = 9000, request_timeout_s: float | None = None):
     from memserve.deploy.health import SERVICER_FN
     from ray.serve.config import gRPCOptions

@@ -112,3 +112,38 @@ def test_bad_input_raises_in_the_caller_and_queue_is_bounded(engine):
     assert info["num_layers"] == 3
     st = engine.stats()
     assert 0.0 <= st.kv_cache_usage_perc <= 1.0
+
+
+@pytest.mark.parametrize("gap_s, spacing_s, first_step", [(0.3, 0.05, 3), (0.0, 0.3, 1)])
+def test_an_idle_engine_admits_requests_that_follow_closely_into_its_first_step(tiny_llama_ckpt, gap_s, spacing_s,
+                                                                                first_step):
+    """The admission window (runtime/async_engine.py): requests arriving within admit_gap_s of each
+    other at an idle engine prefill in one first step; with the window off the first request's step
+    runs alone. Spacings far from the gap so a loaded machine cannot flip the outcome."""
+    from memserve.runtime.async_engine import AsyncLLMEngine
+
+    eng = AsyncLLMEngine(tiny_llama_ckpt, progress=False, num_kv_blocks=128, block_size=4, max_num_seqs=4,
+                         admit_gap_s=gap_s, admit_max_s=2.0)
+    sizes = []
+    step = eng.engine.step
+
+    def counted():
+        out = step()
+        sizes.append(len(out))
+        return out
+
+    eng.engine.step = counted
+
+    async def later(i):
+        await asyncio.sleep(i * spacing_s)
+        return await collect(eng, list(range(10, 15 + i)), SamplingParams(max_tokens=3, **GREEDY), f"a{i}")
+
+    async def main():
+        return await asyncio.gather(*(later(i) for i in range(3)))
+
+    try:
+        outs = asyncio.run(main())
+    finally:
+        eng.shutdown()
+    assert [len(o) for o in outs] == [3, 3, 3]
+    assert sizes[0] == first_step
