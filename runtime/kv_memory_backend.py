@@ -8,8 +8,10 @@ and the dense backend: nothing is swapped after construction.
 Which sequences use the memory, and the sub-chunks a memory sequence's prefill runs in, are the
 scheduler's policy (scheduler/kv_path.py: `wants_kv_memory`, decided once when a request is added;
 `prefill_chunks`); this module executes them. Memory sequences keep no paged blocks: their KV lives in a
-`SequenceKVMemory` (sinks + window + compressed blocks); the allocator asks the manager for their
-memory-tier bytes (`memory_room`, `memory_bytes`), so the scheduler's admission and preemption count bytes.
+`SequenceKVMemory` (sinks + window + compressed blocks); the allocator asks the manager whether the memory
+tier has room for them (`memory_room`: admission), and the tier budget (runtime/kv_memory/budget.py:
+evict, park, refuse) handles tier pressure. Preemption frees paged-pool bytes only: preempting a memory
+sequence would free no pool block, so the scheduler does not count its tier bytes.
 """
 
 from __future__ import annotations
@@ -184,7 +186,6 @@ class KVMemoryManager:
             self.tier = TierBudget(args.kv_memory_tier_bytes, self.all_memories, self._park)
             backend.tier = self.tier
             allocator.memory_room = self.memory_room
-        allocator.memory_bytes = self.memory_bytes_of
         self._bytes_per_token: dict[int, float] = {}
         self._projected: dict[str, int] = {}  # memory request -> prompt + max_tokens (policy "refuse")
         self._reserved: dict[str, float] = {}  # admitted memory request -> tier bytes it reserved
@@ -193,11 +194,6 @@ class KVMemoryManager:
     def all_memories(self):
         yield from self.backend.memories.values()
         yield from (s.memory for s in self.sessions.values())
-
-    def memory_bytes_of(self, seq_id: str) -> int:
-        """Memory-tier bytes a running memory sequence holds (the allocator's byte count for it)."""
-        mem = self.backend.memories.get(seq_id)
-        return mem.tier_bytes()["memory"] if mem is not None else 0
 
     def _park(self, over: int) -> int:
         """Park idle sessions, least recently used first, until `over` bytes are freed; returns bytes freed."""

@@ -28,7 +28,7 @@ class BlockAllocator:
         self.num_blocks = num_blocks
         self.block_size = block_size
         # bytes one pool block holds over every layer, keys and values (the engine's KV cache spec): the
-        # scheduler's preemption counts bytes, so the paged pool and the memory tier are one currency
+        # scheduler's preemption counts the bytes a victim frees against the bytes a sequence is short
         self.block_bytes = block_bytes
         self._free: list[int] = list(range(num_blocks - 1, -1, -1))
         self.tables: dict[str, list[int]] = {}
@@ -56,10 +56,6 @@ class BlockAllocator:
     def paged_bytes_of(self, seq_id: str) -> int:
         """Paged-pool bytes `seq_id` holds (what preempting it frees in the pool)."""
         return self.num_blocks_of(seq_id) * self.block_bytes
-
-    def bytes_of(self, seq_id: str) -> int:
-        """Every KV byte `seq_id` holds (the paged pool's here)."""
-        return self.paged_bytes_of(seq_id)
 
     def allocate(self, seq_id: str, num_tokens: int) -> list[int]:
         """Grow `seq_id`'s table to hold `num_tokens` tokens; returns the whole table."""
@@ -90,7 +86,7 @@ class MemoryAwareAllocator(BlockAllocator):
     so AttentionMetadata can compute (unused) slots without special cases.
     """
 
-    __slots__ = ("memory_seqs", "memory_room", "memory_bytes")
+    __slots__ = ("memory_seqs", "memory_room")
 
     def __init__(self, num_blocks: int, block_size: int, block_bytes: int = 1):
         assert num_blocks >= 2, "the KV pool needs >= 2 blocks (one is the memory sequences' scratch block)"
@@ -100,8 +96,6 @@ class MemoryAwareAllocator(BlockAllocator):
         # (seq_id, num_tokens) -> whether the memory tier has room for the sequence to hold num_tokens
         # (the KV-memory manager's replica-wide tier budget); None: no tier budget
         self.memory_room: Callable[[str, int], bool] | None = None
-        # seq_id -> the memory-tier bytes a memory sequence holds (the KV-memory manager); None: not reported
-        self.memory_bytes: Callable[[str], int] | None = None
 
     @property
     def usage(self) -> float:
@@ -123,11 +117,6 @@ class MemoryAwareAllocator(BlockAllocator):
         # a memory sequence takes no pool bytes; when the tier refuses, preempting pool holders frees nothing
         # it can use, so it reports no shortage here and `can_allocate` keeps it waiting
         return 0 if seq_id in self.memory_seqs else super().bytes_short(seq_id, num_tokens)
-
-    def bytes_of(self, seq_id: str) -> int:
-        if seq_id in self.memory_seqs:
-            return self.memory_bytes(seq_id) if self.memory_bytes is not None else 0
-        return super().bytes_of(seq_id)
 
     def num_blocks_of(self, seq_id: str) -> int:
         return 0 if seq_id in self.memory_seqs else super().num_blocks_of(seq_id)

@@ -182,7 +182,7 @@ def test_preemption_is_by_bytes_one_victim_that_covers_the_shortfall():
         alloc.allocate(seq.seq_id, computed)
         sched.running.append(seq)
     assert alloc.num_free_blocks == 3 and alloc.bytes_short("a", 24) == 2000
-    assert alloc.bytes_of("b") == 3000 and alloc.paged_bytes_of("c") == 1000
+    assert alloc.paged_bytes_of("b") == 3000 and alloc.paged_bytes_of("c") == 1000
     plan = sched.schedule()
     assert [s.seq_id for s in plan.preempted] == ["b"]
     assert [s.seq.seq_id for s in plan.scheduled] == ["a", "c"]
