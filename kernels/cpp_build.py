@@ -69,7 +69,8 @@ class CppExtension:
         self._error: str | None = None
 
     def name(self) -> str:
-        return f"memserve_{self.src.stem}_{cpu_tag()}_{hashlib.sha1(self.src.read_bytes()).hexdigest()[:8]}"
+        h = hashlib.sha1(self.src.read_bytes() + " ".join(self.cflags).encode()).hexdigest()[:8]
+        return f"memserve_{self.src.stem}_{cpu_tag()}_{h}"
 
     def load(self):
         """The compiled module, or None if it cannot be built here (the reason in `error()`) or `off_env`=0."""
