@@ -10,8 +10,10 @@ from __future__ import annotations
 
 from .cpp_build import CppExtension
 
+# -fopenmp, not only -fopenmp-simd: at::parallel_for (selection rows, bag tokens) runs its range inline unless the
+# extension is compiled with OpenMP (kernels/cpu_decode_batched.py measured it)
 _EXT = CppExtension("memory_cpu.cpp", "C++ memory-layer kernels", "using torch",
-                    ["-O3", "-march=native", "-fopenmp-simd"], off_env="MEMSERVE_MEMORY_CPU")
+                    ["-O3", "-march=native", "-fopenmp"], off_env="MEMSERVE_MEMORY_CPU")
 load_extension, build_error = _EXT.load, _EXT.error
 
 
