@@ -3,6 +3,7 @@ decode) scores every block by the exact max q.k over all its stored keys (kernel
 
 import pytest
 import torch
+from kv_memory_testlib import HKV, HQ, D, attend_in_chunks, random_qkv
 from memserve.runtime.kv_memory import (
     KVLayerStore,
     KVMemoryConfig,
@@ -13,23 +14,13 @@ from memserve.runtime.kv_memory import (
 from memserve.runtime.kv_memory.quant import dequantize, exact_block_scores, quantize
 from memserve.scheduler.kv_policy import RetrievalPolicy
 
-HQ, HKV, D = 6, 2, 16
-
 
 def _qkv(t, seed=0, dtype=torch.float64):
-    g = torch.Generator().manual_seed(seed)
-    return tuple(torch.randn(t, h, D, generator=g, dtype=dtype) for h in (HQ, HKV, HKV))
+    return random_qkv(t, seed, dtype)
 
 
-def _run(mem, q, k, v, chunks, inv, scale):
-    outs, p, sizes = [], 0, list(chunks)
-    while p < q.shape[0]:
-        n = min(sizes[0], q.shape[0] - p)
-        if len(sizes) > 1:
-            sizes.pop(0)
-        outs.append(mem.attend(q[p : p + n], k[p : p + n], v[p : p + n], p, inv, scale))
-        p += n
-    return outs
+def _run(mem, q, k, v, chunks, inv, scale, p=0):
+    return attend_in_chunks(mem, q, k, v, chunks, inv, scale, p)
 
 
 @pytest.mark.parametrize("kind,exact_keys", [("int4", 0), ("int8", 0), ("int4", 3), ("fp16", 0), ("none", 0)])

@@ -4,6 +4,7 @@ top-k at the exact selections (`exact_layer_topk`). Each is checked against a sm
 
 import pytest
 import torch
+from kv_memory_testlib import HKV, HQ, D, attend_in_chunks, random_qkv
 from memserve.runtime.kv_memory import (
     KVLayerStore,
     KVMemoryConfig,
@@ -15,25 +16,16 @@ from memserve.runtime.kv_memory.quant import dequantize
 from memserve.runtime.kv_memory.selection import select_blocks
 from memserve.scheduler.kv_policy import RetrievalPolicy
 
-HQ, HKV, D = 6, 2, 16
 G = HQ // HKV
 SHAPE = dict(n_init=8, n_local=64, block_size=16, key_group=16)
 
 
 def _qkv(t, seed=0, dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    return tuple(torch.randn(t, h, D, generator=g, dtype=dtype) for h in (HQ, HKV, HKV))
+    return random_qkv(t, seed, dtype)
 
 
 def _run(mem, q, k, v, chunks, inv, scale, p=0):
-    outs, sizes = [], list(chunks)
-    while p < q.shape[0]:
-        n = min(sizes[0], q.shape[0] - p)
-        if len(sizes) > 1:
-            sizes.pop(0)
-        outs.append(mem.attend(q[p : p + n], k[p : p + n], v[p : p + n], p, inv, scale))
-        p += n
-    return outs
+    return attend_in_chunks(mem, q, k, v, chunks, inv, scale, p)
 
 
 def _question_case(seed=11):

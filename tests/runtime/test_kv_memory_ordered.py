@@ -6,6 +6,7 @@ blocks, computed here from the memory's picks."""
 
 import pytest
 import torch
+from kv_memory_testlib import HKV, HQ, D, attend_in_chunks, random_qkv
 from memserve.runtime.kv_memory import (
     KVLayerStore,
     KVMemoryConfig,
@@ -16,24 +17,15 @@ from memserve.runtime.kv_memory import (
 from memserve.runtime.kv_memory.positions import ordered_slot_positions, reference_attention_ordered
 from memserve.scheduler.kv_policy import RetrievalPolicy
 
-HQ, HKV, D = 6, 2, 16
 G = HQ // HKV
 
 
-def _qkv(t, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return tuple(torch.randn(t, h, D, generator=g, dtype=torch.float64) for h in (HQ, HKV, HKV))
+def _qkv(t, seed=0, dtype=torch.float64):
+    return random_qkv(t, seed, dtype)
 
 
-def _run(mem, q, k, v, chunks, inv, scale):
-    outs, p, sizes = [], 0, list(chunks)
-    while p < q.shape[0]:
-        n = min(sizes[0], q.shape[0] - p)
-        if len(sizes) > 1:
-            sizes.pop(0)
-        outs.append(mem.attend(q[p : p + n], k[p : p + n], v[p : p + n], p, inv, scale))
-        p += n
-    return torch.cat(outs)
+def _run(mem, q, k, v, chunks, inv, scale, p=0):
+    return torch.cat(attend_in_chunks(mem, q, k, v, chunks, inv, scale, p))
 
 
 def _cfg(**pol):

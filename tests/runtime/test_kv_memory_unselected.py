@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from kv_memory_testlib import HKV, HQ, D, attend_in_chunks, random_qkv
 from memserve.runtime.kv_memory import (
     KVLayerStore,
     KVMemoryConfig,
@@ -14,12 +15,9 @@ from memserve.runtime.kv_memory import (
 )
 from memserve.scheduler.kv_policy import RetrievalPolicy
 
-HQ, HKV, D = 6, 2, 16
-
 
 def _qkv(t, seed=0, dtype=torch.float64):
-    g = torch.Generator().manual_seed(seed)
-    return tuple(torch.randn(t, h, D, generator=g, dtype=dtype) for h in (HQ, HKV, HKV))
+    return random_qkv(t, seed, dtype)
 
 
 def _centroid_reference(q, k, v, p, n_blocks, inv, scale, n_init, n_local, bs):
@@ -72,13 +70,7 @@ def test_every_block_selected_is_still_dense(chunks):
     q, k, v = _qkv(t, seed=1)
     inv, scale = default_inv_freq(D, 10000.0), D**-0.5
     mem = KVLayerStore(cfg, 0, HKV, D)
-    outs, p, sizes = [], 0, list(chunks)
-    while p < t:
-        n = min(sizes[0], t - p)
-        if len(sizes) > 1:
-            sizes.pop(0)
-        outs.append(mem.attend(q[p : p + n], k[p : p + n], v[p : p + n], p, inv, scale))
-        p += n
+    outs = attend_in_chunks(mem, q, k, v, chunks, inv, scale)
     assert mem.num_blocks > 15
     torch.testing.assert_close(torch.cat(outs), reference_attention(q, k, v, inv, scale, n_init, n_local),
                                rtol=1e-9, atol=1e-9)
