@@ -131,28 +131,33 @@ class _PlanCache:
 
 
 
-def reference_attention(q, k, v, inv_freq, scale, n_init, n_local):
-    """Dense attention under the KV-memory position scheme, for tests: every key attended.
-
-    q (T, Hq, D), k/v (T, Hkv, D) for ONE sequence from position 0, computed in float64.
-    A key at distance d from an engaged query (p >= n_init + n_local) sits at min(d, n_local).
-    """
+def _reference_two_schemes(q, k, v, inv_freq, scale, q_far_pos, far):
+    """Dense float64 attention of ONE sequence from position 0 (q (T, Hq, D), k/v (T, Hkv, D)) in which the
+    pairs `far(pos_i, pos_j)` (T, T) score the query rotated at q_far_pos(pos) against the key unrotated, and
+    every other pair has true RoPE distances."""
     q, k, v = q.double(), k.double(), v.double()
     t, hq, d = q.shape
     g = hq // k.shape[1]
     pos = torch.arange(t)
     inv = inv_freq.double()
     ql, kl = rotate(q, pos, inv), rotate(k, pos, inv)
-    qn = rotate(q, torch.full_like(pos, n_local), inv)
-    kr = k.repeat_interleave(g, dim=1)
-    klr = kl.repeat_interleave(g, dim=1)
-    s_loc = torch.einsum("thd,shd->hts", ql, klr)
-    s_far = torch.einsum("thd,shd->hts", qn, kr)
+    qn = rotate(q, q_far_pos(pos), inv)
+    s_loc = torch.einsum("thd,shd->hts", ql, kl.repeat_interleave(g, dim=1))
+    s_far = torch.einsum("thd,shd->hts", qn, k.repeat_interleave(g, dim=1))
     dist = pos[:, None] - pos[None, :]
-    far = (pos[:, None] >= n_init + n_local) & (dist >= n_local)
-    s = torch.where(far, s_far, s_loc).masked_fill(dist < 0, float("-inf")) * scale
+    s = torch.where(far(pos[:, None], pos[None, :]), s_far, s_loc).masked_fill(dist < 0, float("-inf")) * scale
     p = torch.softmax(s, -1)
     return torch.einsum("hts,shd->thd", p, v.repeat_interleave(g, dim=1))
+
+
+def reference_attention(q, k, v, inv_freq, scale, n_init, n_local):
+    """Dense attention under the KV-memory position scheme, for tests: every key attended.
+
+    q (T, Hq, D), k/v (T, Hkv, D) for ONE sequence from position 0, computed in float64.
+    A key at distance d from an engaged query (p >= n_init + n_local) sits at min(d, n_local).
+    """
+    return _reference_two_schemes(q, k, v, inv_freq, scale, lambda pos: torch.full_like(pos, n_local),
+                                  lambda i, j: (i >= n_init + n_local) & (i - j >= n_local))
 
 
 def ordered_slot_positions(ids: torch.Tensor, valid: torch.Tensor, n_s: int, bs: int) -> torch.Tensor:
@@ -178,21 +183,8 @@ def reference_attention_ordered(q, k, v, inv_freq, scale, n_init, n_local):
     """Dense attention under the "ordered" scheme with every block selected, float64, for tests: true RoPE
     distances, except that an engaged query (p >= n_init + n_local) sees the sinks (j < n_init) unrotated,
     i.e. at position 0."""
-    q, k, v = q.double(), k.double(), v.double()
-    t, hq, d = q.shape
-    g = hq // k.shape[1]
-    pos = torch.arange(t)
-    inv = inv_freq.double()
-    ql = rotate(q, pos, inv)
-    kl = rotate(k, pos, inv).repeat_interleave(g, dim=1)
-    k0 = k.repeat_interleave(g, dim=1)
-    s_true = torch.einsum("thd,shd->hts", ql, kl)
-    s_sink = torch.einsum("thd,shd->hts", ql, k0)
-    dist = pos[:, None] - pos[None, :]
-    sink = (pos[:, None] >= n_init + n_local) & (pos[None, :] < n_init)
-    s = torch.where(sink, s_sink, s_true).masked_fill(dist < 0, float("-inf")) * scale
-    p = torch.softmax(s, -1)
-    return torch.einsum("hts,shd->thd", p, v.repeat_interleave(g, dim=1))
+    return _reference_two_schemes(q, k, v, inv_freq, scale, lambda pos: pos,
+                                  lambda i, j: (i >= n_init + n_local) & (j < n_init))
 
 
 def default_inv_freq(head_dim: int, theta: float) -> torch.Tensor:
