@@ -3,7 +3,8 @@ decode) scores every block by the exact max q.k over all its stored keys (kernel
 
 import pytest
 import torch
-from kv_memory_testlib import HKV, HQ, D, attend_in_chunks, random_qkv
+from kv_memory_testlib import HKV, HQ, D, attend_in_chunks
+from kv_memory_testlib import random_qkv as _qkv
 from memserve.runtime.kv_memory import (
     KVLayerStore,
     KVMemoryConfig,
@@ -13,10 +14,6 @@ from memserve.runtime.kv_memory import (
 )
 from memserve.runtime.kv_memory.quant import dequantize, exact_block_scores, quantize
 from memserve.scheduler.kv_policy import RetrievalPolicy
-
-
-def _qkv(t, seed=0, dtype=torch.float64):
-    return random_qkv(t, seed, dtype)
 
 
 def _run(mem, q, k, v, chunks, inv, scale, p=0):

@@ -6,7 +6,8 @@ blocks, computed here from the memory's picks."""
 
 import pytest
 import torch
-from kv_memory_testlib import HKV, HQ, D, attend_in_chunks, random_qkv
+from kv_memory_testlib import HKV, HQ, D, attend_in_chunks
+from kv_memory_testlib import random_qkv as _qkv
 from memserve.runtime.kv_memory import (
     KVLayerStore,
     KVMemoryConfig,
@@ -18,10 +19,6 @@ from memserve.runtime.kv_memory.positions import ordered_slot_positions, referen
 from memserve.scheduler.kv_policy import RetrievalPolicy
 
 G = HQ // HKV
-
-
-def _qkv(t, seed=0, dtype=torch.float64):
-    return random_qkv(t, seed, dtype)
 
 
 def _run(mem, q, k, v, chunks, inv, scale, p=0):

@@ -5,7 +5,8 @@ import math
 
 import pytest
 import torch
-from kv_memory_testlib import HKV, HQ, D, attend_in_chunks, random_qkv
+from kv_memory_testlib import HKV, HQ, D, attend_in_chunks
+from kv_memory_testlib import random_qkv as _qkv
 from memserve.runtime.kv_memory import (
     KVLayerStore,
     KVMemoryConfig,
@@ -14,10 +15,6 @@ from memserve.runtime.kv_memory import (
     rotate,
 )
 from memserve.scheduler.kv_policy import RetrievalPolicy
-
-
-def _qkv(t, seed=0, dtype=torch.float64):
-    return random_qkv(t, seed, dtype)
 
 
 def _centroid_reference(q, k, v, p, n_blocks, inv, scale, n_init, n_local, bs):
